@@ -1,0 +1,1 @@
+"""metascale: distributed meta-training."""

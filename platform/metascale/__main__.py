@@ -1,0 +1,3 @@
+from metascale.cli import main
+
+main()

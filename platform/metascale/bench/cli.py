@@ -1,0 +1,14 @@
+"""`metascale bench ...`: each benchmark measures metascale against a baseline in the same run."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+bench_app = typer.Typer(help="Benchmarks: each prints one JSON object as its last line.", no_args_is_help=True)
+
+
+def emit(result: dict) -> None:
+    """The contract of every benchmark: the last line of stdout is one JSON object."""
+    typer.echo(json.dumps(result, sort_keys=True))

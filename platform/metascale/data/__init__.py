@@ -1,0 +1,24 @@
+"""Task data: where episodes come from. `build_task_source` maps a job spec's data section to a TaskSource."""
+
+from __future__ import annotations
+
+from metascale.config import DataSpec, SinusoidData, SyntheticImagesData
+from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
+
+
+def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
+    from metascale.data.synthetic import SinusoidTasks, SyntheticImageTasks
+
+    if isinstance(spec, SinusoidData):
+        return SinusoidTasks(spec, split, seed)
+    if isinstance(spec, SyntheticImagesData):
+        return SyntheticImageTasks(spec, split, seed)
+    raise NotImplementedError(f"data source '{spec.source}' lands with the task-shard reader")
+
+
+def output_dim(spec: DataSpec) -> int:
+    """What the model's head must produce: 1 for sinusoid regression, `ways` logits for classification."""
+    return 1 if isinstance(spec, SinusoidData) else spec.ways
+
+
+__all__ = ["Split", "Task", "TaskBatch", "TaskSource", "build_task_source", "output_dim"]

@@ -1,0 +1,81 @@
+"""The unit of meta-learning data: a task (episode) and a batch of same-shaped tasks.
+
+Everything that produces tasks (synthetic families, shard samplers) returns these; everything that consumes them
+(algorithms, workers) reads only these fields. Labels are episode-local (0..ways-1 for classification).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Task:
+    """One episode: adapt on (support_x, support_y), evaluate on (query_x, query_y)."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Task":
+        return Task(*(_move(getattr(self, f.name), device, dtype) for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Tasks stacked along a leading task dimension T (all tasks share shapes: fixed ways/shots/queries)."""
+
+    support_x: Tensor  # [T, S, ...]
+    support_y: Tensor  # [T, S] (or [T, S, D] for regression)
+    query_x: Tensor  # [T, Q, ...]
+    query_y: Tensor  # [T, Q] (or [T, Q, D])
+
+    @staticmethod
+    def stack(tasks: list[Task]) -> "TaskBatch":
+        if not tasks:
+            raise ValueError("cannot stack an empty list of tasks")
+        return TaskBatch(*(torch.stack([getattr(t, f.name) for t in tasks]) for f in fields(Task)))
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def __getitem__(self, i: int) -> Task:
+        return Task(*(getattr(self, f.name)[i] for f in fields(self)))
+
+    def tasks(self) -> list[Task]:
+        return [self[i] for i in range(len(self))]
+
+    def slice(self, start: int, stop: int) -> "TaskBatch":
+        return TaskBatch(*(getattr(self, f.name)[start:stop] for f in fields(self)))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskBatch":
+        return TaskBatch(*(_move(getattr(self, f.name), device, dtype) for f in fields(self)))
+
+
+def _move(t: Tensor, device: torch.device | str, dtype: torch.dtype | None) -> Tensor:
+    """Moves to device; casts only floating tensors (labels keep their integer type)."""
+    if dtype is not None and t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device)
+
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+class TaskSource(Protocol):
+    """Produces the tasks of one split. `batch(step, slots)` is a pure function of (seed, split, step, slot), so any
+    worker can (re)compute any slot of any meta-step: the coordinator's fault tolerance and resume rely on it."""
+
+    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch: ...
+
+
+def episode_rng(seed: int, split: Split, step: int, slot: int) -> np.random.Generator:
+    """The random stream of one episode; independent across (seed, split, step, slot)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), step, slot]))

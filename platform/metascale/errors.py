@@ -1,0 +1,31 @@
+"""User-facing errors: the CLI prints their message (no stack trace) and exits with their code."""
+
+from __future__ import annotations
+
+
+class MetascaleError(Exception):
+    """An error the user can fix; `str(e)` is the whole message."""
+
+    exit_code = 1
+
+
+class SpecError(MetascaleError):
+    """A job spec (or CLI argument) that does not validate: one line per problem, with the field path."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"invalid job spec {source}:\n{lines}")
+
+
+class DataError(MetascaleError):
+    """Bad task data: names the shard and sample where it can."""
+
+    exit_code = 2
+
+
+class CheckpointError(MetascaleError):
+    exit_code = 2

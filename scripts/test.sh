@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the whole test suite with the project's venv. Tests start the services they need (local Ray heads,
+# an API-server emulator) on 127.0.0.1 and end them by pid.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 WANDB_SILENT=true PYTHONUNBUFFERED=1
+exec .venv/bin/python -m pytest -q -ra "$@"
