@@ -69,6 +69,10 @@ def _attach_groups() -> None:
 
     app.add_typer(bench_app, name="bench")
 
+    from metascale.submit.commands import register as register_cluster_verbs
+
+    register_cluster_verbs(app)  # submit, status, logs, cancel, list at top level
+
 
 _attach_groups()
 

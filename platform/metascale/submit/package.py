@@ -1,0 +1,46 @@
+"""What travels with a job: the validated, fully resolved spec and a fixed argument vector that runs it.
+
+The spec is loaded and validated here (overrides applied) before anything is sent; the cluster receives the resolved
+YAML, so it runs exactly what was checked. The entrypoint never contains user input: it is `metascale run <file>` with
+a file name chosen by metascale, joined with shlex.join, so no job name, path or value can reach a shell.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from metascale.config import JobSpec, dump_spec, load_spec, parse_spec
+from metascale.submit.targets import new_job_id
+
+SPEC_FILE = "metascale-job.yaml"
+# glibc allocator settings measured in FIELD-NOTES (freed memory faulted back slowly and stalled meta-steps).
+JOB_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "268435456",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    job_id: str
+    spec: JobSpec
+    spec_yaml: str
+
+    def entrypoint(self, spec_path: str = SPEC_FILE) -> str:
+        return shlex.join(["metascale", "run", spec_path])
+
+
+def prepare(spec_path: str | Path, overrides: list[str] = ()) -> PreparedJob:
+    """Validates the spec and makes it cluster-ready: 'local' Ray becomes 'auto' (join the cluster it runs on)."""
+    spec = load_spec(spec_path, list(overrides))
+    if spec.cluster.address == "local":
+        spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"address": "auto"})})
+    text = dump_spec(spec)
+    parse_spec(yaml.safe_load(text), f"{spec_path} (resolved)")  # what we send must load back
+    return PreparedJob(job_id=new_job_id(spec.name), spec=spec, spec_yaml=text)

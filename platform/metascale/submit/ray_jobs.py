@@ -1,0 +1,124 @@
+"""Jobs on a Ray cluster through its Job Submission API (`ray.job_submission.JobSubmissionClient`).
+
+The resolved spec travels in the job's runtime_env working_dir (a directory holding only that file); the entrypoint
+is the fixed `metascale run metascale-job.yaml`. The W&B API key is never sent: the cluster's nodes hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+from metascale.submit.backend import JobInfo
+from metascale.submit.package import JOB_ENV, SPEC_FILE, PreparedJob
+from metascale.submit.targets import ClusterError, RayTarget, check_job_id
+
+SUBMITTER = "metascale"  # metadata marking the jobs `metascale list` shows
+
+
+class RayJobs:
+    def __init__(self, target: RayTarget):
+        self.target = target
+        self._client = None
+
+    def _connect(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            with self._errors():
+                self._client = JobSubmissionClient(self.target.address)
+        return self._client
+
+    def submit(self, job: PreparedJob, dry_run: bool = False) -> str:
+        client = self._connect()  # connects and checks the version even on a dry run
+        if dry_run:
+            return job.job_id
+        with tempfile.TemporaryDirectory(prefix="metascale-job-") as workdir, self._errors(job.job_id):
+            (Path(workdir) / SPEC_FILE).write_text(job.spec_yaml)
+            client.submit_job(
+                entrypoint=job.entrypoint(SPEC_FILE),
+                submission_id=job.job_id,
+                runtime_env={"working_dir": workdir, "env_vars": dict(JOB_ENV)},
+                metadata={"metascale.submitter": SUBMITTER, "metascale.job": job.spec.name},
+            )
+        return job.job_id
+
+    def status(self, job_id: str) -> JobInfo:
+        check_job_id(job_id)
+        with self._errors(job_id):
+            return _info(self._connect().get_job_info(job_id))
+
+    def logs(self, job_id: str, follow: bool, emit: Callable[[str], None]) -> None:
+        check_job_id(job_id)
+        client = self._connect()
+        with self._errors(job_id):
+            if not follow:
+                emit(client.get_job_logs(job_id))
+                return
+            client.get_job_info(job_id)  # a clear 404 before the websocket opens
+
+            async def tail() -> None:
+                async for chunk in client.tail_job_logs(job_id):
+                    emit(chunk)
+
+            asyncio.run(tail())
+
+    def cancel(self, job_id: str) -> None:
+        check_job_id(job_id)
+        with self._errors(job_id):
+            self._connect().stop_job(job_id)
+
+    def list(self) -> list[JobInfo]:
+        with self._errors():
+            jobs = self._connect().list_jobs()
+        ours = [j for j in jobs if (j.metadata or {}).get("metascale.submitter") == SUBMITTER and j.submission_id]
+        return [_info(j) for j in sorted(ours, key=lambda j: j.start_time or 0)]
+
+    @contextmanager
+    def _errors(self, job_id: str | None = None) -> Iterator[None]:
+        """Ray's client raises ConnectionError / RuntimeError('Request failed with status code N: body')."""
+        where = f"the Ray cluster at {self.target.address}"
+        try:
+            yield
+        except (ConnectionError, requests.ConnectionError, requests.Timeout):
+            raise ClusterError(f"cannot reach {where} (is the head running and its dashboard port open?)") from None
+        except requests.HTTPError as e:
+            raise ClusterError(_http_message(e.response.status_code, e.response.text, where, job_id)) from None
+        except RuntimeError as e:
+            m = re.search(r"status code (\d+): (.*)", str(e), re.S)
+            if not m:
+                raise ClusterError(f"{where}: {_first_line(str(e))}") from None
+            raise ClusterError(_http_message(int(m.group(1)), m.group(2), where, job_id)) from None
+
+
+def _http_message(code: int, body: str, where: str, job_id: str | None) -> str:
+    detail = _first_line(body)
+    if code == 404 and job_id:
+        return f"no job {job_id} on {where}"
+    if code in (401, 403):
+        return f"{where} refused the request ({code}): check its auth token (RAY_AUTH_TOKEN / ~/.ray/auth_token)"
+    if code in (400, 409) and "already exists" in body:
+        return f"a job with ID {job_id} already exists on {where}"
+    return f"{where} answered {code}: {detail}"
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines and lines[0].startswith("Traceback") else (lines[0] if lines else "")
+    return line[:300]
+
+
+def _info(details) -> JobInfo:
+    meta = details.metadata or {}
+    return JobInfo(
+        job_id=details.submission_id or details.job_id or "",
+        name=meta.get("metascale.job", ""),
+        status=str(details.status.value if hasattr(details.status, "value") else details.status),
+        message=_first_line(details.message or ""),
+    )

@@ -1,0 +1,121 @@
+"""The KubeRay objects a submission creates: a RayJob (ray.io/v1) and the ConfigMap carrying its spec.
+
+The RayJob brings up its own RayCluster (head + one worker group sized from spec.cluster), runs the fixed entrypoint
+`metascale run /etc/metascale/metascale-job.yaml` and tears the cluster down when the job ends. Pods run as non-root;
+the W&B API key comes from a Secret by reference (optional, so W&B's offline/disabled modes need none).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from metascale.submit.package import JOB_ENV, SPEC_FILE, PreparedJob
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+SPEC_DIR = "/etc/metascale"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "metascale"}
+RAY_VERSION = "2.60.0"
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the RayJob's own cluster looks like; the defaults suit the image built from deploy/Dockerfile."""
+
+    image: str = "metascale:0.1.0"
+    wandb_secret: str = "metascale-wandb"  # a Secret with key `api-key`; referenced, never read by metascale
+    ttl_seconds: int = 3600  # how long the finished RayJob stays for `status`/`logs` (its cluster is shut down)
+    head_cpus: int = 1
+    head_memory: str = "4Gi"
+    worker_memory: str = "8Gi"
+
+
+def labels(job: PreparedJob) -> dict[str, str]:
+    return {**MANAGED_BY, "app.kubernetes.io/name": "metascale", "metascale.io/job-id": job.job_id}
+
+
+def spec_configmap(job: PreparedJob, namespace: str, owner_uid: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": f"{job.job_id}-spec", "namespace": namespace, "labels": labels(job)}
+    if owner_uid:  # deleted with its RayJob by the garbage collector
+        meta["ownerReferences"] = [
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob", "name": job.job_id, "uid": owner_uid}
+        ]
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {SPEC_FILE: job.spec_yaml}}
+
+
+def rayjob(job: PreparedJob, namespace: str, shape: ClusterShape = ClusterShape()) -> dict[str, Any]:
+    c = job.spec.cluster
+    gpus = math.ceil(c.gpus_per_worker)
+    worker_resources = _resources(cpu=str(c.cpus_per_worker), memory=shape.worker_memory, gpus=gpus)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RayJob",
+        "metadata": {
+            "name": job.job_id,
+            "namespace": namespace,
+            "labels": labels(job),
+            "annotations": {"metascale.io/job-name": job.spec.name},
+        },
+        "spec": {
+            "entrypoint": job.entrypoint(f"{SPEC_DIR}/{SPEC_FILE}"),
+            "runtimeEnvYAML": yaml.safe_dump({"env_vars": JOB_ENV}, sort_keys=True),
+            "submissionMode": "K8sJobMode",
+            "backoffLimit": 0,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": shape.ttl_seconds,
+            "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": "0"},  # the head schedules no meta-workers
+                    "template": _pod(job, shape, "ray-head", _resources(str(shape.head_cpus), shape.head_memory, 0)),
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu-workers" if gpus else "cpu-workers",
+                        "replicas": c.workers,
+                        "minReplicas": c.workers,
+                        "maxReplicas": c.workers,
+                        "rayStartParams": {},
+                        "template": _pod(job, shape, "ray-worker", worker_resources, gpu=gpus > 0),
+                    }
+                ],
+            },
+        },
+    }
+
+
+def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
+    res = {"cpu": cpu, "memory": memory}
+    if gpus:
+        res["nvidia.com/gpu"] = str(gpus)
+    return {"requests": dict(res), "limits": dict(res)}
+
+
+def _pod(job: PreparedJob, shape: ClusterShape, container: str, resources: dict, gpu: bool = False) -> dict:
+    env = [{"name": k, "value": v} for k, v in JOB_ENV.items()]
+    env.append(
+        {
+            "name": "WANDB_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": shape.wandb_secret, "key": "api-key", "optional": True}},
+        }
+    )
+    spec: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+        "containers": [
+            {
+                "name": container,
+                "image": shape.image,
+                "env": env,
+                "resources": resources,
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "metascale-spec", "mountPath": SPEC_DIR, "readOnly": True}],
+            }
+        ],
+        "volumes": [{"name": "metascale-spec", "configMap": {"name": f"{job.job_id}-spec"}}],
+    }
+    if gpu:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {"metadata": {"labels": labels(job)}, "spec": spec}

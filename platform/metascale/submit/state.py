@@ -1,0 +1,68 @@
+"""The small local record of submitted jobs: which cluster each ID lives on, and the last `--to` used.
+
+So `metascale status ID` needs no `--to` after a submit from this machine. The file is rewritten atomically.
+Location: $METASCALE_STATE_DIR, else $XDG_STATE_HOME/metascale, else ~/.local/state/metascale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_JOBS = 1000  # oldest records are dropped beyond this
+
+
+def state_path() -> Path:
+    root = os.environ.get("METASCALE_STATE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        root = str(Path(xdg) / "metascale")
+    return Path(root) / "jobs.json"
+
+
+def load() -> dict[str, Any]:
+    try:
+        data = json.loads(state_path().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"last_target": None, "jobs": {}}
+    data.setdefault("last_target", None)
+    data.setdefault("jobs", {})
+    return data
+
+
+def remember(job_id: str, target_url: str, name: str) -> None:
+    data = load()
+    data["last_target"] = target_url
+    data["jobs"][job_id] = {"target": target_url, "name": name, "submitted": time.time()}
+    if len(data["jobs"]) > MAX_JOBS:
+        newest = sorted(data["jobs"].items(), key=lambda kv: kv[1].get("submitted", 0))[-MAX_JOBS:]
+        data["jobs"] = dict(newest)
+    _write(data)
+
+
+def target_of(job_id: str) -> str | None:
+    record = load()["jobs"].get(job_id)
+    return record["target"] if record else None
+
+
+def last_target() -> str | None:
+    return load()["last_target"]
+
+
+def _write(data: dict[str, Any]) -> None:
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".jobs.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,201 @@
+"""The Kubernetes path: the real `kubernetes` client and metascale's CLI against the API-server emulator on loopback.
+
+No kube-apiserver can run here; tests/k8s_emulator.py says what it emulates (and that it fakes the operator).
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_emulator import ApiServerEmulator, schema_errors
+
+from metascale.cli import main
+from metascale.config import load_spec, parse_spec
+from metascale.submit.kuberay import KubeRayJobs
+from metascale.submit.package import prepare
+from metascale.submit.rayjob import ClusterShape
+from metascale.submit.targets import ClusterError, K8sTarget
+
+TOKEN = "s3cret-token-do-not-print"
+NS = "team-a"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    with ApiServerEmulator(TOKEN, forbidden_namespaces=frozenset({"locked"})) as server:
+        yield server
+
+
+@pytest.fixture
+def env(emu, tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(emu.kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.setenv("METASCALE_STATE_DIR", str(tmp_path / "state"))
+    emu.requests.clear()
+    return tmp_path
+
+
+@pytest.fixture
+def spec(tmp_path) -> Path:
+    path = tmp_path / "e2e.yaml"
+    path.write_text("name: e2e\nouter: {steps: 3, meta_batch: 2}\nlogging: {wandb: {mode: disabled}}\n")
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Runs `metascale ARGS` in-process through main(), as the console script does."""
+    argv = sys.argv
+    sys.argv = ["metascale", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_submit_status_logs_list_cancel(env, emu, spec, capsys):
+    code, out, err = cli(capsys, "submit", str(spec), "--to", f"k8s://emu/{NS}", "--set", "seed=7")
+    assert code == 0, err
+    job_id = out.strip()
+    job = emu.objects[("rayjobs", NS, job_id)]
+    cm = emu.objects[("configmaps", NS, f"{job_id}-spec")]
+    assert schema_errors(job) == [] and schema_errors(cm) == []
+    assert shlex.split(job["spec"]["entrypoint"]) == ["metascale", "run", "/etc/metascale/metascale-job.yaml"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    # The spec travels resolved (override applied, 'local' Ray -> join the cluster) and loads back.
+    sent = parse_spec(yaml.safe_load(cm["data"]["metascale-job.yaml"]))
+    assert sent.seed == 7 and sent.cluster.address == "auto"
+    assert sent.model_copy(update={"cluster": sent.cluster.model_copy(update={"address": "local"})}) == load_spec(
+        spec, ["seed=7"]
+    )
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+
+    assert cli(capsys, "status", job_id)[1].split("\t")[:3] == [job_id, "PENDING", "e2e"]
+    emu.operator_step(NS, job_id, "RUNNING", "Running", log="step 1/3 loss 2.1\nstep 2/3 loss 1.7\n")
+    assert cli(capsys, "status", job_id)[1].split("\t")[1] == "RUNNING"
+    code, out, _ = cli(capsys, "logs", job_id)
+    assert code == 0 and "step 2/3 loss 1.7" in out
+    code, out, _ = cli(capsys, "logs", job_id, "--follow")
+    assert code == 0 and "step 1/3" in out
+    assert job_id in cli(capsys, "list")[1]
+
+    assert cli(capsys, "cancel", job_id)[0] == 0
+    assert ("rayjobs", NS, job_id) not in emu.objects and ("configmaps", NS, f"{job_id}-spec") not in emu.objects
+    code, _, err = cli(capsys, "status", job_id)
+    assert code == 1 and err.strip() == f"error: no RayJob {job_id} in namespace {NS}"
+
+
+def test_duplicate_is_a_clear_409(env, emu, spec):
+    backend = KubeRayJobs(K8sTarget(NS, "emu"))
+    job = prepare(spec)
+    backend.submit(job)
+    with pytest.raises(ClusterError, match=rf"^RayJob {job.job_id} already exists in namespace {NS} "):
+        backend.submit(job)
+    backend.cancel(job.job_id)
+
+
+def test_invalid_object_is_a_clear_422_and_leaves_nothing(env, emu, spec):
+    backend = KubeRayJobs(K8sTarget(NS), ClusterShape(head_memory="four gigs"))
+    job = prepare(spec)
+    with pytest.raises(ClusterError, match=rf"^the API server rejected RayJob {job.job_id} as invalid: .*memory"):
+        backend.submit(job)
+    assert not [k for k in emu.objects if job.job_id in k[2]]
+
+
+def test_unknown_field_is_rejected_by_strict_field_validation(env, emu, spec, monkeypatch):
+    import metascale.submit.kuberay as kuberay
+
+    def with_typo(*args, **kwargs):
+        obj = kuberay.rayjob.__wrapped__(*args, **kwargs)
+        obj["spec"]["entryPoint"] = obj["spec"].pop("entrypoint")
+        return obj
+
+    with_typo.__wrapped__ = kuberay.rayjob
+    monkeypatch.setattr(kuberay, "rayjob", with_typo)
+    with pytest.raises(ClusterError, match=r"rejected RayJob .* as invalid: strict decoding error: .*entryPoint"):
+        KubeRayJobs(K8sTarget(NS)).submit(prepare(spec))
+
+
+def test_dry_run_creates_nothing(env, emu, spec, capsys):
+    code, out, err = cli(capsys, "submit", str(spec), "--to", f"k8s://{NS}", "--dry-run")
+    assert code == 0 and "nothing was created" in err and out == ""
+    assert [m for m, u in emu.requests if m == "POST" and "dryRun=All" in u] and len(emu.requests) == 2
+    assert not [k for k in emu.objects if k[0] in ("rayjobs", "configmaps")]
+
+
+def test_forbidden_is_one_line_without_secrets(env, emu, spec, capsys):
+    code, out, err = cli(capsys, "submit", str(spec), "--to", "k8s://locked")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: forbidden: rayjobs.ray.io is forbidden")
+    assert TOKEN not in err and "Traceback" not in err
+
+
+def test_unauthorized_and_unreachable(env, emu, spec, tmp_path, monkeypatch, capsys):
+    kubeconfig = yaml.safe_load(Path(env / "kubeconfig").read_text())
+    kubeconfig["users"][0]["user"]["token"] = "wrong-token"
+    (tmp_path / "bad").write_text(yaml.safe_dump(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "bad"))
+    code, _, err = cli(capsys, "submit", str(spec), "--to", f"k8s://{NS}")
+    assert code == 1 and err.startswith("error: unauthorized by the API server") and "wrong-token" not in err
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kubeconfig["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{port}"
+    (tmp_path / "closed").write_text(yaml.safe_dump(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "closed"))
+    code, _, err = cli(capsys, "submit", str(spec), "--to", f"k8s://{NS}")
+    assert code == 1 and err.startswith("error: cannot reach the Kubernetes API server for k8s://team-a")
+    assert err.count("\n") == 1
+
+    code, _, err = cli(capsys, "submit", str(spec), "--to", "k8s://no-such-context/team-a")
+    assert code == 1 and err.startswith("error: cannot load the kubeconfig for k8s://no-such-context/team-a")
+
+
+def test_invalid_spec_sends_nothing(env, emu, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: e2e\nouter: {stepz: 3}\n")
+    code, _, err = cli(capsys, "submit", str(bad), "--to", f"k8s://{NS}")
+    assert code == 2 and "outer.stepz: unknown field" in err
+    assert emu.requests == []
+
+
+def test_no_injection_through_names_paths_or_values(env, emu, tmp_path, capsys):
+    evil_name = tmp_path / "x'; touch pwned; echo '.yaml"
+    evil_name.write_text("name: 'e2e; rm -rf /'\n")
+    code, _, err = cli(capsys, "submit", str(evil_name), "--to", f"k8s://{NS}")
+    assert code == 2 and "name: String should match pattern" in err and emu.requests == []
+
+    evil_name.write_text("name: e2e\nouter: {steps: 3}\n")
+    code, out, err = cli(
+        capsys, "submit", str(evil_name), "--to", f"k8s://{NS}", "--set", "logging.wandb.project=$(touch pwned); x`id`"
+    )
+    assert code == 0, err
+    job = emu.objects[("rayjobs", NS, out.strip())]
+    assert shlex.split(job["spec"]["entrypoint"]) == ["metascale", "run", "/etc/metascale/metascale-job.yaml"]
+    sent = yaml.safe_load(emu.objects[("configmaps", NS, f"{out.strip()}-spec")]["data"]["metascale-job.yaml"])
+    assert sent["logging"]["wandb"]["project"] == "$(touch pwned); x`id`"  # data in a file, never in a command
+    assert "pwned" not in yaml.safe_dump(job)
+
+
+def test_wandb_key_is_a_secret_reference(env, emu, spec):
+    job = prepare(spec)
+    KubeRayJobs(K8sTarget(NS), ClusterShape(wandb_secret="team-wandb")).submit(job)
+    obj = emu.objects[("rayjobs", NS, job.job_id)]
+    cluster = obj["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env_vars = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env_vars["WANDB_API_KEY"] == {
+            "name": "WANDB_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "team-wandb", "key": "api-key", "optional": True}},
+        }
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
