@@ -1,0 +1,16 @@
+"""Meta-learning algorithms by name (pure functions over parameter dicts; see base.py)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from metascale.algorithms import anil, maml, metasgd, protonet, reptile  # noqa: F401  (registers them)
+from metascale.algorithms.base import ALGORITHMS, MetaAlgorithm, Params, TaskOutput
+from metascale.config import AlgorithmSpec
+
+
+def build_algorithm(spec: AlgorithmSpec, model: nn.Module) -> MetaAlgorithm:
+    return ALGORITHMS[spec.name](spec, model)
+
+
+__all__ = ["ALGORITHMS", "MetaAlgorithm", "Params", "TaskOutput", "build_algorithm"]

@@ -1,0 +1,44 @@
+"""MAML (Finn et al. 2017): meta-learn an initialisation by differentiating through the inner loop.
+First-order MAML drops the inner loop's second derivatives (the inner gradients are treated as constants)."""
+
+from __future__ import annotations
+
+from torch.utils.checkpoint import checkpoint as recompute
+
+from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
+from metascale.algorithms.inner import gradient_descent
+from metascale.data.tasks import Task
+
+
+@register
+class MAML(MetaAlgorithm):
+    name = "maml"
+    first_order = False
+
+    def inner_lr(self, meta_params: Params) -> float | Params:
+        return self.spec.inner.lr
+
+    def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
+        inner = self.spec.inner
+        weights = self.model_params(meta_params)
+        fast = gradient_descent(
+            lambda p: task_loss(self.f(p, task.support_x), task.support_y),
+            weights,
+            steps=inner.steps if steps is None else steps,
+            lr=self.inner_lr(meta_params),
+            first_order=self.first_order or inner.first_order,
+            checkpoint=inner.checkpoint != "none",
+        )
+
+        def query(p: Params):
+            out = self.f(p, task.query_x)
+            return task_loss(out, task.query_y), out
+
+        loss, out = recompute(query, fast, use_reentrant=False) if inner.checkpoint == "all" else query(fast)
+        return TaskOutput(loss, task_metrics(out, task.query_y, loss))
+
+
+@register
+class FOMAML(MAML):
+    name = "fomaml"
+    first_order = True

@@ -1,0 +1,32 @@
+"""Prototypical Networks (Snell et al. 2017): meta-learn an embedding; classify a query by its squared Euclidean
+distance to each class's mean support embedding (the prototype). No inner loop: `steps` is ignored."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
+from metascale.data.tasks import Task
+
+
+def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
+    """-||q - c_k||^2 for every query q and class mean c_k (one-hot averaging: no data-dependent shapes, so vmap works)."""
+    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [S, N]
+    protos = (onehot.T @ support) / onehot.sum(0).unsqueeze(1)  # [N, D]
+    return -((query.unsqueeze(1) - protos.unsqueeze(0)) ** 2).sum(-1)
+
+
+@register
+class ProtoNet(MetaAlgorithm):
+    name = "protonet"
+
+    def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
+        ways = self.f.model.head.out_features
+        support = self.f(meta_params, task.support_x, embed=True)
+        query = self.f(meta_params, task.query_x, embed=True)
+        logits = prototype_logits(support, task.support_y, query, ways)
+        loss = task_loss(logits, task.query_y)
+        return TaskOutput(loss, task_metrics(logits, task.query_y, loss))
+
+

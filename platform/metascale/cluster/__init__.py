@@ -1,0 +1,1 @@
+"""Distribution: the coordinator (driver) fans meta-steps out to Ray worker actors and aggregates."""

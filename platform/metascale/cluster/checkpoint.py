@@ -1,0 +1,99 @@
+"""Checkpoints: atomic, checksummed, to a local path or any fsspec URL; a torn or corrupt latest falls back.
+
+File layout: `<dir>/step-00000100.ckpt` = a header line `metascale-ckpt v1 sha256=<hex>\n` then the torch.save
+payload. Written to a temporary name in the same directory, flushed and fsynced, then renamed, so a reader never sees
+half a checkpoint under a real name; the checksum catches what the rename cannot (a disk or copy that corrupted it).
+Payloads load with `weights_only=True`: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import uuid
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from metascale.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+MAGIC = b"metascale-ckpt v1 sha256="
+NAME = re.compile(r"step-(\d{8})\.ckpt$")
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/")
+
+
+def save(directory: str, step: int, state: dict[str, Any], keep: int) -> str:
+    """Writes `state` as the checkpoint of `step` and prunes all but the newest `keep`. Returns its path."""
+    fs, root = _fs(directory)
+    fs.makedirs(root, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    blob = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+    final = f"{root}/step-{step:08d}.ckpt"
+    tmp = f"{root}/.tmp-{uuid.uuid4().hex}.ckpt"
+    if isinstance(fs, LocalFileSystem):
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    else:  # object stores: a single PUT is atomic; write under a temp name then move for stores that copy
+        with fs.open(tmp, "wb") as f:
+            f.write(blob)
+        fs.mv(tmp, final)
+    for old in list_steps(directory)[:-keep]:
+        fs.rm(f"{root}/step-{old:08d}.ckpt")
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_steps(directory: str) -> list[int]:
+    fs, root = _fs(directory)
+    if not fs.exists(root):
+        return []
+    return sorted(int(m.group(1)) for p in fs.ls(root, detail=False) if (m := NAME.search(p)))
+
+
+def read(path: str) -> dict[str, Any]:
+    """Loads one checkpoint file, verifying its checksum; raises CheckpointError naming what is wrong."""
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        blob = f.read()
+    header, sep, payload = blob.partition(b"\n")
+    if not header.startswith(MAGIC) or not sep:
+        raise CheckpointError(f"{path}: not a metascale checkpoint (bad header)")
+    if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC) :]:
+        raise CheckpointError(f"{path}: checksum mismatch (torn or corrupt write)")
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"{path}: payload does not load ({e})") from None
+
+
+def load_latest(directory: str) -> tuple[int, dict[str, Any]] | None:
+    """The newest checkpoint that verifies; each bad newer one is reported with a warning and skipped."""
+    for step in reversed(list_steps(directory)):
+        try:
+            return step, read(f"{directory.rstrip('/')}/step-{step:08d}.ckpt")
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s; falling back to the previous one", e)
+    return None

@@ -1,0 +1,129 @@
+"""The coordinator: owns the meta-parameters and the meta-optimiser, turns workers' summed meta-gradients into one
+update, and snapshots everything a resumed job needs.
+
+Aggregation sums the workers' results in slot-group order (never arrival order), so the update does not depend on
+which worker finished first or which one recomputed a lost group: runs with and without faults end bit-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from metascale.algorithms import build_algorithm
+from metascale.cluster.worker import NumpyParams, to_numpy
+from metascale.config import JobSpec, OuterLoopSpec
+from metascale.data import output_dim
+from metascale.errors import MetascaleError
+from metascale.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(MetascaleError):
+    exit_code = 1
+
+
+@dataclass
+class StepResult:
+    grads: dict[str, torch.Tensor]  # mean over the tasks that counted
+    tasks: int
+    metrics: dict[str, float]  # mean over tasks
+    worker_s: dict[int, float]  # per-worker compute seconds (stragglers)
+    data_s: float  # total seconds workers waited for task data
+    nonfinite: list[tuple[int, int]] = field(default_factory=list)  # (slot, worker)
+
+
+def aggregate(results: list[dict[str, Any]]) -> StepResult:
+    """Sum in group order, then divide by the total task count (a weighted mean when groups differ in size)."""
+    tasks = sum(r["tasks"] for r in results)
+    grads: dict[str, torch.Tensor] = {}
+    metrics: dict[str, float] = {}
+    for r in results:
+        for k, g in r["grads"].items():
+            t = torch.from_numpy(np.array(g))
+            grads[k] = t if k not in grads else grads[k] + t
+        for k, v in r["metrics"].items():
+            metrics[k] = metrics.get(k, 0.0) + v
+    denom = max(tasks, 1)
+    return StepResult(
+        grads={k: g / denom for k, g in grads.items()},
+        tasks=tasks,
+        metrics={k: v / denom for k, v in metrics.items()},
+        worker_s={r["worker"]: r["compute_s"] for r in results},
+        data_s=sum(r["data_s"] for r in results),
+        nonfinite=[(s, r["worker"]) for r in results for s in r["nonfinite_slots"]],
+    )
+
+
+def make_optimizer(spec: OuterLoopSpec, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr)
+    return torch.optim.SGD(params, lr=spec.lr)
+
+
+class Coordinator:
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        torch.manual_seed(spec.seed)
+        dtype = getattr(torch, spec.executor.dtype)
+        model = build_model(spec.model, output_dim(spec.data)).to(dtype)
+        self.algorithm = build_algorithm(spec.algorithm, model)
+        init = self.algorithm.init(dict(model.named_parameters()))
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
+        self.optimizer = make_optimizer(spec.outer, list(self.params.values()))
+        self.step = 0  # the next meta-step to run
+        self.skipped_steps = 0
+
+    def published(self) -> NumpyParams:
+        return to_numpy(self.params)
+
+    def apply(self, result: StepResult) -> bool:
+        """Steps the meta-optimiser with the aggregated meta-gradient; False when the policy skipped the step."""
+        policy = self.spec.executor.nonfinite
+        if result.nonfinite:
+            where = ", ".join(f"slot {s} on worker {w}" for s, w in result.nonfinite)
+            if policy == "stop":
+                raise NonFiniteError(f"non-finite meta-gradient at step {self.step}: {where} (executor.nonfinite=stop)")
+            log.warning("step %d: non-finite meta-gradient from %s; policy %s", self.step, where, policy)
+        if result.tasks == 0 or (result.nonfinite and policy == "skip_step"):
+            self.skipped_steps += 1
+            self.step += 1
+            return False
+        for k, p in self.params.items():
+            p.grad = result.grads[k].to(p.dtype)
+        if self.spec.outer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.spec.outer.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return True
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.algorithm.model_params(self.params).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "params": {k: v.detach().clone() for k, v in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            # Tasks are pure in (seed, step, slot), so the data position is `step`; torch's RNG is all else there is.
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.params) ^ set(state["params"])
+        if missing:
+            raise MetascaleError(f"checkpoint does not match the job's model (parameters differ: {sorted(missing)[:5]})")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["params"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        torch.set_rng_state(state["rng"]["torch"])

@@ -1,0 +1,96 @@
+"""A meta-learning worker: materialises its slots' tasks and runs the algorithm core on them.
+
+The same class runs as a Ray actor (the default) or inside the driver (`cluster.address: inline`, for debugging).
+It holds no training state: meta-parameters arrive with every call, tasks are pure functions of (seed, step, slot),
+so a restarted or different worker recomputes any slot bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from metascale.algorithms import build_algorithm
+from metascale.algorithms.executor import meta_gradient, resolve_strategy
+from metascale.config import JobSpec
+from metascale.data import build_task_source, output_dim
+from metascale.data.tasks import Split, TaskSource
+from metascale.models import build_model
+
+NumpyParams = dict[str, np.ndarray]
+
+# glibc allocator settings (FIELD-NOTES: freed memory faulted back in slowly and stalled meta-steps 30x).
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "268435456",
+}
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def to_numpy(params: dict[str, torch.Tensor]) -> NumpyParams:
+    return {k: v.detach().cpu().numpy() for k, v in params.items()}
+
+
+class MetaWorker:
+    def __init__(self, spec: dict[str, Any] | JobSpec, worker_id: int = 0):
+        self.spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
+        self.worker_id = worker_id
+        ex = self.spec.executor
+        torch.set_num_threads(ex.threads)
+        self.device = resolve_device(ex.device)
+        self.dtype = getattr(torch, ex.dtype)
+        model = build_model(self.spec.model, output_dim(self.spec.data)).to(self.device, self.dtype)
+        self.alg = build_algorithm(self.spec.algorithm, model)
+        self.strategy = resolve_strategy(ex.strategy, self.device)
+        self._sources: dict[Split, TaskSource] = {}
+
+    def source(self, split: Split) -> TaskSource:
+        if split not in self._sources:
+            self._sources[split] = build_task_source(self.spec.data, split, self.spec.seed)
+        return self._sources[split]
+
+    def _params(self, params: NumpyParams) -> dict[str, torch.Tensor]:
+        return {k: torch.tensor(v, device=self.device, dtype=self.dtype) for k, v in params.items()}
+
+    def compute(self, step: int, slots: Sequence[int], params: NumpyParams) -> dict[str, Any]:
+        """The summed meta-gradient of this step's `slots`, with timing for straggler and data-wait reports."""
+        t0 = time.perf_counter()
+        batch = self.source("train").batch(step, slots).to(self.device, self.dtype)
+        t1 = time.perf_counter()
+        mg = meta_gradient(self.alg, self._params(params), batch, self.strategy, slots)
+        t2 = time.perf_counter()
+        return {
+            "grads": to_numpy(mg.grads),
+            "tasks": mg.tasks,
+            "metrics": mg.metrics,
+            "nonfinite_slots": mg.nonfinite_slots,
+            "worker": self.worker_id,
+            "host": f"{socket.gethostname()}:{os.getpid()}",
+            "data_s": t1 - t0,
+            "compute_s": t2 - t1,
+        }
+
+    def evaluate(self, step: int, slots: Sequence[int], params: NumpyParams, split: Split, steps: int | None):
+        """Per-episode post-adaptation metrics on held-out tasks (a list, one dict per slot)."""
+        meta = self._params(params)
+        batch = self.source(split).batch(step, slots).to(self.device, self.dtype)
+        results = []
+        with torch.no_grad():
+            for task in batch.tasks():
+                out = self.alg.task_objective(meta, task, steps=steps)
+                results.append({k: float(v) for k, v in out.metrics.items()})
+        return results
+
+    def ping(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"

@@ -1,0 +1,53 @@
+"""A plain Vision Transformer (Dosovitskiy et al. 2021) sized by the spec: the reference large backbone.
+
+Attention is written out (softmax(q k^T / sqrt(d)) v) so that it has double-backward and vmap rules everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metascale.config import ViTSpec
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    def __init__(self, spec: ViTSpec, out_features: int):
+        super().__init__()
+        n_patches = (spec.image_size // spec.patch_size) ** 2
+        self.patch = nn.Conv2d(spec.in_channels, spec.dim, spec.patch_size, stride=spec.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, spec.dim))
+        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, spec.dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(spec.dim, spec.heads, spec.mlp_ratio) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(spec.dim)
+        self.feature_dim = spec.dim
+        self.head = nn.Linear(spec.dim, out_features)
+        self.checkpoint_blocks = False  # activation checkpointing per block (set by the sharded runtime)
+
+    def forward(self, x: Tensor, embed: bool = False) -> Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        for block in self.blocks:
+            if self.checkpoint_blocks:
+                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
+        h = self.norm(h)[:, 0]
+        return h if embed else self.head(h)
