@@ -66,8 +66,10 @@ def eval_(
 
 def _attach_groups() -> None:
     from metascale.bench.cli import bench_app
+    from metascale.data.cli import data_app
 
     app.add_typer(bench_app, name="bench")
+    app.add_typer(data_app, name="data")
 
     from metascale.submit.commands import register as register_cluster_verbs
 

@@ -111,6 +111,8 @@ class GlyphsData(EpisodicData):
     source: Literal["glyphs"] = "glyphs"
     root: str = "data/glyphs"
     image_size: Literal[28, 84] = 28
+    classes: PositiveInt = 1623  # Omniglot's count; fewer renders faster (docs/data.md)
+    instances: PositiveInt = 20  # "drawers" per character, as in Omniglot
 
 
 class ShardsData(EpisodicData):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from metascale.config import DataSpec, SinusoidData, SyntheticImagesData
+from metascale.config import DataSpec, GlyphsData, ShardsData, SinusoidData, SyntheticImagesData
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
 
 
@@ -13,7 +13,17 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         return SinusoidTasks(spec, split, seed)
     if isinstance(spec, SyntheticImagesData):
         return SyntheticImageTasks(spec, split, seed)
-    raise NotImplementedError(f"data source '{spec.source}' lands with the task-shard reader")
+    if isinstance(spec, GlyphsData):  # rendered and packed under spec.root on first use, then reused
+        from metascale.data.episodes import ShardTasks
+        from metascale.data.glyphs import GlyphSetSpec, prepare_glyphs
+
+        root = prepare_glyphs(spec.root, GlyphSetSpec(spec.image_size, spec.classes, spec.instances))
+        return ShardTasks(spec, split, seed, str(root))
+    if isinstance(spec, ShardsData):
+        from metascale.data.episodes import ShardTasks
+
+        return ShardTasks(spec, split, seed, spec.url, spec.on_bad_sample)
+    raise NotImplementedError(f"data source '{spec.source}'")
 
 
 def output_dim(spec: DataSpec) -> int:

@@ -1,0 +1,156 @@
+"""Episodes from task shards: planned as a pure function of (seed, split, step, slot), materialised from the cache.
+
+`EpisodePlanner` decides which classes (and rotations) and which instances an episode uses from class counts alone;
+`ShardTasks` (the TaskSource of `source: shards|glyphs`) gathers the planned rows from the decoded `ClassStore`.
+Any worker can therefore recompute any slot of any meta-step after a fault, and resume reproduces the data exactly.
+`VariableEpisodes` draws Meta-Dataset-style episodes (variable ways and shots), which do not stack: list[Task].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from metascale.config import EpisodicData
+from metascale.data.index import ShardIndex, load_index
+from metascale.data.reader import OnBad
+from metascale.data.store import ClassStore, load_store
+from metascale.data.tasks import Split, Task, TaskBatch, episode_rng
+from metascale.errors import DataError
+
+# Augmentation hooks: name -> the rotations (in quarter turns) that make new classes. Omniglot practice: rot90
+# turns every class into 4 (0, 90, 180, 270 degrees), each its own class.
+AUGMENTS: dict[str, tuple[int, ...]] = {"rot90": (0, 1, 2, 3)}
+
+
+@dataclass(frozen=True)
+class PlannedClass:
+    class_id: int
+    quarter_turns: int
+    instances: np.ndarray  # rows within the class: support first, then query
+
+
+class EpisodePlanner:
+    """The classes of a split usable for episodes needing `need` instances each, times their rotations."""
+
+    def __init__(self, index: ShardIndex, split: Split, counts: dict[int, int], need: int, augment: Sequence[str],
+                 seed: int, on_bad: OnBad = "error"):
+        self.split, self.seed, self.need = split, seed, need
+        ids = index.split_classes(split)
+        short = [i for i in ids if counts.get(i, 0) < need]
+        if short and on_bad == "error":
+            i = short[0]
+            raise DataError(f"split '{split}': class {i} '{index.classes[i].name}' (shard "
+                            f"{index.shards[index.classes[i].shard].name}) has {counts.get(i, 0)} examples, fewer "
+                            f"than shots+queries={need} ({len(short)} such classes; on_bad_sample: skip leaves them out)")
+        self.skipped_classes = len(short)
+        usable = [i for i in ids if counts.get(i, 0) >= need]
+        turns = sorted({t for a in augment for t in AUGMENTS[a]} | {0})
+        self.virtual = [(i, t) for i in usable for t in turns]
+        self.counts = counts
+
+    def plan(self, step: int, slot: int, ways: int, per_class: int) -> list[PlannedClass]:
+        rng = episode_rng(self.seed, self.split, step, slot)
+        return self._pick(rng, ways, [per_class] * ways)
+
+    def _pick(self, rng: np.random.Generator, ways: int, per_class: list[int]) -> list[PlannedClass]:
+        if len(self.virtual) < ways:
+            raise DataError(f"split '{self.split}' has {len(self.virtual)} usable classes, fewer than ways={ways}")
+        picked = rng.choice(len(self.virtual), size=ways, replace=False)
+        out = []
+        for j, n in zip(picked, per_class):
+            cid, turns = self.virtual[j]
+            out.append(PlannedClass(cid, turns, rng.choice(self.counts[cid], size=n, replace=False)))
+        return out
+
+
+def materialise(store: ClassStore, plan: list[PlannedClass], shots: Sequence[int]) -> Task:
+    """Support (class-major, shots[c] per class) and query (the rest) as float32 in [0, 1]; labels 0..ways-1."""
+    sx, sy, qx, qy = [], [], [], []
+    for label, (p, k) in enumerate(zip(plan, shots)):
+        imgs = store.images[store.rows(p.class_id, p.instances)]
+        if p.quarter_turns:
+            imgs = np.rot90(imgs, p.quarter_turns, axes=(-2, -1))
+        sx.append(imgs[:k])
+        qx.append(imgs[k:])
+        sy += [label] * k
+        qy += [label] * (len(imgs) - k)
+    return Task(_floats(sx), torch.tensor(sy), _floats(qx), torch.tensor(qy))
+
+
+def _floats(parts: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(parts).astype(np.float32)).mul_(1.0 / 255.0)
+
+
+class ShardTasks:
+    """The TaskSource of task shards: N-way K-shot Q-query episodes of one split. The index and the decoded cache
+    load on first use (so the source pickles small, e.g. to Ray workers) and once per process."""
+
+    def __init__(self, spec: EpisodicData, split: Split, seed: int, root: str, on_bad: OnBad = "error",
+                 load_workers: int = 0):
+        self.spec, self.split, self.seed, self.root = spec, split, seed, root
+        self.on_bad, self.load_workers = on_bad, load_workers
+        self._state: tuple[ClassStore, EpisodePlanner] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_state": None}
+
+    @property
+    def store(self) -> ClassStore:
+        return self._loaded()[0]
+
+    @property
+    def planner(self) -> EpisodePlanner:
+        return self._loaded()[1]
+
+    def _loaded(self) -> tuple[ClassStore, EpisodePlanner]:
+        if self._state is None:
+            index = load_index(self.root)
+            store = load_store(index, self.root, self.split, self.on_bad, self.load_workers)
+            need = self.spec.shots + self.spec.queries
+            planner = EpisodePlanner(index, self.split, store.counts, need, self.spec.augment, self.seed, self.on_bad)
+            self._state = (store, planner)
+        return self._state
+
+    def task(self, step: int, slot: int) -> Task:
+        s = self.spec
+        store, planner = self._loaded()
+        return materialise(store, planner.plan(step, slot, s.ways, s.shots + s.queries), [s.shots] * s.ways)
+
+    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
+        return TaskBatch.stack([self.task(step, slot) for slot in slots])
+
+
+class VariableEpisodes:
+    """Meta-Dataset-style episodes: ways ~ U[min_ways, min(max_ways, classes)], queries per class
+    min(max_queries, half the rarest chosen class), each class's shots ~ U[1, min(max_shots, count - queries)].
+    Shapes differ per episode, so `tasks` returns list[Task]; still pure in (seed, split, step, slot)."""
+
+    def __init__(self, source: ShardTasks, min_ways: int = 5, max_ways: int = 50, max_shots: int = 10,
+                 max_queries: int = 10):
+        if not 2 <= min_ways <= max_ways:
+            raise ValueError(f"need 2 <= min_ways <= max_ways (got {min_ways}, {max_ways})")
+        self.source, self.min_ways, self.max_ways = source, min_ways, max_ways
+        self.max_shots, self.max_queries = max_shots, max_queries
+
+    def task(self, step: int, slot: int) -> Task:
+        store, planner = self.source._loaded()
+        rng = episode_rng(self.source.seed, self.source.split, step, slot)
+        top = min(self.max_ways, len(planner.virtual))
+        if top < self.min_ways:
+            raise DataError(f"split '{planner.split}' has {top} usable classes, fewer than min_ways={self.min_ways}")
+        ways = int(rng.integers(self.min_ways, top + 1))
+        picked = [planner.virtual[j] for j in rng.choice(len(planner.virtual), size=ways, replace=False)]
+        counts = [planner.counts[c] for c, _ in picked]
+        queries = max(1, min(self.max_queries, min(counts) // 2))
+        shots = [int(rng.integers(1, min(self.max_shots, n - queries) + 1)) for n in counts]
+        plan = [PlannedClass(c, t, rng.choice(n, size=k + queries, replace=False))
+                for (c, t), n, k in zip(picked, counts, shots)]
+        return materialise(store, plan, shots)
+
+    def tasks(self, step: int, slots: Sequence[int]) -> list[Task]:
+        return [self.task(step, slot) for slot in slots]
+

@@ -1,0 +1,112 @@
+"""The index of a task-shard set: which classes exist, in which split and shard, and each shard's checksum.
+
+Readers plan episodes from the index alone (no shard is opened to decide which classes an episode uses), so the
+index is the contract between `metascale data pack` and the sampler. It is written last, atomically: a set without
+an index.json is incomplete and no reader accepts it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from metascale.data.tasks import SPLITS, Split
+from metascale.data.urls import read_bytes
+from metascale.errors import DataError
+
+FORMAT = "metascale-task-shards"
+VERSION = 1
+INDEX_NAME = "index.json"
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    name: str
+    alphabet: str  # the group that splits are made by (Omniglot's alphabets); the class name where none exists
+    split: Split
+    count: int  # instances in the shard
+    shard: int  # position in ShardIndex.shards
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str  # file name relative to the set's root
+    split: Split
+    sha256: str
+    bytes: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Class ids are positions in `classes`; a sample's key is `c{class:06d}i{instance:05d}`."""
+
+    image: dict[str, int]  # channels, height, width (every image in the set has this shape)
+    classes: list[ClassEntry]
+    shards: list[ShardEntry]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def split_classes(self, split: Split) -> list[int]:
+        return [i for i, c in enumerate(self.classes) if c.split == split]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.image["channels"], self.image["height"], self.image["width"]
+
+    def to_json(self) -> str:
+        doc = {"format": FORMAT, "version": VERSION, "image": self.image, "source": self.source,
+               "classes": [asdict(c) for c in self.classes], "shards": [asdict(s) for s in self.shards]}
+        return json.dumps(doc, indent=1, ensure_ascii=False)
+
+    @staticmethod
+    def from_json(text: str | bytes, where: str) -> "ShardIndex":
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{where}: index is not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise DataError(f"{where}: not a metascale task-shard index (expected format '{FORMAT}')")
+        if doc.get("version") != VERSION:
+            raise DataError(f"{where}: index version {doc.get('version')!r}, this metascale reads version {VERSION}")
+        try:
+            index = ShardIndex(
+                image={k: int(doc["image"][k]) for k in ("channels", "height", "width")},
+                classes=[ClassEntry(**c) for c in doc["classes"]],
+                shards=[ShardEntry(**s) for s in doc["shards"]],
+                source=doc.get("source", {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: index is missing or has a malformed field ({e})") from None
+        index.check(where)
+        return index
+
+    def check(self, where: str) -> None:
+        """Internal consistency: splits known, each class in a shard of its own split, counts add up."""
+        per_shard = [0] * len(self.shards)
+        for i, c in enumerate(self.classes):
+            if c.split not in SPLITS:
+                raise DataError(f"{where}: class {i} '{c.name}' has split '{c.split}', expected one of {SPLITS}")
+            if not 0 <= c.shard < len(self.shards):
+                raise DataError(f"{where}: class {i} '{c.name}' names shard {c.shard}, index has {len(self.shards)}")
+            if self.shards[c.shard].split != c.split:
+                raise DataError(f"{where}: class {i} '{c.name}' ({c.split}) lies in a {self.shards[c.shard].split} shard")
+            per_shard[c.shard] += c.count
+        for s, n in zip(self.shards, per_shard):
+            if s.samples != n:
+                raise DataError(f"{where}: shard {s.name} lists {s.samples} samples, its classes count {n}")
+
+
+def sample_key(class_id: int, instance: int) -> str:
+    return f"c{class_id:06d}i{instance:05d}"
+
+
+def load_index(root: str) -> ShardIndex:
+    from metascale.data.urls import join
+
+    where = join(root, INDEX_NAME)
+    try:
+        raw = read_bytes(where)
+    except FileNotFoundError:
+        raise DataError(f"{where}: no index (not a packed set, or a pack that did not finish)") from None
+    return ShardIndex.from_json(raw, where)
