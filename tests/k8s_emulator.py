@@ -64,26 +64,31 @@ def _strict(node: Any) -> Any:
     return node
 
 
-def schema_errors(obj: dict[str, Any], unknown_fields: bool = False) -> list[str]:
-    """Problems with one object, as `path: message` lines; [] when valid. unknown_fields=True reports only those."""
+def schema_errors(obj: dict[str, Any], unknown_fields: bool = True) -> list[str]:
+    """Problems with one object, as `path: message` lines; [] when valid. unknown_fields=False leaves out unknown
+    fields (an API server without fieldValidation=Strict drops them)."""
+    return [msg for msg, unknown in _problems(obj) if unknown_fields or not unknown]
+
+
+def unknown_field_errors(obj: dict[str, Any]) -> list[str]:
+    return [msg for msg, unknown in _problems(obj) if unknown]
+
+
+def _problems(obj: dict[str, Any]) -> list[tuple[str, bool]]:
     kind = obj.get("kind")
-    if kind in CRD_FILES:
-        if obj.get("apiVersion") != "ray.io/v1":
-            return [f"apiVersion: expected ray.io/v1 for {kind}, got {obj.get('apiVersion')!r}"]
-        validator = jsonschema.Draft7Validator(crd_schema(kind, strict=True))
-        errors = [
-            f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
-            for e in validator.iter_errors(obj)
-            if unknown_fields == (e.validator == "additionalProperties")
-        ]
-        errors += _meta_errors(obj)
-        if not unknown_fields:
-            for where, template in _pod_templates(obj):
-                errors += [f"{where}: {e}" for e in _builtin_errors(_as_pod(template))]
-        return errors
-    if unknown_fields:
-        return [e for e in _builtin_errors(obj) if "Additional properties" in e]
-    return _builtin_errors(obj)
+    if kind not in CRD_FILES:
+        return [(e, "Additional properties" in e) for e in _builtin_errors(obj)]
+    if obj.get("apiVersion") != "ray.io/v1":
+        return [(f"apiVersion: expected ray.io/v1 for {kind}, got {obj.get('apiVersion')!r}", False)]
+    validator = jsonschema.Draft7Validator(crd_schema(kind, strict=True))
+    problems = [
+        (f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}", e.validator == "additionalProperties")
+        for e in validator.iter_errors(obj)
+    ]
+    problems += [(e, False) for e in _meta_errors(obj)]
+    for where, template in _pod_templates(obj):  # embedded pods, against Kubernetes' own Pod schema
+        problems += [(f"{where}: {e}", "Additional properties" in e) for e in _builtin_errors(_as_pod(template))]
+    return problems
 
 
 def _builtin_errors(obj: dict[str, Any]) -> list[str]:
@@ -222,10 +227,10 @@ class ApiServerEmulator:
         if obj.get("kind") != kind:
             return _status(400, "BadRequest", f"the body's kind {obj.get('kind')!r} does not match {kind}")
         if query.get("fieldValidation") == "Strict":
-            unknown = schema_errors(obj, unknown_fields=True)
+            unknown = unknown_field_errors(obj)
             if unknown:
                 return _status(400, "BadRequest", f"strict decoding error: unknown field(s): {'; '.join(unknown)}")
-        problems = schema_errors(obj)
+        problems = schema_errors(obj, unknown_fields=False)
         if problems:
             return _status(422, "Invalid", f'{kind}.{resource.partition(".")[2] or ""} "{name}" is invalid: '
                            + "; ".join(problems))
@@ -299,3 +304,33 @@ def _handler(emu: ApiServerEmulator):
             pass
 
     return Handler
+
+
+# ------------------------------------------------------------------------------------ rules beyond the schema
+def rule_violations(obj: dict[str, Any]) -> list[str]:
+    """What KubeRay's operator or the kubelet would refuse later, which no schema can express."""
+    problems: list[str] = []
+    spec = obj.get("spec") or {}
+    if obj.get("kind") == "RayJob":
+        if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
+            problems.append("RayJob: ttlSecondsAfterFinished needs shutdownAfterJobFinishes: true")
+        spec = spec.get("rayClusterSpec") or {}
+    if obj.get("kind") not in CRD_FILES:
+        return problems
+    for g in spec.get("workerGroupSpecs") or []:
+        lo, n, hi = g.get("minReplicas", 0), g.get("replicas", g.get("minReplicas", 0)), g.get("maxReplicas", 0)
+        if not lo <= n <= hi:
+            problems.append(f"group {g.get('groupName')}: need minReplicas ({lo}) <= replicas ({n}) <= maxReplicas ({hi})")
+    for where, template in _pod_templates(obj):
+        pod = template.get("spec") or {}
+        if not (pod.get("securityContext") or {}).get("runAsNonRoot"):
+            problems.append(f"{where}: pods must set securityContext.runAsNonRoot: true")
+        for c in pod.get("containers") or []:
+            res = c.get("resources") or {}
+            for key in {k for part in res.values() for k in part if k.endswith("/gpu")}:
+                if str(res.get("requests", {}).get(key)) != str(res.get("limits", {}).get(key)):
+                    problems.append(f"{where} {c['name']}: {key} requests must equal limits")
+            for e in c.get("env") or []:
+                if e["name"] == "WANDB_API_KEY" and "secretKeyRef" not in (e.get("valueFrom") or {}):
+                    problems.append(f"{where} {c['name']}: WANDB_API_KEY must come from a secretKeyRef")
+    return problems

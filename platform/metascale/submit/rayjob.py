@@ -103,6 +103,7 @@ def _pod(job: PreparedJob, shape: ClusterShape, container: str, resources: dict,
         }
     )
     spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # Ray pods never call the Kubernetes API
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
         "containers": [
             {
@@ -111,10 +112,16 @@ def _pod(job: PreparedJob, shape: ClusterShape, container: str, resources: dict,
                 "env": env,
                 "resources": resources,
                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [{"name": "metascale-spec", "mountPath": SPEC_DIR, "readOnly": True}],
+                "volumeMounts": [
+                    {"name": "metascale-spec", "mountPath": SPEC_DIR, "readOnly": True},
+                    {"name": "ray-tmp", "mountPath": "/tmp/ray"},
+                ],
             }
         ],
-        "volumes": [{"name": "metascale-spec", "configMap": {"name": f"{job.job_id}-spec"}}],
+        "volumes": [
+            {"name": "metascale-spec", "configMap": {"name": f"{job.job_id}-spec"}},
+            {"name": "ray-tmp", "emptyDir": {}},
+        ],
     }
     if gpu:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
