@@ -44,9 +44,11 @@ def run(
 ) -> None:
     """Meta-train a job (embedded local Ray by default; cluster.address joins a cluster)."""
     from metascale.config import load_spec
+
+    job = load_spec(spec, set_)  # before importing torch: a bad spec fails fast
     from metascale.train import train
 
-    result = train(load_spec(spec, set_), resume=resume)
+    result = train(job, resume=resume)
     typer.echo(json.dumps(result))
 
 

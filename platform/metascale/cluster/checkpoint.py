@@ -79,8 +79,10 @@ def read(path: str) -> dict[str, Any]:
     with fs.open(p, "rb") as f:
         blob = f.read()
     header, sep, payload = blob.partition(b"\n")
-    if not header.startswith(MAGIC) or not sep:
+    if not blob.startswith(MAGIC[: len(blob)]) or not header.startswith(MAGIC):
         raise CheckpointError(f"{path}: not a metascale checkpoint (bad header)")
+    if not sep:
+        raise CheckpointError(f"{path}: truncated before its checksum (torn write)")
     if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC) :]:
         raise CheckpointError(f"{path}: checksum mismatch (torn or corrupt write)")
     try:

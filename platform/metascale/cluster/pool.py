@@ -86,6 +86,7 @@ class RayPool:
                 max_task_retries=0,  # re-dispatch is ours: it may go to another worker
                 runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                name=f"metascale-{spec.name}-{os.getpid()}-worker-{i}",  # findable by operators (and fault tests)
             ).remote(spec_json, i)
             for i in range(c.workers)
         ]

@@ -1,0 +1,96 @@
+"""Job specs: defaults that run, and bad input that gives a field path, what was expected, exit code 2, no trace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metascale.config import JobSpec, load_spec, parse_spec
+from metascale.errors import SpecError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _problems(raw) -> list[str]:
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw)
+    return e.value.problems
+
+
+def test_empty_spec_is_a_valid_sinusoid_maml_job():
+    spec = parse_spec({})
+    assert spec.algorithm.name == "maml" and spec.data.source == "sinusoid" and spec.model.name == "mlp"
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"outer": {"meta_batch": 0}}, "outer.meta_batch: Input should be greater than 0 (got 0)"),
+        ({"algorithm": {"inner": {"lr": "fast"}}}, "algorithm.inner.lr: Input should be a valid number"),
+        ({"algorithm": {"name": "mamal"}}, "algorithm.name: Input should be 'maml', 'fomaml'"),
+        ({"outer": {"stepz": 3}}, "outer.stepz: unknown field"),
+        ({"model": {"name": "conv4", "hiden": 3}, "data": {"source": "synthetic"}}, "model.hiden: unknown field"),
+        ({"data": {"source": "shards"}, "model": {"name": "conv4"}}, "data.url: Field required"),
+        ({"model": {"name": "conv4"}}, "data.source 'sinusoid' needs model.name 'mlp'"),
+        ({"model": {"name": "vit", "image_size": 28, "patch_size": 5}, "data": {"source": "synthetic"}},
+         "image_size (28) must be a multiple of patch_size (5)"),
+        ({"name": "bad name; rm -rf /"}, "name: String should match pattern"),
+    ],
+)
+def test_bad_fields_name_their_path_and_what_was_expected(raw, expected):
+    assert any(expected in p for p in _problems(raw)), _problems(raw)
+
+
+def test_overrides_apply_dotted_keys_with_yaml_values(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: t\nouter: {steps: 5}\n")
+    spec = load_spec(path, ["outer.steps=7", "algorithm.inner.first_order=true", "cluster.address=inline"])
+    assert spec.outer.steps == 7 and spec.algorithm.inner.first_order and spec.cluster.address == "inline"
+
+
+def test_every_example_job_validates():
+    jobs = sorted((REPO / "jobs").glob("*.yaml"))
+    assert jobs
+    for job in jobs:
+        assert isinstance(load_spec(job), JobSpec), job
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "metascale", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("outer: {meta_batch: -1}\n", "outer.meta_batch"),
+        ("outer: [1, 2\n", "not valid YAML"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
+def test_cli_validate_reports_bad_specs_with_exit_2_and_no_traceback(tmp_path, content, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    for verb in ("validate", "run"):
+        r = _cli(verb, str(path))
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_missing_file_and_bad_override_are_clear(tmp_path):
+    r = _cli("validate", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "file not found" in r.stderr and "Traceback" not in r.stderr
+    good = tmp_path / "ok.yaml"
+    good.write_text("name: ok\n")
+    r = _cli("validate", str(good), "--set", "outer.steps")
+    assert r.returncode == 2 and "expected dotted.key=value" in r.stderr
+
+
+def test_cli_validate_prints_the_full_spec(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("name: ok\n")
+    r = _cli("validate", str(path))
+    assert r.returncode == 0
+    assert parse_spec(__import__("yaml").safe_load(r.stdout)).name == "ok"
