@@ -17,7 +17,9 @@ from metascale.config import JobSpec, dump_spec, load_spec, parse_spec
 from metascale.submit.targets import new_job_id
 
 SPEC_FILE = "metascale-job.yaml"
-# glibc allocator settings measured in FIELD-NOTES (freed memory faulted back slowly and stalled meta-steps).
+# Container env of the pods a RayJob brings up: glibc allocator settings measured in FIELD-NOTES (freed memory faulted
+# back slowly and stalled meta-steps). Not sent as a Ray runtime_env: the driver's own ray.init sets its workers' env,
+# and Ray refuses a job whose runtime_env sets the same variables.
 JOB_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "68719476736",

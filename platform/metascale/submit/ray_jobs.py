@@ -7,6 +7,7 @@ is the fixed `metascale run metascale-job.yaml`. The W&B API key is never sent: 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 import requests
 
 from metascale.submit.backend import JobInfo
-from metascale.submit.package import JOB_ENV, SPEC_FILE, PreparedJob
+from metascale.submit.package import SPEC_FILE, PreparedJob
 from metascale.submit.targets import ClusterError, RayTarget, check_job_id
 
 SUBMITTER = "metascale"  # metadata marking the jobs `metascale list` shows
@@ -31,6 +32,10 @@ class RayJobs:
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
 
+            for noisy in ("dashboard_sdk", "job.sdk"):  # INFO lines per upload and per closed log stream
+                logging.getLogger(f"ray.dashboard.modules.{noisy}").setLevel(logging.WARNING)
+            logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+
             with self._errors():
                 self._client = JobSubmissionClient(self.target.address)
         return self._client
@@ -44,7 +49,7 @@ class RayJobs:
             client.submit_job(
                 entrypoint=job.entrypoint(SPEC_FILE),
                 submission_id=job.job_id,
-                runtime_env={"working_dir": workdir, "env_vars": dict(JOB_ENV)},
+                runtime_env={"working_dir": workdir},
                 metadata={"metascale.submitter": SUBMITTER, "metascale.job": job.spec.name},
             )
         return job.job_id

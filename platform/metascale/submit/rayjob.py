@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from metascale.submit.package import JOB_ENV, SPEC_FILE, PreparedJob
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -61,7 +59,6 @@ def rayjob(job: PreparedJob, namespace: str, shape: ClusterShape = ClusterShape(
         },
         "spec": {
             "entrypoint": job.entrypoint(f"{SPEC_DIR}/{SPEC_FILE}"),
-            "runtimeEnvYAML": yaml.safe_dump({"env_vars": JOB_ENV}, sort_keys=True),
             "submissionMode": "K8sJobMode",
             "backoffLimit": 0,
             "shutdownAfterJobFinishes": True,
