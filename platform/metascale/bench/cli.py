@@ -12,3 +12,8 @@ bench_app = typer.Typer(help="Benchmarks: each prints one JSON object as its las
 def emit(result: dict) -> None:
     """The contract of every benchmark: the last line of stdout is one JSON object."""
     typer.echo(json.dumps(result, sort_keys=True))
+
+
+from metascale.bench.data import data as _data  # noqa: E402 (after emit, which it imports)
+
+bench_app.command(name="data")(_data)

@@ -24,7 +24,7 @@ from metascale.data.index import INDEX_NAME
 from metascale.data.pack import SourceClass, iter_split_by_group, pack
 from metascale.data.strokes import Glyph, hershey_glyphs, kanjivg_glyphs
 
-RENDER_VERSION = 1  # bump when the rendering changes: the prepared set's folder name carries it
+RENDER_VERSION = 2  # bump when the rendering changes: the prepared set's folder name carries it
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # of classes, whole alphabets to a split (Omniglot style)
 MAX_PER_ALPHABET = 55  # Omniglot's largest alphabet has 55 characters
 DUPLICATE_COSINE = 0.9  # a glyph this close to a kept one (e.g. 'O' and 'o' once fitted to the box) is dropped

@@ -16,7 +16,7 @@ from metascale.data.urls import read_bytes
 from metascale.errors import DataError
 
 FORMAT = "metascale-task-shards"
-VERSION = 1
+VERSION = 2  # 2: one sample per class (1 had one per image)
 INDEX_NAME = "index.json"
 
 
@@ -25,7 +25,7 @@ class ClassEntry:
     name: str
     alphabet: str  # the group that splits are made by (Omniglot's alphabets); the class name where none exists
     split: Split
-    count: int  # instances in the shard
+    count: int  # instances
     shard: int  # position in ShardIndex.shards
 
 
@@ -35,12 +35,13 @@ class ShardEntry:
     split: Split
     sha256: str
     bytes: int
-    samples: int
+    samples: int  # images (instances of all its classes)
 
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """Class ids are positions in `classes`; a sample's key is `c{class:06d}i{instance:05d}`."""
+    """Class ids are positions in `classes`. A shard sample is one class: key `c{class:06d}`, `png` (the instances
+    stacked top to bottom, count x height rows) and `json` ({"class": id, "count": n})."""
 
     image: dict[str, int]  # channels, height, width (every image in the set has this shape)
     classes: list[ClassEntry]
@@ -97,8 +98,8 @@ class ShardIndex:
                 raise DataError(f"{where}: shard {s.name} lists {s.samples} samples, its classes count {n}")
 
 
-def sample_key(class_id: int, instance: int) -> str:
-    return f"c{class_id:06d}i{instance:05d}"
+def sample_key(class_id: int) -> str:
+    return f"c{class_id:06d}"
 
 
 def load_index(root: str) -> ShardIndex:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -54,17 +55,20 @@ class _ShardWriter:
 
         self.name = f"{self.split}-{self.shard_no:05d}.tar"
         self.file = open(self.tmp / self.name, "wb")
-        self.writer = wds.TarWriter(self.file, mtime=0.0, user="metascale", group="metascale")
+        self.writer = wds.TarWriter(self.file, mtime=0, user="metascale", group="metascale")  # int: no PAX header
         self.classes = self.samples = 0
 
-    def write_class(self, class_id: int, pngs: list[bytes]) -> tuple[int, ShardEntry | None]:
-        """Returns (shard position within this split, the entry of a shard this write closed or None)."""
+    def write_class(self, class_id: int, images: Sequence[np.ndarray]) -> tuple[int, ShardEntry | None]:
+        """One sample per class: its instances stacked top to bottom in one PNG (one tar member and one decode per
+        class, not per image: Python's tarfile and Pillow cost ~0.5 ms per member). Returns (shard position
+        within this split, the entry of a shard this write closed or None)."""
         if self.writer is None:
             self._open()
-        for i, png in enumerate(pngs):
-            self.writer.write({"__key__": sample_key(class_id, i), "png": png, "cls": str(class_id).encode()})
+        meta = {"class": class_id, "count": len(images)}
+        self.writer.write({"__key__": sample_key(class_id), "png": encode_png(np.concatenate(images, axis=0)),
+                           "json": json.dumps(meta).encode()})
         self.classes += 1
-        self.samples += len(pngs)
+        self.samples += len(images)
         position = self.shard_no
         full = self.classes >= self.max_classes or self.file.tell() >= self.max_bytes
         return position, (self.close() if full else None)
@@ -125,7 +129,7 @@ def _write_shards(classes, tmp, source, max_classes, max_bytes, progress, total)
                 shape = s
             elif s != shape:
                 raise DataError(f"class '{c.name}': image shape {s} differs from the set's {shape} (resize with --size)")
-        position, done = writers[c.split].write_class(cid, [encode_png(img) for img in c.images])
+        position, done = writers[c.split].write_class(cid, c.images)
         closed[c.split] += [done] if done else []
         entries.append((c.name, c.alphabet, c.split, len(c.images), position))
     if shape is None:

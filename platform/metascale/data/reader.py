@@ -1,6 +1,6 @@
 """Streams class records out of task shards with WebDataset, checking everything against the index.
 
-A record is every instance of one class, decoded to uint8 [n, C, H, W]. A shard's records are released only after
+A record is every instance of one class (one shard sample), decoded to uint8 [n, C, H, W]. A shard's records are released only after
 the shard's bytes matched the index's sha256 and its classes' counts matched, so a truncated, corrupt or swapped
 shard never feeds an episode. Bad data raises DataError naming the shard and sample, or, with
 `on_bad_sample='skip'`, is counted in `ReadStats` and left out (a shard failing its checksum is left out whole).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from metascale.data.urls import join, open_stream
 from metascale.errors import DataError
 
 OnBad = Literal["error", "skip"]
-_KEY = re.compile(r"^c(\d{6})i(\d{5})$")
+_KEY = re.compile(r"^c(\d{6})$")
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def _read_shard(index: ShardIndex, shard_no: int, url: str, on_bad: OnBad, stats
 
     entry = index.shards[shard_no]
     expected = {i: c.count for i, c in enumerate(index.classes) if c.shard == shard_no}
-    per_class: dict[int, list[np.ndarray]] = {i: [] for i in expected}
+    found: dict[int, np.ndarray] = {}
     try:
         raw = open_stream(url)
     except (FileNotFoundError, OSError) as e:
@@ -142,18 +143,18 @@ def _read_shard(index: ShardIndex, shard_no: int, url: str, on_bad: OnBad, stats
     last = "(start of shard)"
     try:
         buffered = io.BufferedReader(reader, 1 << 16)  # kept: collecting it would close `reader`
-        samples = _group(tar_file_iterator(buffered))
-        for key, fields in samples:
+        for key, fields in _group(tar_file_iterator(buffered)):
             last = key
             try:
-                cid, img = _decode(index, shard_no, key, fields, expected)
+                cid, imgs = _decode(index, key, fields, expected, found)
             except _SampleBad as e:
                 msg = f"shard {url} sample {key}: {e}"
                 if on_bad == "error":
                     raise DataError(msg) from None
-                stats.add(msg)
+                m = _KEY.match(key)
+                stats.add(msg, samples=expected.get(int(m.group(1)), 1) if m else 1)
                 continue
-            per_class[cid].append(img)
+            found[cid] = imgs
         while buffered.read(1 << 20):  # tarfile stops at the end marker; hash the padding too
             pass
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
@@ -163,14 +164,12 @@ def _read_shard(index: ShardIndex, shard_no: int, url: str, on_bad: OnBad, stats
     if reader.sha.hexdigest() != entry.sha256:
         raise _ShardBad(f"shard {url}: sha256 {reader.sha.hexdigest()[:12]}... does not match the index's "
                         f"{entry.sha256[:12]}... ({reader.n} bytes read, index says {entry.bytes})")
-    records = []
-    for cid, imgs in per_class.items():
-        if len(imgs) != expected[cid] and on_bad == "error":
-            raise DataError(f"shard {url}: class {cid} '{index.classes[cid].name}' has {len(imgs)} samples, "
-                            f"the index lists {expected[cid]}")
-        if imgs:
-            records.append(ClassRecord(cid, np.stack(imgs), entry.name))
-    return records
+    missing = [i for i in expected if i not in found]
+    if missing and on_bad == "error":
+        i = missing[0]
+        raise DataError(f"shard {url}: class {i} '{index.classes[i].name}' is in the index but not in the shard "
+                        f"({len(missing)} such classes)")
+    return [ClassRecord(cid, imgs, entry.name) for cid, imgs in sorted(found.items())]
 
 
 class _SampleBad(Exception):
@@ -191,18 +190,26 @@ def _group(files: Iterable[dict]) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, fields
 
 
-def _decode(index: ShardIndex, shard_no: int, key: str, fields: dict[str, bytes], expected: dict[int, int]):
+def _decode(index: ShardIndex, key: str, fields: dict[str, bytes], expected: dict[int, int], found: dict):
+    """A class sample -> (class id, uint8 [count, C, H, W]), or _SampleBad saying what is wrong."""
     m = _KEY.match(key)
     if not m:
-        raise _SampleBad("key is not of the form c<class>i<instance>")
+        raise _SampleBad("key is not of the form c<class, 6 digits>")
     cid = int(m.group(1))
     if cid not in expected:
         raise _SampleBad(f"class {cid} does not belong to this shard in the index")
-    missing = [f for f in ("png", "cls") if f not in fields]
+    if cid in found:
+        raise _SampleBad(f"class {cid} appears twice")
+    missing = [f for f in ("png", "json") if f not in fields]
     if missing:
         raise _SampleBad(f"missing field {missing} (has {sorted(fields)})")
-    if fields["cls"].strip() != str(cid).encode():
-        raise _SampleBad(f"cls field {fields['cls'][:20]!r} disagrees with the key's class {cid}")
+    try:
+        meta = json.loads(fields["json"])
+        if meta["class"] != cid or meta["count"] != expected[cid]:
+            raise _SampleBad(f"json says class {meta['class']} with {meta['count']} instances, the key and index say "
+                             f"class {cid} with {expected[cid]}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise _SampleBad(f"json field is malformed ({e})") from None
     c, h, w = index.shape
     try:
         with Image.open(io.BytesIO(fields["png"])) as im:
@@ -210,9 +217,11 @@ def _decode(index: ShardIndex, shard_no: int, key: str, fields: dict[str, bytes]
             arr = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise _SampleBad(f"image does not decode ({e})") from None
-    if arr.shape[:2] != (h, w):
-        raise _SampleBad(f"image is {arr.shape[1]}x{arr.shape[0]}, the index says {w}x{h}")
-    return cid, (arr[None] if c == 1 else arr.transpose(2, 0, 1))
+    n = expected[cid]
+    if arr.shape[:2] != (n * h, w):
+        raise _SampleBad(f"image is {arr.shape[1]}x{arr.shape[0]}, expected {w}x{n * h} ({n} instances of {w}x{h})")
+    arr = arr.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+    return cid, np.ascontiguousarray(arr)
 
 
 def _pipe_name(url: str, index: ShardIndex) -> str:

@@ -43,7 +43,8 @@ def load_store(index: ShardIndex, root: str, split: Split, on_bad: OnBad = "erro
     names = split_shards(index, split)
     stats = ReadStats()
     if workers <= 0 or len(names) < 2:
-        records = list(read_records(index, root, shard_stream(root, names), on_bad, stats))
+        # worker=0 of 1: inside a loader worker the cache still needs every shard of the split
+        records = list(read_records(index, root, shard_stream(root, names, worker=0, workers=1), on_bad, stats))
         return ClassStore.from_records(records, index.shape, stats)
     ds = _ShardRecords(index, root, names, on_bad)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(names)),
