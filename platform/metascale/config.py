@@ -149,6 +149,8 @@ class AlgorithmSpec(Spec):
 
 # -------------------------------------------------------------------------------------- outer / eval
 class OuterLoopSpec(Spec):
+    # How workers' results become the update direction (cluster/estimators.py).
+    estimator: Literal["backprop"] = "backprop"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: PositiveFloat = 1e-3
     meta_batch: PositiveInt = 25

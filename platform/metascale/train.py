@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from metascale.cluster import checkpoint
-from metascale.cluster.coordinator import Coordinator, aggregate
+from metascale.cluster.coordinator import Coordinator
+from metascale.cluster.estimators import ESTIMATORS
 from metascale.cluster.pool import build_pool, split_slots
 from metascale.config import JobSpec, dump_spec
 from metascale.errors import CheckpointError
@@ -42,6 +43,7 @@ def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
     pool = build_pool(spec)
     monitor = Monitor(spec, run_id, coord.step)
     groups = split_slots(spec.outer.meta_batch, pool.size)
+    estimate = ESTIMATORS[spec.outer.estimator]
     stop = _Stop()
     evals: dict[str, float] = {}
 
@@ -54,7 +56,7 @@ def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
         while coord.step < spec.outer.steps and not stop.requested:
             t0 = time.perf_counter()
             params = pool.put(coord.published())
-            result = aggregate(pool.map("compute", groups, coord.step, params))
+            result = estimate(pool, groups, coord.step, params)
             coord.apply(result)
             elapsed = time.perf_counter() - t0
             metrics = {f"train/{k}": v for k, v in result.metrics.items()}
