@@ -115,13 +115,16 @@ def read_records(
         name = url.rsplit("/", 1)[-1] if not url.startswith("pipe:") else _pipe_name(url, index)
         if name not in by_name:
             raise DataError(f"shard {url}: not listed in the index")
+        local = ReadStats()  # merged only if the shard as a whole is kept (a dropped shard counts once)
         try:
-            records = _read_shard(index, by_name[name], url, on_bad, stats)
+            records = _read_shard(index, by_name[name], url, on_bad, local)
         except _ShardBad as e:
             if on_bad == "error":
                 raise DataError(str(e)) from None
             stats.add(str(e), samples=index.shards[by_name[name]].samples, shard=True)
             continue
+        stats.skipped_samples += local.skipped_samples
+        stats.problems += local.problems[: max(0, 20 - len(stats.problems))]
         yield from records
 
 
@@ -140,7 +143,7 @@ def _read_shard(index: ShardIndex, shard_no: int, url: str, on_bad: OnBad, stats
     except (FileNotFoundError, OSError) as e:
         raise _ShardBad(f"shard {url}: cannot be opened ({e})") from None
     reader = _HashingReader(raw)
-    last = "(start of shard)"
+    last, first_bad = "(start of shard)", ""
     try:
         buffered = io.BufferedReader(reader, 1 << 16)  # kept: collecting it would close `reader`
         for key, fields in _group(tar_file_iterator(buffered)):
@@ -149,8 +152,9 @@ def _read_shard(index: ShardIndex, shard_no: int, url: str, on_bad: OnBad, stats
                 cid, imgs = _decode(index, key, fields, expected, found)
             except _SampleBad as e:
                 msg = f"shard {url} sample {key}: {e}"
-                if on_bad == "error":
-                    raise DataError(msg) from None
+                if on_bad == "error":  # raised after the checksum, which tells a truncated shard from a bad sample
+                    first_bad = first_bad or msg
+                    continue
                 m = _KEY.match(key)
                 stats.add(msg, samples=expected.get(int(m.group(1)), 1) if m else 1)
                 continue
@@ -162,8 +166,12 @@ def _read_shard(index: ShardIndex, shard_no: int, url: str, on_bad: OnBad, stats
     finally:
         reader.close()
     if reader.sha.hexdigest() != entry.sha256:
+        also = f"; first bad sample: {first_bad.split(': ', 1)[1]}" if first_bad else ""
         raise _ShardBad(f"shard {url}: sha256 {reader.sha.hexdigest()[:12]}... does not match the index's "
-                        f"{entry.sha256[:12]}... ({reader.n} bytes read, index says {entry.bytes})")
+                        f"{entry.sha256[:12]}... ({reader.n} bytes read, index says {entry.bytes}: truncated, corrupt "
+                        f"or replaced{also})")
+    if first_bad:
+        raise DataError(first_bad)
     missing = [i for i in expected if i not in found]
     if missing and on_bad == "error":
         i = missing[0]
