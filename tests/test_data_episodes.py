@@ -125,3 +125,10 @@ def test_parallel_cache_load_and_loader_workers_agree(shards):
     src = ShardTasks(ShardsData(url=shards, ways=4, shots=1, queries=2), "train", 3, shards)
     for step, b in meta_batches(src, range(5), range(3), workers=2):
         assert _digest(b) == _digest(src.batch(step, range(3)))
+
+
+def test_pipe_and_fsspec_sources_read_the_same_episodes(shards):
+    spec = ShardsData(url=shards, ways=3, shots=1, queries=2)
+    local = ShardTasks(spec, "train", 0, shards).batch(4, range(3))
+    for root in (f"pipe:cat {shards}/{{name}}", f"file://{shards}"):
+        assert _digest(ShardTasks(spec, "train", 0, root).batch(4, range(3))) == _digest(local)
