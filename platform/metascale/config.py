@@ -123,8 +123,27 @@ class ShardsData(EpisodicData):
     on_bad_sample: Literal["error", "skip"] = "error"
 
 
+class NoisyLabelsData(Spec):
+    """One many-shot task (Meta-Weight-Net's setting): `ways` fixed classes of a base image family, a training set with
+    symmetric label noise and/or class imbalance, a small clean meta set and a clean test set (algorithms/mwn.py)."""
+
+    source: Literal["noisy_labels"] = "noisy_labels"
+    base: Literal["synthetic", "glyphs"] = "synthetic"
+    root: str = "data/glyphs"  # base 'glyphs' only
+    ways: PositiveInt = 10
+    train_per_class: PositiveInt = 100  # before imbalance
+    meta_per_class: PositiveInt = 5  # the clean meta set
+    test_per_class: PositiveInt = 20
+    label_noise: Annotated[float, Field(ge=0, lt=1)] = 0.4  # fraction of training labels replaced uniformly at random
+    imbalance: Annotated[float, Field(ge=1)] = 1.0  # largest / smallest class size, geometric in between
+    batch: PositiveInt = 100  # training examples per step (a task's support set)
+    meta_batch_size: PositiveInt = 50  # clean meta examples per step (a task's query set)
+    image_size: PositiveInt = 28
+    noise: PositiveFloat = 0.5  # base 'synthetic': instance noise around each class prototype
+
+
 DataSpec = Annotated[
-    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData], Field(discriminator="source")
+    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, NoisyLabelsData], Field(discriminator="source")
 ]
 
 
@@ -138,24 +157,61 @@ class InnerLoopSpec(Spec):
     autocast: Literal["none", "bf16"] = "none"
 
 
+class IMAMLSpec(Spec):
+    """iMAML: the inner problem is min L(phi) + reg/2 ||phi - theta||^2; CG solves (I + H/reg) v = grad L_query."""
+
+    reg: PositiveFloat = 2.0
+    cg_steps: PositiveInt = 5
+
+
+class LearnedSpec(Spec):
+    """Meta-representations beyond the initialisation (algorithms/learned_hparams.py, learned_loss.py)."""
+
+    init_weight_decay: Annotated[float, Field(ge=0)] = 0.0  # learned_hparams: per-layer inner weight decay at start
+    loss_hidden: PositiveInt = 32  # learned_loss: width of the loss network
+
+
+class MWNSpec(Spec):
+    """Meta-Weight-Net: a 1 -> hidden -> 1 sigmoid net from an example's loss to its weight (Shu et al. 2019)."""
+
+    hidden: PositiveInt = 100
+
+
 class AlgorithmSpec(Spec):
-    name: Literal["maml", "fomaml", "reptile", "anil", "metasgd", "protonet"] = "maml"
+    name: Literal[
+        "maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
+        "imaml", "learned_hparams", "learned_loss", "mwn", "erm",
+    ] = "maml"
     inner: InnerLoopSpec = InnerLoopSpec()
     # ANIL adapts only parameters whose name starts with this prefix (the classifier head).
     head_prefix: str = "head."
     # Meta-SGD's initial per-parameter inner learning rate (defaults to inner.lr).
     metasgd_init_lr: PositiveFloat | None = None
+    imaml: IMAMLSpec = IMAMLSpec()
+    learned: LearnedSpec = LearnedSpec()
+    mwn: MWNSpec = MWNSpec()
 
 
 # -------------------------------------------------------------------------------------- outer / eval
+class ESSpec(Spec):
+    """Evolution strategies (outer.estimator 'es'): outer.meta_batch antithetic pairs per step, each scored on the same
+    `tasks` tasks of the step (common random numbers); workers return only (pair, F+, F-)."""
+
+    sigma: PositiveFloat = 0.02
+    tasks: PositiveInt = 8
+    shaping: Literal["centred_rank", "none"] = "centred_rank"
+    objective: Literal["loss", "error"] = "loss"  # post-adaptation query loss, or 1 - accuracy (not differentiable)
+
+
 class OuterLoopSpec(Spec):
     # How workers' results become the update direction (cluster/estimators.py).
-    estimator: Literal["backprop"] = "backprop"
+    estimator: Literal["backprop", "es", "ftml"] = "backprop"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: PositiveFloat = 1e-3
     meta_batch: PositiveInt = 25
     steps: PositiveInt = 1000
     grad_clip: PositiveFloat | None = None
+    es: ESSpec = ESSpec()
 
 
 class EvalSpec(Spec):
@@ -203,6 +259,90 @@ class ClusterSpec(Spec):
     aggregation: Literal["coordinator", "allreduce"] = "coordinator"
 
 
+class ShardingSpec(Spec):
+    """Large backbones: the worker is a group of `ranks` processes running a DeepSpeed engine (docs/sharding.md)."""
+
+    engine: Literal["none", "deepspeed"] = "none"
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    offload: Literal["none", "cpu"] = "none"  # ZeRO-Offload of the optimiser state (stage >= 1)
+    activation_checkpointing: bool = False  # recompute each transformer block / residual stage in the backward pass
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ranks: PositiveInt = 1  # processes in the group (one per GPU; gloo on CPU)
+    # LITE (Bronskill et al. 2021): forward the whole support set, back-propagate a random subset of H examples.
+    support_backprop_subset: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _engine(self) -> "ShardingSpec":
+        if self.engine == "none":
+            knobs = {"zero_stage": 0, "offload": "none", "activation_checkpointing": False, "precision": "fp32",
+                     "ranks": 1, "support_backprop_subset": None}
+            for key, default in knobs.items():
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key} needs engine: deepspeed (engine is 'none')")
+        if self.precision == "fp16":
+            raise ValueError(
+                "precision fp16 needs loss scaling, which DeepSpeed applies only in engine.backward: inner "
+                "gradients would be unscaled and an overflow would silently skip an inner step; use precision: bf16"
+            )
+        if self.offload == "cpu" and self.zero_stage == 0:
+            raise ValueError("offload cpu needs zero_stage >= 1 (ZeRO-Offload moves ZeRO's "
+                             "partitioned optimiser state)")
+        return self
+
+
+SECOND_ORDER = ("maml", "metasgd", "anil")  # differentiate through the inner loop unless inner.first_order
+SHARDED_FIRST_ORDER = ("fomaml", "reptile")  # the inner loop runs through the engine, at every ZeRO stage
+
+
+def sharding_problem(job: "JobSpec") -> str | None:
+    """What makes `job.sharding` impossible with the rest of the job, and what to use instead (None: fine)."""
+    s, alg = job.sharding, job.algorithm
+    if s.engine == "none":
+        return None
+    second_order = alg.name in SECOND_ORDER and not alg.inner.first_order
+    if alg.name not in SHARDED_FIRST_ORDER and not second_order:
+        return (f"sharding.engine deepspeed runs {', '.join(SHARDED_FIRST_ORDER)} (any zero_stage) and second-order "
+                f"{', '.join(SECOND_ORDER)} (zero_stage <= 2), not algorithm '{alg.name}'"
+                + (" with inner.first_order: use fomaml" if alg.name in SECOND_ORDER else "; use sharding.engine: none"))
+    if second_order and s.zero_stage == 3:
+        return (f"sharding.zero_stage 3 cannot run second-order '{alg.name}': torch.func needs whole parameters on "
+                "every rank and ZeRO-3 keeps only partitions; use zero_stage <= 2, or algorithm fomaml/reptile")
+    if s.support_backprop_subset is not None:
+        if second_order:
+            return ("sharding.support_backprop_subset (LITE) applies to the first-order sharded inner loop; "
+                    "use algorithm fomaml or reptile")
+        if job.model.name in ("conv4", "resnet12"):
+            return (f"sharding.support_backprop_subset (LITE) needs examples that do not interact in the forward pass; "
+                    f"model '{job.model.name}' uses per-task batch norm over the support set; use model vit")
+    support, query = _episode_sizes(job.data)
+    if s.support_backprop_subset is not None and s.support_backprop_subset > support:
+        return (f"sharding.support_backprop_subset ({s.support_backprop_subset}) exceeds the support set "
+                f"({support} examples)")
+    if not second_order and s.ranks > min(support, query):
+        return (f"sharding.ranks ({s.ranks}) exceeds the examples a task splits over ranks (support {support}, query "
+                f"{query}); lower ranks or raise shots/queries")
+    if second_order and job.outer.meta_batch % s.ranks:
+        return (f"outer.meta_batch ({job.outer.meta_batch}) must be a multiple of sharding.ranks ({s.ranks}): "
+                "second order splits the tasks evenly over the ranks")
+    if s.activation_checkpointing and job.model.name not in ("vit", "resnet12"):
+        return f"sharding.activation_checkpointing needs model vit or resnet12 (blocks to recompute), not '{job.model.name}'"
+    if job.executor.dtype != "float32":
+        return "sharding.engine deepspeed keeps float32 master weights: set executor.dtype float32 (precision sets bf16)"
+    if job.algorithm.inner.checkpoint != "none" or job.algorithm.inner.autocast != "none":
+        return ("algorithm.inner.checkpoint/autocast are the un-sharded knobs; with sharding.engine deepspeed use "
+                "sharding.activation_checkpointing and sharding.precision")
+    if job.cluster.workers != 1 or job.cluster.address not in ("local", "inline"):
+        return ("sharding.engine deepspeed runs one rank group beside the driver: set cluster.workers 1 and "
+                "cluster.address local or inline (scale with sharding.ranks)")
+    return None
+
+
+def _episode_sizes(data: Any) -> tuple[int, int]:
+    if isinstance(data, SinusoidData):
+        return data.shots, data.queries
+    return getattr(data, "ways", 1) * getattr(data, "shots", 1), getattr(data, "ways", 1) * getattr(data, "queries", 1)
+
+
 # ------------------------------------------------------------------------------------------- the job
 class JobSpec(Spec):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] = "job"
@@ -216,6 +356,7 @@ class JobSpec(Spec):
     logging: LoggingSpec = LoggingSpec()
     executor: ExecutorSpec = ExecutorSpec()
     cluster: ClusterSpec = ClusterSpec()
+    sharding: ShardingSpec = ShardingSpec()
 
     @model_validator(mode="after")
     def _compatible(self) -> "JobSpec":
@@ -226,7 +367,33 @@ class JobSpec(Spec):
             raise ValueError(f"algorithm '{self.algorithm.name}' needs a classification data source, not sinusoid")
         if not regression and self.model.name == "mlp":
             raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")
+        self._survey_compatible()
+        if (problem := sharding_problem(self)) is not None:
+            raise ValueError(problem)
         return self
+
+    def _survey_compatible(self) -> None:
+        """Combinations of the survey's other axes (docs/survey-map.md) that cannot mean anything."""
+        alg, single_task = self.algorithm, isinstance(self.data, NoisyLabelsData)
+        if (alg.name in ("mwn", "erm")) != single_task:
+            raise ValueError(
+                f"algorithm '{alg.name}' with data.source '{self.data.source}': 'mwn' and 'erm' train one many-shot "
+                "task and need data.source 'noisy_labels', which no other algorithm takes"
+            )
+        if alg.name in ("learned_hparams", "learned_loss") and (alg.inner.first_order or alg.inner.steps == 0):
+            raise ValueError(
+                f"algorithm '{alg.name}' learns through the inner loop's gradients: it needs inner.steps >= 1 and "
+                "inner.first_order false (otherwise its hypergradient is zero)"
+            )
+        if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
+            raise ValueError("algorithm 'imaml' needs inner.steps >= 1 and inner.checkpoint 'none' "
+                             "(its memory is already independent of the inner steps)")
+        if self.outer.estimator == "es" and alg.name in ("mwn", "erm"):
+            raise ValueError(f"outer.estimator 'es' needs a few-shot task stream, not algorithm '{alg.name}'")
+        if self.outer.estimator == "es" and self.outer.es.objective == "error" and isinstance(self.data, SinusoidData):
+            raise ValueError("outer.es.objective 'error' needs classification data (sinusoid has no accuracy)")
+        if self.outer.estimator == "ftml" and single_task:
+            raise ValueError("outer.estimator 'ftml' streams few-shot tasks; data.source 'noisy_labels' is one task")
 
     def path(self, template: str) -> str:
         return template.format(name=self.name)
@@ -281,7 +448,7 @@ def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
 def _describe(err: dict) -> str:
     # Discriminated unions add the tag to the location (data.glyphs.ways); drop it for a path the user wrote.
     loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
-    tags = {"mlp", "conv4", "resnet12", "vit", "sinusoid", "synthetic", "glyphs", "shards"}
+    tags = {"mlp", "conv4", "resnet12", "vit", "sinusoid", "synthetic", "glyphs", "shards", "noisy_labels"}
     loc = [p for i, p in enumerate(loc) if not (i > 0 and p in tags and loc[i - 1] in ("model", "data"))]
     path = ".".join(loc) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")

@@ -81,6 +81,32 @@ class MetaWorker:
             "compute_s": t2 - t1,
         }
 
+    def fitness(self, step: int, pairs: Sequence[int], params: NumpyParams) -> dict[str, Any]:
+        """ES: the fitness of theta +/- sigma * eps_pair for each pair, on the step's `outer.es.tasks` tasks. The noise
+        is regenerated from (seed, step, pair), so only scalars go back, however large the model."""
+        from metascale.algorithms import es
+
+        cfg = self.spec.outer.es
+        t0 = time.perf_counter()
+        batch = self.source("train").batch(step, range(cfg.tasks)).to(self.device, self.dtype)
+        t1 = time.perf_counter()
+        theta = self._params(params)
+        scores = []
+        for pair in pairs:
+            eps = es.noise(theta, self.spec.seed, step, pair)
+            plus, minus = (
+                es.fitness(self.alg, es.perturb(theta, eps, sign * cfg.sigma), batch, cfg.objective) for sign in (1, -1)
+            )
+            scores.append((pair, plus, minus))
+        return {
+            "fitness": scores,
+            "es": (self.spec.seed, cfg.sigma, cfg.shaping),  # what the noise and shaping were, for the coordinator
+            "tasks": 2 * len(pairs) * cfg.tasks,
+            "worker": self.worker_id,
+            "data_s": t1 - t0,
+            "compute_s": time.perf_counter() - t1,
+        }
+
     def evaluate(self, step: int, slots: Sequence[int], params: NumpyParams, split: Split, steps: int | None):
         """Per-episode post-adaptation metrics on held-out tasks (a list, one dict per slot)."""
         meta = self._params(params)
