@@ -126,7 +126,13 @@ def test_submit_status_logs(ray_head, state, tmp_path, capsys):
     assert "Running entrypoint for job" in out and "metascale run metascale-job.yaml" in out
     assert [ln for ln in out.splitlines() if ln.startswith("step ")][-1].startswith("step 3/3 ")
     assert '"status": "finished"' in out
+    code, followed, _ = cli(capsys, "logs", job_id, "--follow")  # a finished job's stream ends by itself
+    assert code == 0 and "step 3/3 " in followed
     assert job_id in cli(capsys, "list")[1]
+    duplicate = prepare(spec)
+    duplicate = type(duplicate)(job_id=job_id, spec=duplicate.spec, spec_yaml=duplicate.spec_yaml)
+    with pytest.raises(ClusterError, match=f"^a job with ID {job_id} already exists on the Ray cluster at "):
+        RayJobs(RayTarget(ray_head)).submit(duplicate)
 
 
 def test_cancel_stops_a_long_job(ray_head, state, tmp_path, capsys):

@@ -99,7 +99,8 @@ class RayJobs:
             m = re.search(r"status code (\d+): (.*)", str(e), re.S)
             if not m:
                 raise ClusterError(f"{where}: {_first_line(str(e))}") from None
-            raise ClusterError(_http_message(int(m.group(1)), m.group(2), where, job_id)) from None
+            body = m.group(2).removesuffix(".")  # Ray's client appends '.' to the body
+            raise ClusterError(_http_message(int(m.group(1)), body, where, job_id)) from None
 
 
 def _http_message(code: int, body: str, where: str, job_id: str | None) -> str:
@@ -108,7 +109,7 @@ def _http_message(code: int, body: str, where: str, job_id: str | None) -> str:
         return f"no job {job_id} on {where}"
     if code in (401, 403):
         return f"{where} refused the request ({code}): check its auth token (RAY_AUTH_TOKEN / ~/.ray/auth_token)"
-    if code in (400, 409) and "already exists" in body:
+    if "already exists" in body:  # Ray 2.60 answers a reused submission ID with 500 and a traceback
         return f"a job with ID {job_id} already exists on {where}"
     return f"{where} answered {code}: {detail}"
 
