@@ -53,4 +53,5 @@ def history(path: str | Path) -> list[dict]:
 
 
 def run_id(path: str | Path) -> str:
-    return next(r.run.run_id for r in records(path) if r.WhichOneof("record_type") == "run")
+    """From the file name (`run-<id>.wandb`), which exists even when the process was killed before flushing."""
+    return Path(path).name.removeprefix("run-").removesuffix(".wandb")

@@ -1,0 +1,101 @@
+"""A coordinator killed with SIGKILL resumes from its last checkpoint with `metascale run --resume` and ends with the
+same meta-parameters as an uninterrupted run; the resumed job continues the same W&B run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from metascale.cluster import checkpoint
+from test_train import job
+from wandb_records import history, run_files, run_id
+
+
+def _spec_file(tmp_path, name, **kw):
+    settings = {"outer__steps": 8, "eval__every": 0, "checkpoint__every": 2, "cluster__workers": 1,
+                "logging__wandb": {"mode": "offline", "dir": str(tmp_path / name / "wb")}, **kw}
+    spec = job(tmp_path / name, **settings)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    return spec, path
+
+
+def _run(path, *extra):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "metascale", "run", str(path), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the coordinator, then the Ray processes it started (ours, by pid), so nothing outlives the test."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=30)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    clean_spec, clean_path = _spec_file(tmp_path, "clean")
+    assert _run(clean_path).wait(timeout=600) == 0
+    reference = checkpoint.load_latest(clean_spec.path(clean_spec.checkpoint.dir))[1]["params"]
+
+    spec, path = _spec_file(tmp_path, "killed")
+    ckpt_dir = spec.path(spec.checkpoint.dir)
+    proc = _run(path)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [s for s in checkpoint.list_steps(ckpt_dir) if s >= 4]:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    _kill_tree(proc)
+    killed_at = checkpoint.list_steps(ckpt_dir)[-1]
+    assert 4 <= killed_at < 8, "the kill must land mid-run"
+
+    first_run = run_id(run_files(tmp_path / "killed" / "wb")[0])
+    resumed = _run(path, "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    got = checkpoint.load_latest(ckpt_dir)[1]
+    assert got["step"] == 8
+    for k in reference:
+        assert torch.equal(reference[k], got["params"][k]), k
+    files = run_files(tmp_path / "killed" / "wb")
+    assert {run_id(f) for f in files} == {first_run}, "the resumed job must continue the same W&B run"
+    steps_logged = {row["_step"] for f in files for row in history(f) if "train/loss" in row}
+    assert set(range(killed_at + 1, 9)) <= steps_logged
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    _, path = _spec_file(tmp_path, "none")
+    proc = _run(path, "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "no readable checkpoint" in out and "Traceback" not in out
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    spec, path = _spec_file(tmp_path, "term", outer__steps=400, checkpoint__every=0)
+    proc = _run(path)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until meta-steps are running
+        line = proc.stdout.readline()
+        if line.startswith("step "):
+            break
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    psutil.wait_procs(children, timeout=60)
+    assert proc.returncode == 0, out
+    steps = checkpoint.list_steps(spec.path(spec.checkpoint.dir))
+    assert len(steps) == 1 and 0 < steps[0] < 400
