@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from metascale.algorithms import anil, maml, metasgd, protonet, reptile  # noqa: F401  (registers them)
+from metascale.algorithms import imaml, learned_hparams, learned_loss, mwn  # noqa: F401,E402  (the survey axes)
 from metascale.algorithms.base import ALGORITHMS, MetaAlgorithm, Params, TaskOutput
 from metascale.config import AlgorithmSpec
 

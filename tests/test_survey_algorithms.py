@@ -1,0 +1,106 @@
+"""The survey's other meta-representations and meta-optimisers against independent computations: iMAML against the
+closed-form implicit gradient, learned hyperparameters and the learned loss against finite differences (float64)."""
+
+from __future__ import annotations
+
+import torch
+
+from metascale.algorithms import build_algorithm
+from metascale.algorithms.executor import meta_gradient
+from metascale.algorithms.imaml import conjugate_gradient
+from metascale.config import AlgorithmSpec, IMAMLSpec, InnerLoopSpec, MLPSpec, SinusoidData, SyntheticImagesData
+from metascale.config import Conv4Spec
+from metascale.data import build_task_source
+from metascale.data.tasks import Task, TaskBatch
+from metascale.models import build_model
+
+
+def _setup(name, model_spec, out, **kw):
+    torch.manual_seed(0)
+    model = build_model(model_spec, out).double()
+    alg = build_algorithm(AlgorithmSpec(name=name, **kw), model)
+    return alg, alg.init(dict(model.named_parameters()))
+
+
+def _fd_rel_error(alg, meta, batch: TaskBatch, names, eps=1e-6):
+    """||autograd - central finite differences|| / ||FD|| over every coordinate of the named meta-parameters."""
+    grads = meta_gradient(alg, meta, batch).grads
+
+    def objective(p):
+        with torch.no_grad():
+            return sum(float(alg.task_objective(p, t).objective) for t in batch.tasks())
+
+    fds, ans = [], []
+    for name in names:
+        for i in range(meta[name].numel()):
+            plus = {k: v.detach().clone() for k, v in meta.items()}
+            minus = {k: v.detach().clone() for k, v in meta.items()}
+            plus[name].view(-1)[i] += eps
+            minus[name].view(-1)[i] -= eps
+            fds.append((objective(plus) - objective(minus)) / (2 * eps))
+            ans.append(float(grads[name].view(-1)[i]))
+    fd, an = torch.tensor(fds), torch.tensor(ans)
+    assert fd.norm() > 1e-4, "the check is only meaningful on a non-trivial gradient"
+    return float((fd - an).norm() / fd.norm())
+
+
+def test_conjugate_gradient_solves_a_spd_system():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a, b = m @ m.T + torch.eye(6, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: {"x": a @ v["x"]}, {"x": b}, steps=6)["x"]
+    assert torch.allclose(x, torch.linalg.solve(a, b), atol=1e-10)
+
+
+def test_imaml_meta_gradient_equals_the_closed_form_implicit_gradient():
+    """Linear regression: L_s is quadratic, so phi*(theta) = (H + reg I)^-1 (reg theta + c) in closed form, and
+    autograd through that solve is the exact implicit meta-gradient iMAML approximates (CG exact in d steps)."""
+    reg = 2.0
+    alg, meta = _setup("imaml", MLPSpec(in_features=3, hidden=[]), 1,
+                       inner=InnerLoopSpec(steps=300, lr=0.1), imaml=IMAMLSpec(reg=reg, cg_steps=4))
+    g = torch.Generator().manual_seed(1)
+    sx, qx = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    task = Task(sx, torch.randn(8, 1, generator=g, dtype=torch.float64), qx,
+                torch.randn(6, 1, generator=g, dtype=torch.float64))
+    got = meta_gradient(alg, meta, TaskBatch.stack([task])).grads
+
+    theta = torch.cat([meta["head.weight"].view(-1), meta["head.bias"]]).detach().requires_grad_(True)
+    xs = torch.cat([sx, torch.ones(8, 1, dtype=torch.float64)], 1)
+    xq = torch.cat([qx, torch.ones(6, 1, dtype=torch.float64)], 1)
+    hess = 2 * xs.T @ xs / 8  # of mean squared error
+    phi = torch.linalg.solve(hess + reg * torch.eye(4, dtype=torch.float64), reg * theta + 2 * xs.T @ task.support_y[:, 0] / 8)
+    query = ((xq @ phi - task.query_y[:, 0]) ** 2).mean()
+    (expected,) = torch.autograd.grad(query, theta)
+    ours = torch.cat([got["head.weight"].view(-1), got["head.bias"]])
+    assert torch.allclose(ours, expected, rtol=1e-7, atol=1e-9), (ours, expected)
+
+
+def test_imaml_runs_on_conv4_and_differs_from_its_first_order_direction():
+    spec = SyntheticImagesData(ways=3, shots=1, queries=2, image_size=28, classes=20)
+    batch = build_task_source(spec, "train", 0).batch(0, range(2)).to("cpu", torch.float64)
+    alg, meta = _setup("imaml", Conv4Spec(hidden=8), 3, inner=InnerLoopSpec(steps=3, lr=0.1))
+    full = meta_gradient(alg, meta, batch).grads
+    alg1, _ = _setup("imaml", Conv4Spec(hidden=8), 3, inner=InnerLoopSpec(steps=3, lr=0.1), imaml=IMAMLSpec(cg_steps=1))
+    first = meta_gradient(alg1, meta, batch).grads  # one CG step from 0 is a scaled query gradient
+    assert all(torch.isfinite(g).all() for g in full.values())
+    assert any(not torch.allclose(full[k], first[k]) for k in full)
+
+
+def test_learned_learning_rates_and_decays_hypergradients_match_finite_differences(float64):
+    batch = build_task_source(SinusoidData(), "train", 0).batch(0, range(3)).to("cpu", torch.float64)
+    alg, meta = _setup("learned_hparams", MLPSpec(hidden=[8, 8]), 1, inner=InnerLoopSpec(steps=3, lr=0.02))
+    meta = {k: (v + 0.01 if k.startswith("hparams.wd.") else v) for k, v in meta.items()}  # a non-zero decay
+    hparams = [k for k in meta if k.startswith("hparams.")]
+    assert len(hparams) == 6  # lr and wd for each of the 3 layers
+    assert _fd_rel_error(alg, meta, batch, hparams) < 1e-6
+
+
+def test_learned_loss_starts_as_maml_and_its_meta_gradient_matches_finite_differences(float64):
+    batch = build_task_source(SinusoidData(), "train", 0).batch(0, range(2)).to("cpu", torch.float64)
+    alg, meta = _setup("learned_loss", MLPSpec(hidden=[8]), 1, inner=InnerLoopSpec(steps=2, lr=0.02))
+    maml, _ = _setup("maml", MLPSpec(hidden=[8]), 1, inner=InnerLoopSpec(steps=2, lr=0.02))
+    task = batch[0]
+    weights = alg.model_params(meta)
+    assert torch.allclose(alg.task_objective(meta, task).objective, maml.task_objective(weights, task).objective)
+    meta = {k: (v + 0.05 if k == "loss_net.w2" else v) for k, v in meta.items()}  # away from the zero init
+    assert _fd_rel_error(alg, meta, batch, ["loss_net.w2", "loss_net.b1"]) < 1e-6
