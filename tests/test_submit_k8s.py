@@ -19,7 +19,8 @@ from metascale.config import load_spec, parse_spec
 from metascale.submit.kuberay import KubeRayJobs
 from metascale.submit.package import prepare
 from metascale.submit.rayjob import ClusterShape
-from metascale.submit.targets import ClusterError, K8sTarget
+from metascale.errors import ClusterError
+from metascale.submit.targets import K8sTarget
 
 TOKEN = "s3cret-token-do-not-print"
 NS = "team-a"

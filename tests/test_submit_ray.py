@@ -18,7 +18,8 @@ from test_submit_k8s import cli
 
 from metascale.submit.package import prepare
 from metascale.submit.ray_jobs import RayJobs
-from metascale.submit.targets import ClusterError, RayTarget
+from metascale.errors import ClusterError
+from metascale.submit.targets import RayTarget
 
 VENV_BIN = Path(sys.executable).parent
 SMALL = """name: e2e

@@ -150,7 +150,7 @@ DataSpec = Annotated[
 # ------------------------------------------------------------------------------------------ algorithm
 class InnerLoopSpec(Spec):
     steps: NonNegInt = 1
-    lr: PositiveFloat = 0.4
+    lr: PositiveFloat = 0.01  # the MAML paper's sinusoid value (the default job); Omniglot-style jobs use 0.4
     first_order: bool = False
     # 'steps' recomputes each inner step in the backward pass; 'all' also the query forward (most memory saved).
     checkpoint: Literal["none", "steps", "all"] = "none"
@@ -388,6 +388,8 @@ class JobSpec(Spec):
         if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
             raise ValueError("algorithm 'imaml' needs inner.steps >= 1 and inner.checkpoint 'none' "
                              "(its memory is already independent of the inner steps)")
+        if alg.name in ("mwn", "erm", "imaml") and self.executor.strategy == "vmap":
+            raise ValueError(f"algorithm '{alg.name}' runs per task (executor.strategy 'per_task' or 'auto'), not vmap")
         if self.outer.estimator == "es" and alg.name in ("mwn", "erm"):
             raise ValueError(f"outer.estimator 'es' needs a few-shot task stream, not algorithm '{alg.name}'")
         if self.outer.estimator == "es" and self.outer.es.objective == "error" and isinstance(self.data, SinusoidData):

@@ -29,3 +29,9 @@ class DataError(MetascaleError):
 
 class CheckpointError(MetascaleError):
     exit_code = 2
+
+
+class ClusterError(MetascaleError):
+    """A cluster refused a request, could not be reached, or could not place the job: one actionable line."""
+
+    exit_code = 1

@@ -46,12 +46,12 @@ class Monitor:
         """`step` is the meta-step just finished (1-based count of steps done)."""
         if self.run:
             self.run.log(metrics, step=step)
-        shown = {k: v for k, v in metrics.items() if k in ("train/loss", "train/accuracy", "episodes_per_s")}
+        shown = {k: v for k, v in metrics.items() if k in ("train/loss", "train/accuracy", "eval/accuracy", "episodes_per_s")}
         if not self.bar.disable:
-            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self.bar.set_postfix({k.replace("train/", ""): f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self.bar.update(step - self.bar.n)
         elif step % self.every == 0 or step == self.spec.outer.steps:
-            body = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in shown.items())
+            body = " ".join(f"{k.replace('train/', '')} {v:.4g}" for k, v in shown.items())
             print(f"step {step}/{self.spec.outer.steps} {body}", flush=True)
 
     def summary(self, metrics: dict[str, Any]) -> None:

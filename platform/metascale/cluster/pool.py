@@ -15,13 +15,9 @@ from typing import Any, Sequence
 
 from metascale.cluster.worker import ALLOCATOR_ENV, MetaWorker
 from metascale.config import JobSpec
-from metascale.errors import MetascaleError
+from metascale.errors import ClusterError
 
 log = logging.getLogger(__name__)
-
-
-class ClusterError(MetascaleError):
-    exit_code = 1
 
 
 class InlinePool:

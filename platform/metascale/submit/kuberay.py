@@ -17,7 +17,8 @@ from typing import Any
 from metascale.submit.backend import TERMINAL, JobInfo
 from metascale.submit.package import PreparedJob
 from metascale.submit.rayjob import GROUP, MANAGED_BY, PLURAL, VERSION, ClusterShape, rayjob, spec_configmap
-from metascale.submit.targets import ClusterError, K8sTarget, check_job_id
+from metascale.errors import ClusterError
+from metascale.submit.targets import K8sTarget, check_job_id
 
 TIMEOUT = 30  # seconds per API request
 

@@ -18,7 +18,8 @@ import requests
 
 from metascale.submit.backend import JobInfo
 from metascale.submit.package import SPEC_FILE, PreparedJob
-from metascale.submit.targets import ClusterError, RayTarget, check_job_id
+from metascale.errors import ClusterError
+from metascale.submit.targets import RayTarget, check_job_id
 
 SUBMITTER = "metascale"  # metadata marking the jobs `metascale list` shows
 

@@ -19,10 +19,6 @@ _JOB_ID = re.compile(r"^[a-z]([-a-z0-9]{0,45}[a-z0-9])?$")
 MAX_JOB_ID = 47
 
 
-class ClusterError(MetascaleError):
-    """The cluster refused a request or could not be reached; the message is one line the user can act on."""
-
-    exit_code = 1
 
 
 class TargetError(MetascaleError):
