@@ -388,7 +388,7 @@ class JobSpec(Spec):
         if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
             raise ValueError("algorithm 'imaml' needs inner.steps >= 1 and inner.checkpoint 'none' "
                              "(its memory is already independent of the inner steps)")
-        if alg.name in ("mwn", "erm", "imaml") and self.executor.strategy == "vmap":
+        if alg.name in ("mwn", "erm") and self.executor.strategy == "vmap":
             raise ValueError(f"algorithm '{alg.name}' runs per task (executor.strategy 'per_task' or 'auto'), not vmap")
         if self.outer.estimator == "es" and alg.name in ("mwn", "erm"):
             raise ValueError(f"outer.estimator 'es' needs a few-shot task stream, not algorithm '{alg.name}'")

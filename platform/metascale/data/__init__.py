@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from metascale.config import DataSpec, GlyphsData, ShardsData, SinusoidData, SyntheticImagesData
+from metascale.config import DataSpec, GlyphsData, NoisyLabelsData, ShardsData, SinusoidData, SyntheticImagesData
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
 
 
@@ -23,6 +23,10 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         from metascale.data.episodes import ShardTasks
 
         return ShardTasks(spec, split, seed, spec.url, spec.on_bad_sample)
+    if isinstance(spec, NoisyLabelsData):  # one many-shot task (Meta-Weight-Net's setting)
+        from metascale.data.noisy_labels import NoisyLabelTasks
+
+        return NoisyLabelTasks(spec, split, seed)
     raise NotImplementedError(f"data source '{spec.source}'")
 
 
