@@ -17,3 +17,11 @@ def emit(result: dict) -> None:
 from metascale.bench.data import data as _data  # noqa: E402 (after emit, which it imports)
 
 bench_app.command(name="data")(_data)
+
+
+@bench_app.command(name="es")
+def es(pairs_per_worker: int = typer.Option(4, min=1, help="Antithetic pairs one ES worker scores per step.")) -> None:
+    """Bytes an ES worker sends per step (10M-parameter model) vs backprop; iMAML peak memory at 20 vs 5 steps."""
+    from metascale.bench.es import run
+
+    emit(run(pairs_per_worker))
