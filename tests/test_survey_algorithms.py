@@ -57,7 +57,7 @@ def test_imaml_meta_gradient_equals_the_closed_form_implicit_gradient():
     autograd through that solve is the exact implicit meta-gradient iMAML approximates (CG exact in d steps)."""
     reg = 2.0
     alg, meta = _setup("imaml", MLPSpec(in_features=3, hidden=[]), 1,
-                       inner=InnerLoopSpec(steps=300, lr=0.1), imaml=IMAMLSpec(reg=reg, cg_steps=4))
+                       inner=InnerLoopSpec(steps=150, lr=0.1), imaml=IMAMLSpec(reg=reg, cg_steps=4))
     g = torch.Generator().manual_seed(1)
     sx, qx = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
     task = Task(sx, torch.randn(8, 1, generator=g, dtype=torch.float64), qx,
