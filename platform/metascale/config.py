@@ -394,6 +394,9 @@ class JobSpec(Spec):
             raise ValueError(f"outer.estimator 'es' needs a few-shot task stream, not algorithm '{alg.name}'")
         if self.outer.estimator == "es" and self.outer.es.objective == "error" and isinstance(self.data, SinusoidData):
             raise ValueError("outer.es.objective 'error' needs classification data (sinusoid has no accuracy)")
+        if self.cluster.aggregation == "allreduce" and self.outer.estimator != "backprop":
+            raise ValueError(f"cluster.aggregation 'allreduce' sums meta-gradients (outer.estimator 'backprop'), "
+                             f"not outer.estimator '{self.outer.estimator}'; use aggregation: coordinator")
         if self.outer.estimator == "ftml" and single_task:
             raise ValueError("outer.estimator 'ftml' streams few-shot tasks; data.source 'noisy_labels' is one task")
 

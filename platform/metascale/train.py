@@ -13,7 +13,7 @@ from typing import Any
 
 from metascale.cluster import checkpoint
 from metascale.cluster.coordinator import Coordinator
-from metascale.cluster.estimators import ESTIMATORS
+from metascale.cluster.estimators import pick as pick_estimator
 from metascale.cluster.pool import build_pool, split_slots
 from metascale.config import JobSpec, dump_spec
 from metascale.errors import CheckpointError
@@ -43,7 +43,7 @@ def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
     pool = build_pool(spec)
     monitor = Monitor(spec, run_id, coord.step)
     groups = split_slots(spec.outer.meta_batch, pool.size)
-    estimate = ESTIMATORS[spec.outer.estimator]
+    estimate = pick_estimator(spec)
     stop = _Stop()
     evals: dict[str, float] = {}
 

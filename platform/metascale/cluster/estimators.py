@@ -8,12 +8,14 @@ estimators): each estimator maps (pool, slot groups, step, published params) to 
       step-0 slots in order; task t arrives at meta-step t, is scored with the current meta-parameters before any
       update on it (the online metric), joins the buffer, and the step's meta-gradient is taken over it plus tasks
       drawn from the earlier buffer.
-All three are pure functions of (seed, step, slot), so a group lost with its worker is recomputed bit for bit.
+With `cluster.aggregation: allreduce`, 'backprop' runs as `allreduce`: the workers sum among themselves.
+All are pure functions of (seed, step, slot), so a group lost with its worker is recomputed bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 from metascale.algorithms import es as es_math
 from metascale.cluster.coordinator import StepResult, aggregate
 from metascale.cluster.pool import split_slots
+from metascale.config import JobSpec
 from metascale.errors import MetascaleError
 
 Estimator = Callable[[Any, Sequence[Sequence[int]], int, Any], StepResult]
@@ -29,6 +32,18 @@ Estimator = Callable[[Any, Sequence[Sequence[int]], int, Any], StepResult]
 
 def backprop(pool: Any, groups: Sequence[Sequence[int]], step: int, params_ref: Any) -> StepResult:
     return aggregate(pool.map("compute", groups, step, params_ref))
+
+
+def allreduce(pool: Any, groups: Sequence[Sequence[int]], step: int, params_ref: Any) -> StepResult:
+    """'backprop' with `cluster.aggregation: allreduce`: the workers sum among themselves (cluster/allreduce.py) and
+    the coordinator receives rank 0's reduced sum; one in-driver worker has nothing to reduce."""
+    from metascale.cluster.allreduce import AllReduce
+
+    if not hasattr(pool, "actors"):
+        return backprop(pool, groups, step, params_ref)
+    if pool not in _GROUPS:
+        _GROUPS[pool] = AllReduce()
+    return aggregate(_GROUPS[pool].step(pool, groups, step, params_ref))
 
 
 def es(pool: Any, groups: Sequence[Sequence[int]], step: int, params_ref: Any) -> StepResult:
@@ -74,3 +89,11 @@ def _local(pool: Any, params_ref: Any) -> dict[str, torch.Tensor]:
 
 
 ESTIMATORS: dict[str, Estimator] = {"backprop": backprop, "es": es, "ftml": ftml}
+_GROUPS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # a pool's all-reduce group
+
+
+def pick(spec: JobSpec) -> Estimator:
+    """The job's estimator; 'backprop' aggregates by all-reduce when `cluster.aggregation` says so."""
+    if spec.cluster.aggregation == "allreduce":
+        return allreduce
+    return ESTIMATORS[spec.outer.estimator]

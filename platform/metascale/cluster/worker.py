@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from metascale.algorithms import build_algorithm
+from metascale.algorithms.base import Params
 from metascale.algorithms.executor import meta_gradient, resolve_strategy
+from metascale.cluster import allreduce
 from metascale.config import JobSpec
 from metascale.data import build_task_source, output_dim
 from metascale.data.tasks import Split, TaskSource
@@ -65,13 +67,16 @@ class MetaWorker:
 
     def compute(self, step: int, slots: Sequence[int], params: NumpyParams) -> dict[str, Any]:
         """The summed meta-gradient of this step's `slots`, with timing for straggler and data-wait reports."""
+        out, grads = self._compute(step, slots, params)
+        return {**out, "grads": to_numpy(grads)}
+
+    def _compute(self, step: int, slots: Sequence[int], params: NumpyParams) -> tuple[dict[str, Any], Params]:
         t0 = time.perf_counter()
         batch = self.source("train").batch(step, slots).to(self.device, self.dtype)
         t1 = time.perf_counter()
         mg = meta_gradient(self.alg, self._params(params), batch, self.strategy, slots)
         t2 = time.perf_counter()
         return {
-            "grads": to_numpy(mg.grads),
             "tasks": mg.tasks,
             "metrics": mg.metrics,
             "nonfinite_slots": mg.nonfinite_slots,
@@ -79,7 +84,17 @@ class MetaWorker:
             "host": f"{socket.gethostname()}:{os.getpid()}",
             "data_s": t1 - t0,
             "compute_s": t2 - t1,
-        }
+        }, mg.grads
+
+    # All-reduce aggregation (cluster/allreduce.py): the process group lives in this worker's process.
+    def group_endpoint(self, loopback: bool) -> tuple[str, int]:
+        return allreduce.endpoint(loopback)
+
+    def group_join(self, address: str, port: int, rank: int, world: int) -> None:
+        allreduce.join(address, port, rank, world, self.device)
+
+    def compute_reduced(self, step: int, slots: Sequence[int], params: NumpyParams) -> dict[str, Any]:
+        return allreduce.reduced_compute(*self._compute(step, slots, params))
 
     def fitness(self, step: int, pairs: Sequence[int], params: NumpyParams) -> dict[str, Any]:
         """ES: the fitness of theta +/- sigma * eps_pair for each pair, on the step's `outer.es.tasks` tasks. The noise
