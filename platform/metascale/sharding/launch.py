@@ -33,7 +33,13 @@ def free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, conn: Connection, env: dict[str, str], threads: int) -> None:
     os.environ.update(env)
+    import logging
+    import warnings
+
     import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's gloo calls
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     torch.set_num_threads(threads)
     from metascale.sharding.engine import init_process_group
