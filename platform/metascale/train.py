@@ -36,6 +36,10 @@ class _Stop:
 
 
 def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
+    if spec.sharding.engine == "deepspeed":  # a rank group owns the meta-parameters (docs/sharding.md)
+        from metascale.sharding.run import train_sharded
+
+        return train_sharded(spec, resume)
     coord = Coordinator(spec)
     ckpt_dir = spec.path(spec.checkpoint.dir)
     run_id = _restore(coord, ckpt_dir, resume)

@@ -97,7 +97,9 @@ class ShardedSecondOrder:
         return [everyone[i % self.world][i // self.world] for i in range(len(tasks))]
 
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("checkpoints of second-order sharded runs use DeepSpeed's own format (run.py)")
+        """The meta-parameters (whole: stages 0-2 replicate them). The ZeRO-partitioned meta-optimiser state is not
+        in it, so a second-order sharded run cannot be resumed (run.py refuses --resume)."""
+        return {"params": {k: v.detach().clone() for k, v in self.params().items()}}
 
 
 def _cast(task: Task, dtype: torch.dtype) -> Task:

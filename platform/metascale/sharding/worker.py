@@ -65,3 +65,26 @@ def step(step: int, slots: Sequence[int]) -> dict[str, Any]:
 
 def evaluate(split: Split, slots: Sequence[int], steps: int | None) -> list[dict[str, float]]:
     return RANK_STATE["learner"].evaluate(_tasks(split, 0, slots), steps)
+
+
+def _rank_dir(directory: str) -> str:
+    return f"{directory.rstrip('/')}/rank-{RANK_STATE['rank']}-of-{RANK_STATE['world']}"
+
+
+def save(directory: str, step: int, keep: int) -> str:
+    """Each rank writes its own shard (atomic, checksummed: cluster/checkpoint.py); nothing is gathered."""
+    from metascale.cluster import checkpoint
+
+    state = {"step": step, **RANK_STATE["learner"].state_dict()}
+    return checkpoint.save(_rank_dir(directory), step, state, keep)
+
+
+def load(directory: str) -> int | None:
+    """Loads this rank's newest good shard; the driver checks that every rank found the same step."""
+    from metascale.cluster import checkpoint
+
+    found = checkpoint.load_latest(_rank_dir(directory))
+    if found is None:
+        return None
+    RANK_STATE["learner"].load_state_dict(found[1])
+    return found[0]
