@@ -65,7 +65,7 @@ class RayPool:
             else:
                 ray.init(address=c.address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
         bundle = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
-        self.pg = placement_group([bundle] * c.workers, strategy="PACK")
+        self.pg = placement_group([bundle] * c.workers, strategy="PACK", name=f"metascale-{spec.name}-{os.getpid()}")
         ready, _ = ray.wait([self.pg.ready()], timeout=120)
         if not ready:
             raise ClusterError(

@@ -135,3 +135,9 @@ class MetaWorker:
 
     def ping(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
+
+    def node(self) -> str:
+        """The Ray node this worker runs on (placement checks, straggler reports)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
