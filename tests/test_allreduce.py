@@ -65,9 +65,11 @@ def test_reduced_meta_gradient_equals_coordinator_aggregation(local_ray, tmp_pat
         assert torch.allclose(reduced.grads[k], g, rtol=0, atol=1e-10), k
 
 
-def test_allreduce_needs_the_backprop_estimator(tmp_path):
+def test_allreduce_needs_backprop_and_replicated_workers(tmp_path):
     with pytest.raises(SpecError, match="aggregation 'allreduce'"):
         job(tmp_path, cluster__aggregation="allreduce", outer__estimator="es")
+    with pytest.raises(SpecError, match="rank group already reduces"):
+        job(tmp_path, cluster__aggregation="allreduce", sharding__engine="deepspeed")
 
 
 def test_killed_worker_falls_back_and_ends_with_the_fault_free_parameters(local_ray, tmp_path, caplog):

@@ -397,6 +397,9 @@ class JobSpec(Spec):
         if self.cluster.aggregation == "allreduce" and self.outer.estimator != "backprop":
             raise ValueError(f"cluster.aggregation 'allreduce' sums meta-gradients (outer.estimator 'backprop'), "
                              f"not outer.estimator '{self.outer.estimator}'; use aggregation: coordinator")
+        if self.cluster.aggregation == "allreduce" and self.sharding.engine != "none":
+            raise ValueError("cluster.aggregation 'allreduce' is for replicated workers; with sharding.engine "
+                             "deepspeed the rank group already reduces (docs/sharding.md); use aggregation: coordinator")
         if self.outer.estimator == "ftml" and single_task:
             raise ValueError("outer.estimator 'ftml' streams few-shot tasks; data.source 'noisy_labels' is one task")
 

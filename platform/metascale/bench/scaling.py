@@ -60,9 +60,12 @@ class Setup:
         self.pool = RayPool(self.spec)
         self.groups = split_slots(self.spec.outer.meta_batch, workers)
         self.method = "compute"
+        self.form_s = 0.0
         if aggregation == "allreduce" and workers > 1:
+            t0 = time.perf_counter()
             if not AllReduce()._form(self.pool, workers):
                 raise RuntimeError("could not form the all-reduce group")
+            self.form_s = time.perf_counter() - t0  # what a re-formed group costs after a fault
             self.method = "compute_reduced"
         self.params = sum(p.numel() for p in self.coord.params.values())
         self.best: dict[str, float] | None = None
@@ -83,13 +86,15 @@ class Setup:
         results = ray.get(refs)
         t3 = time.perf_counter()
         worker_s = max(r["data_s"] + r["compute_s"] for r in results)
+        # the collective itself: the rank that arrives last waits for nobody
+        reduce_s = min((r["reduce_s"] for r in results if "reduce_s" in r), default=0.0)
         result = aggregate(results)
         t4 = time.perf_counter()
         self.coord.apply(result)
         t5 = time.perf_counter()
         del ref, refs, results
         timing = {"put": t1 - t0, "wait": t2 - t1, "gather": t3 - t2, "aggregate": t4 - t3, "optimizer": t5 - t4,
-                  "step": t5 - t0, "worker": worker_s}
+                  "step": t5 - t0, "worker": worker_s, "allreduce": reduce_s}
         if record and (self.best is None or timing["step"] < self.best["step"]):
             self.best = timing
 
@@ -103,6 +108,7 @@ class Setup:
             "coordinator_fraction": round(coordinator / b["step"], 4),
             "overhead_fraction": round(max(0.0, 1 - b["worker"] / b["step"]), 4),
             **{f"{k}_s": round(b[k], 4) for k in ("put", "wait", "gather", "aggregate", "optimizer", "worker")},
+            **({"allreduce_s": round(b["allreduce"], 4), "form_group_s": round(self.form_s, 3)} if b["allreduce"] else {}),
         }
 
     def close(self) -> None:
@@ -135,6 +141,7 @@ def run(sizes: list[str], tasks_per_worker: int = 8, steps: int = 3) -> dict[str
             one = rows["1w"]["tasks_per_s"]
             out[name] = {
                 "params": setups["1w"].params,
+                "bytes": setups["1w"].params * 4,
                 "weak_scaling_efficiency": round(rows["2w"]["tasks_per_s"] / (2 * one), 3),
                 "weak_scaling_efficiency_allreduce": round(rows["2w_allreduce"]["tasks_per_s"] / (2 * one), 3),
                 # the machine's own ceiling: a worker's inner-loop seconds alone / with a second worker beside it
