@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from metascale.config import ResNet12Spec
 from metascale.models.norm import TaskBatchNorm
@@ -31,7 +32,11 @@ class ResNet12(nn.Module):
         self.stages = nn.Sequential(*(ResidualStage(a, b) for a, b in zip(widths, widths[1:])))
         self.feature_dim = widths[-1]
         self.head = nn.Linear(self.feature_dim, out_features)
+        self.checkpoint_blocks = False  # activation checkpointing per residual stage (set by the sharded runtime)
 
     def forward(self, x: Tensor, embed: bool = False) -> Tensor:
-        h = self.stages(x).mean(dim=(2, 3))
+        h = x
+        for stage in self.stages:
+            h = checkpoint(stage, h, use_reentrant=False) if self.checkpoint_blocks else stage(h)
+        h = h.mean(dim=(2, 3))
         return h if embed else self.head(h)

@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 from metascale.cluster import checkpoint
-from metascale.cluster.pool import split_slots
 from metascale.cluster.worker import ALLOCATOR_ENV
 from metascale.config import SECOND_ORDER, JobSpec
 from metascale.errors import CheckpointError
