@@ -13,9 +13,6 @@ import time
 
 import numpy as np
 import torch
-import typer
-
-STEP_SECONDS = 2.5  # one MAML Conv-4 meta-step (meta-batch 32, 1 inner step) on this 2-core CPU (FIELD-NOTES)
 
 
 class PerImageTaskSampler:
@@ -55,15 +52,24 @@ def tune_malloc() -> bool:
     return all(libc.mallopt(opt, val) == 1 for opt, val in ((m_mmap, 32 << 20), (m_trim, 1 << 30), (m_top_pad, 256 << 20)))
 
 
-def data(
-    root: str = typer.Option("data/glyphs", help="Where the glyph set is (or gets) prepared."),
-    episodes: int = typer.Option(6400, min=64, help="Episodes to draw from shards (per measurement)."),
-    meta_batch: int = typer.Option(32, min=1, help="Episodes per meta-batch (one loader item)."),
-    workers: int = typer.Option(2, min=0, help="Loader worker processes."),
-    classes: int = typer.Option(1623, min=20, help="Glyph classes (the set the README's job uses)."),
-) -> None:
+def maml_step_seconds(batch) -> float:
+    """One second-order MAML Conv-4 meta-step (1 inner step) on `batch`, 1 thread: what training consumes."""
+    from metascale.algorithms import build_algorithm
+    from metascale.algorithms.executor import meta_gradient
+    from metascale.config import AlgorithmSpec, Conv4Spec, InnerLoopSpec
+    from metascale.models import build_model
+
+    model = build_model(Conv4Spec(), 5)
+    alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=1, lr=0.4)), model)
+    meta = alg.init(dict(model.named_parameters()))
+    meta_gradient(alg, meta, batch)  # warm-up
+    t0 = time.perf_counter()
+    meta_gradient(alg, meta, batch)
+    return time.perf_counter() - t0
+
+
+def run(root: str, episodes: int, meta_batch: int, workers: int, classes: int) -> dict:
     """Episodes/s from task shards vs a per-image in-memory sampler (5-way 1-shot 15-query, 28x28)."""
-    from metascale.bench.cli import emit
     from metascale.config import GlyphsData
     from metascale.data.episodes import ShardTasks
     from metascale.data.glyphs import GlyphSetSpec, prepare_glyphs
@@ -102,14 +108,16 @@ def data(
         baseline.sample(5, 1, 15)
     base = (n // 4) / (time.perf_counter() - t0)
 
-    consumed = meta_batch / STEP_SECONDS
-    emit({
+    step_s = maml_step_seconds(source.batch(0, range(32)))
+    consumed = 32 / step_s
+    return {
         "bench": "data", "episodes_per_s": round(ours, 1), "episodes_per_s_cold": round(ours_cold, 1), "baseline_episodes_per_s": round(base, 1),
         "ratio_vs_baseline": round(ours / base, 2), "loader_workers": workers,
         "episodes_per_s_in_process_warm": round(ours_in_process, 1),
         "ratio_in_process_warm_vs_baseline": round(ours_in_process / base, 2),
-        "meta_step_consumes_episodes_per_s": round(consumed, 1), "ratio_vs_meta_step": round(ours / consumed, 1),
+        "maml_meta_step_s": round(step_s, 3), "meta_step_consumes_episodes_per_s": round(consumed, 1),
+        "ratio_vs_meta_step": round(ours / consumed, 1),
         "episodes": n, "cache_load_s": round(load_s, 3), "workers_ready_s": round(warm_workers_s, 2), "prepare_glyphs_s": round(prepare_s, 2),
         "train_classes": len(store.offsets), "train_images": int(store.images.shape[0]),
         "episode": "5-way 1-shot 15-query 28x28", "malloc_tuned": tuned,
-    })
+    }

@@ -2,16 +2,18 @@
 
 The baseline follows learn2learn's MAML (`clone_module` + `update_module`): per task it clones the module (a new
 module graph whose parameters are differentiable copies), adapts it with `autograd.grad(create_graph=True)`, and
-back-propagates the query loss into the original parameters. Same model, data, thread count and meta-batch.
-Memory is the peak RSS growth of a fresh child process per measurement (one process per configuration, so the
-allocator's high-water marks do not leak from one run into the next).
+back-propagates the query loss into the original parameters. Two comparisons, same model, data and meta-batch:
+- one thread each, in one process: the executor's per-task path vs the baseline (the same arithmetic, so this
+  shows what metascale's machinery costs; the gradients are compared too);
+- the same thread budget each (`throughput_ratio_vs_baseline`): metascale's whole meta-step as N Ray workers of
+  one thread (publish, fan out, aggregate) vs the baseline with N torch threads, the way each is meant to use a
+  machine (FIELD-NOTES: intra-op threads on small convolutions scale poorly and oversubscribe).
+Memory: what one task's meta-gradient adds to the peak resident set, in a fresh process each (bench/peak.py).
 """
 
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
-import resource
 import time
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
+from metascale.bench.peak import added_bytes, in_fresh_process, settle
 from metascale.config import AlgorithmSpec, Conv4Spec, InnerLoopSpec, SyntheticImagesData
 from metascale.data import build_task_source
 from metascale.data.tasks import TaskBatch
@@ -61,67 +64,109 @@ def baseline_step(model: nn.Module, batch: TaskBatch, steps: int, lr: float) -> 
         (F.cross_entropy(learner(task.query_x), task.query_y) / len(batch)).backward()
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _best_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` seconds per function, alternating them so that load on a shared machine hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {k: float("inf") for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
-def measure_throughput(meta_batch: int, steps: int, repeats: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
+def _maml(steps: int, checkpoint: str = "none"):
+    model = build_model(Conv4Spec(), 5)
+    alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=steps, lr=0.4, checkpoint=checkpoint)), model)
+    return model, alg, alg.init(dict(model.named_parameters()))
+
+
+def single_thread(meta_batch: int, steps: int, repeats: int) -> dict:
+    """The executor alone vs the baseline, both in this process on one thread: the same computation."""
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     batch = _tasks(5, 1, 15, meta_batch)
-    model = build_model(Conv4Spec(), 5)
-    alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=steps, lr=0.4)), model)
-    meta = alg.init(dict(model.named_parameters()))
-    ours = _time(lambda: meta_gradient(alg, meta, batch, "per_task"), repeats)
-    base = _time(lambda: baseline_step(model, batch, steps, 0.4), repeats)
-    # The same numbers: the two meta-gradients agree (a benchmark of a wrong computation is worthless).
+    model, alg, meta = _maml(steps)
+    best = _best_interleaved({
+        "ours": lambda: meta_gradient(alg, meta, batch, "per_task"),
+        "base": lambda: baseline_step(model, batch, steps, 0.4),
+    }, repeats)
+    # The same numbers: a benchmark of a different computation would be worthless.
     mg = meta_gradient(alg, meta, batch, "per_task")
     baseline_step(model, batch, steps, 0.4)
     err = max(float((mg.grads[k] / meta_batch - p.grad).abs().max()) for k, p in model.named_parameters())
-    return {"metascale_s_per_step": ours, "baseline_s_per_step": base, "max_abs_grad_diff": err}
+    return {"s_per_step_1_thread": best["ours"], "baseline_s_per_step_1_thread": best["base"],
+            "ratio_1_thread": best["base"] / best["ours"], "max_abs_grad_diff": err}
 
 
-def _peak_child(checkpoint: str, steps: int, meta_batch: int, queue) -> None:
-    torch.set_num_threads(1)
+def thread_budget(meta_batch: int, steps: int, repeats: int, threads: int) -> dict:
+    """Whole meta-steps with `threads` hardware threads each way: metascale as `threads` Ray workers of one thread
+    (publish params, fan out, aggregate), the baseline as one process with `threads` torch threads."""
+    from metascale.cluster.coordinator import Coordinator
+    from metascale.cluster.estimators import backprop
+    from metascale.cluster.pool import RayPool, split_slots
+    from metascale.config import parse_spec
+
+    spec = parse_spec({
+        "name": "bench-inner-loop", "model": {"name": "conv4"},
+        "data": {"source": "synthetic", "ways": 5, "shots": 1, "queries": 15},
+        "algorithm": {"name": "maml", "inner": {"steps": steps, "lr": 0.4}},
+        "outer": {"meta_batch": meta_batch}, "cluster": {"workers": threads},
+    })
+    coord = Coordinator(spec)
+    pool = RayPool(spec)
+    groups = split_slots(meta_batch, threads)
+    torch.set_num_threads(threads)
+    model, _, _ = _maml(steps)
     batch = _tasks(5, 1, 15, meta_batch)
-    model = build_model(Conv4Spec(), 5)
-    alg = build_algorithm(
-        AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=steps, lr=0.4, checkpoint=checkpoint)), model
-    )
-    meta = alg.init(dict(model.named_parameters()))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        best = _best_interleaved({
+            "ours": lambda: backprop(pool, groups, 0, pool.put(coord.published())),
+            "base": lambda: baseline_step(model, batch, steps, 0.4),
+        }, repeats)
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(1)
+    return {"s_per_step": best["ours"], "baseline_s_per_step": best["base"],
+            "throughput_ratio_vs_baseline": best["base"] / best["ours"]}
+
+
+def task_peak_bytes(checkpoint: str, steps: int, shots: int, queries: int) -> int:
+    """Runs in a fresh process (see peak.py): what one 5-way task's meta-gradient adds at its peak. A first call
+    warms up (one-time allocations: kernel caches, checkpoint bookkeeping) and the second is measured."""
+    torch.set_num_threads(1)
+    batch = _tasks(5, shots, queries, 1)
+    _, alg, meta = _maml(steps, checkpoint)
     meta_gradient(alg, meta, batch, "per_task")
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    base = settle()
+    meta_gradient(alg, meta, batch, "per_task")
+    return added_bytes(base)
 
 
-def peak_bytes(checkpoint: str, steps: int, meta_batch: int) -> int:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(checkpoint, steps, meta_batch, queue))
-    proc.start()
-    value = queue.get(timeout=600)
-    proc.join()
-    return int(value)
+def checkpoint_memory(steps: int, shots: int, queries: int) -> dict:
+    plain, ckpt = (
+        in_fresh_process(f"{__name__}:task_peak_bytes", checkpoint=c, steps=steps, shots=shots, queries=queries)
+        for c in ("none", "all")
+    )
+    return {"peak_bytes_plain": int(plain), "peak_bytes_checkpointed": int(ckpt), "ratio": ckpt / plain}
 
 
-def run(meta_batch: int = 32, steps: int = 1, memory_steps: int = 10, repeats: int = 3, threads: int = 1) -> dict:
-    speed = measure_throughput(meta_batch, steps, repeats, threads)
-    # One task at a time is what a per-task loop keeps alive, so one task's peak is the figure that matters.
-    plain = peak_bytes("none", memory_steps, 1)
-    checkpointed = peak_bytes("all", memory_steps, 1)
+def run(meta_batch: int = 32, steps: int = 1, memory_steps: int = 10, repeats: int = 3, threads: int = 2) -> dict:
+    single = single_thread(meta_batch, steps, repeats)
+    budget = thread_budget(meta_batch, steps, repeats, threads)
+    # A per-task loop keeps one task's graph alive at a time, so one task's peak is the figure that matters. The
+    # query pass is recomputed, not avoided, so the more queries per task, the less checkpointing can save.
+    memory = {f"{shots}shot_{q}query": checkpoint_memory(memory_steps, shots, q) for shots, q in ((1, 15), (1, 1), (5, 5))}
     return {
         "benchmark": "inner-loop",
-        "setup": f"Conv-4 28x28x1, 5-way 1-shot 15 queries, meta-batch {meta_batch}, {steps} inner step(s), "
-        f"second order, {threads} thread(s); memory: {memory_steps} inner steps",
-        **speed,
-        "throughput_ratio_vs_baseline": speed["baseline_s_per_step"] / speed["metascale_s_per_step"],
-        "peak_bytes_plain": plain,
-        "peak_bytes_checkpointed": checkpointed,
-        "checkpoint_memory_ratio": checkpointed / plain,
+        "setup": f"Conv-4 28x28x1, 5-way 1-shot 15 queries, meta-batch {meta_batch}, {steps} inner step(s), second "
+        f"order; thread budget {threads} (metascale: {threads} Ray workers x 1 thread; baseline: {threads} torch "
+        f"threads); memory: one 5-way task, {memory_steps} inner steps, checkpoint 'all' vs 'none'",
+        **single,
+        **budget,
+        "checkpoint_memory": memory,
+        "checkpoint_memory_ratio": memory["1shot_15query"]["ratio"],
+        "checkpoint_memory_ratio_1_query": memory["1shot_1query"]["ratio"],
     }
