@@ -4,19 +4,17 @@ es_bytes_per_worker_step: the pickled size of what one worker returns from a met
 (an MLP 1 -> 3163 -> 3163 -> 1 on sinusoid tasks): `fitness` under ES, against `compute` (the summed meta-gradient)
 under backprop, measured on the same worker in the same run. Pickle protocol 5 is what Ray's serializer produces
 for these plain dicts of floats and numpy arrays (up to framing).
-imaml_memory_ratio: the peak resident memory one iMAML meta-gradient adds (VmHWM minus VmRSS after set-up) at 20
+imaml_memory_ratio: the peak resident memory one iMAML meta-gradient adds (bench/peak.py: after a warm-up call) at 20
 inner steps over that at 5, each in a fresh child process; second-order MAML's ratio is the baseline.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
-import subprocess
-import sys
 import time
 from typing import Any
+
+from metascale.bench.peak import added_bytes, in_fresh_process, settle
 
 WORKLOAD = {  # the memory workload: Conv-4 on 84x84 images, 5-way 1-shot, 5 queries, 2 tasks
     "model": {"name": "conv4", "variant": "miniimagenet", "in_channels": 3, "hidden": 32, "image_size": 84},
@@ -48,13 +46,8 @@ def _bytes(pairs_per_worker: int) -> dict[str, Any]:
     }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peak_child(algorithm: str, steps: int) -> None:
-    """Runs in a fresh process: prints the MiB one meta-gradient adds at its peak over the resident set before it."""
+def peak_child(algorithm: str, steps: int) -> float:
+    """Runs in a fresh process (bench/peak.py): the MiB one meta-gradient adds at its peak, after a warm-up call."""
     import torch
 
     from metascale.algorithms import build_algorithm
@@ -70,17 +63,14 @@ def peak_child(algorithm: str, steps: int) -> None:
     alg = build_algorithm(spec.algorithm, model)
     batch = build_task_source(spec.data, "train", 0).batch(0, range(2))
     params = alg.init(dict(model.named_parameters()))
-    before = _status_kib("VmRSS")
     meta_gradient(alg, params, batch)
-    print(json.dumps({"peak_added_mib": (_status_kib("VmHWM") - before) / 1024}))
+    base = settle()
+    meta_gradient(alg, params, batch)
+    return added_bytes(base) / 2**20
 
 
 def _peak(algorithm: str, steps: int) -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc defaults in the child
-    env["OMP_NUM_THREADS"] = "1"
-    code = f"from metascale.bench.es import peak_child; peak_child({algorithm!r}, {steps})"
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_added_mib"]
+    return in_fresh_process(f"{__name__}:peak_child", algorithm=algorithm, steps=steps)
 
 
 def run(pairs_per_worker: int = 4) -> dict[str, Any]:

@@ -14,13 +14,12 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import time
 from typing import Any
 
 import torch
 
+from metascale.bench.peak import added_bytes, settle
 from metascale.config import JobSpec
 from metascale.models import build_model, count_params
 
@@ -42,34 +41,20 @@ def job(depth: int, sharded: bool, ranks: int = 2, checkpointing: bool = True) -
 
 
 # ------------------------------------------------------------------------------- run inside a rank
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _settle() -> int:
-    """Frees what earlier measurements left, resets the peak-RSS mark, returns the RSS now (KiB)."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS")
-
-
 def measure_sharded(spec_json: dict[str, Any]) -> dict[str, float]:
     from metascale.data import build_task_source
     from metascale.sharding.engine import param_bytes
     from metascale.sharding.launch import RANK_STATE
     from metascale.sharding.worker import build_learner
 
-    base = _settle()
+    base = settle()
     spec = JobSpec.model_validate(spec_json)
     learner = build_learner(spec, RANK_STATE["rank"], RANK_STATE["world"])
     tasks = build_task_source(spec.data, "train", spec.seed).batch(0, [0]).tasks()
     t0 = time.perf_counter()
     learner.meta_step(tasks, [None])
     step_s = time.perf_counter() - t0
-    peak = _status_kib("VmHWM") - base
+    peak = added_bytes(base) / 1024
     meta = list(learner.meta.values())
     state = [t for s in learner.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
     held = param_bytes(learner.engine, extra=meta + state + [p.grad for p in meta if p.grad is not None])
@@ -82,13 +67,13 @@ def measure_unsharded(spec_json: dict[str, Any]) -> dict[str, float]:
     from metascale.cluster.estimators import ESTIMATORS
     from metascale.cluster.pool import InlinePool
 
-    base = _settle()
+    base = settle()
     spec = JobSpec.model_validate(spec_json)
     coord, pool = Coordinator(spec), InlinePool(spec)
     t0 = time.perf_counter()
     coord.apply(ESTIMATORS["backprop"](pool, [[0]], 0, coord.published()))
     step_s = time.perf_counter() - t0
-    peak = _status_kib("VmHWM") - base
+    peak = added_bytes(base) / 1024
     del coord, pool
     return {"peak_mib": peak / 1024, "step_s": step_s}
 
@@ -109,7 +94,7 @@ def _largest(a: float, b: float, budget_mib: float) -> dict[str, Any]:
 
 
 def run(budget_mib: float = 1024.0) -> dict[str, Any]:
-    from metascale.sharding.launch import RankGroup  # glibc's defaults here: _settle needs freed memory returned
+    from metascale.sharding.launch import RankGroup  # glibc's defaults here: settle needs freed memory returned
 
     out: dict[str, Any] = {"bench": "memory", "budget_mib_per_rank": budget_mib, "vit": VIT, "depths": list(DEPTHS),
                            "episode": "5-way 5-shot 15-query, 32x32", "algorithm": "fomaml, 1 inner step",
