@@ -179,3 +179,20 @@ def test_nonfinite_task_is_reported_by_slot_and_left_out(float64):
         clean = meta_gradient(alg, meta, TaskBatch.stack([batch[0], batch[2]]))
         for k in meta:
             assert torch.allclose(mg.grads[k], clean.grads[k], atol=1e-12)
+
+
+def test_bf16_autocast_runs_and_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = build_model(Conv4Spec(hidden=8), 5)
+    batch = _images(2).to("cpu", torch.float32)
+    grads = {}
+    for mode in ("none", "bf16"):
+        alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=2, lr=0.1, autocast=mode)), model)
+        grads[mode] = meta_gradient(alg, alg.init(dict(model.named_parameters())), batch).grads
+    flat = {m: torch.cat([g.flatten() for g in gs.values()]) for m, gs in grads.items()}
+    assert torch.isfinite(flat["bf16"]).all()
+    assert not torch.equal(flat["bf16"], flat["none"]), "autocast must actually compute in bf16"
+    # bf16 keeps 8 mantissa bits: a plain Conv-4 gradient under autocast is ~11% off float32 (norm), the meta-gradient
+    # ~20%; the direction must still agree.
+    cosine = torch.nn.functional.cosine_similarity(flat["bf16"], flat["none"], dim=0)
+    assert cosine > 0.95, cosine
