@@ -12,11 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as recompute
 
-from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
-from metascale.algorithms.inner import gradient_descent
-from metascale.data.tasks import Task
+from metascale.algorithms.base import Params, register
+from metascale.algorithms.maml import MAML
 
 PREFIX = "loss_net."
 
@@ -34,7 +32,7 @@ def loss_net(psi: Params, features: Tensor) -> Tensor:
 
 
 @register
-class LearnedLoss(MetaAlgorithm):
+class LearnedLoss(MAML):
     name = "learned_loss"
 
     def init(self, model_params: Params) -> Params:
@@ -53,25 +51,7 @@ class LearnedLoss(MetaAlgorithm):
     def model_params(self, meta_params: Params) -> Params:
         return {k: v for k, v in meta_params.items() if not k.startswith(PREFIX)}
 
-    def inner_loss(self, psi: Params, out: Tensor, y: Tensor) -> Tensor:
+    def support_loss(self, meta_params: Params, out: Tensor, y: Tensor) -> Tensor:
+        psi = {k: v for k, v in meta_params.items() if k.startswith(PREFIX)}
         losses, target = per_example(out, y)
         return (losses + loss_net(psi, torch.cat([out, target, losses.unsqueeze(-1)], -1))).mean()
-
-    def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
-        inner = self.spec.inner
-        psi = {k: v for k, v in meta_params.items() if k.startswith(PREFIX)}
-        fast = gradient_descent(
-            lambda p: self.inner_loss(psi, self.f(p, task.support_x), task.support_y),
-            self.model_params(meta_params),
-            steps=inner.steps if steps is None else steps,
-            lr=inner.lr,
-            first_order=inner.first_order,
-            checkpoint=inner.checkpoint != "none",
-        )
-
-        def query(p: Params):
-            out = self.f(p, task.query_x)
-            return task_loss(out, task.query_y), out
-
-        loss, out = recompute(query, fast, use_reentrant=False) if inner.checkpoint == "all" else query(fast)
-        return TaskOutput(loss, task_metrics(out, task.query_y, loss))

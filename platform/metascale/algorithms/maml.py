@@ -3,6 +3,7 @@ First-order MAML drops the inner loop's second derivatives (the inner gradients 
 
 from __future__ import annotations
 
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint as recompute
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
@@ -18,11 +19,15 @@ class MAML(MetaAlgorithm):
     def inner_lr(self, meta_params: Params) -> float | Params:
         return self.spec.inner.lr
 
+    def support_loss(self, meta_params: Params, out: Tensor, y: Tensor) -> Tensor:
+        """What the inner loop minimises (the task loss; a learned loss overrides it)."""
+        return task_loss(out, y)
+
     def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
         inner = self.spec.inner
         weights = self.model_params(meta_params)
         fast = gradient_descent(
-            lambda p: task_loss(self.f(p, task.support_x), task.support_y),
+            lambda p: self.support_loss(meta_params, self.f(p, task.support_x), task.support_y),
             weights,
             steps=inner.steps if steps is None else steps,
             lr=self.inner_lr(meta_params),
