@@ -51,9 +51,6 @@ class TaskBatch:
     def tasks(self) -> list[Task]:
         return [self[i] for i in range(len(self))]
 
-    def slice(self, start: int, stop: int) -> "TaskBatch":
-        return TaskBatch(*(getattr(self, f.name)[start:stop] for f in fields(self)))
-
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskBatch":
         return TaskBatch(*(_move(getattr(self, f.name), device, dtype) for f in fields(self)))
 
