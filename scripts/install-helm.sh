@@ -40,4 +40,4 @@ for tool in tools:
     os.replace(dest + ".part", dest)
 PY
 .venv/bin/helm version --short
-.venv/bin/kubectl version --client | head -1
+.venv/bin/kubectl version --client  # no `| head`: under pipefail the early close made this exit 141 at random
