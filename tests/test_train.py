@@ -56,8 +56,9 @@ def final_params(spec):
     return state["params"]
 
 
-def test_aggregated_meta_gradient_equals_single_process(local_ray, tmp_path):
-    spec = job(tmp_path, outer__meta_batch=7, cluster__workers=3)
+@pytest.mark.parametrize("algorithm", ["maml", "learned_hparams"])  # learned_hparams: 0-d meta-parameters
+def test_aggregated_meta_gradient_equals_single_process(local_ray, tmp_path, algorithm):
+    spec = job(tmp_path, outer__meta_batch=7, cluster__workers=3, algorithm__name=algorithm)
     coord = Coordinator(spec)
     pool = RayPool(spec)
     try:
@@ -69,7 +70,7 @@ def test_aggregated_meta_gradient_equals_single_process(local_ray, tmp_path):
     worker = MetaWorker(spec)
     batch = worker.source("train").batch(5, range(7)).to("cpu", torch.float64)
     reference = meta_gradient(worker.alg, coord.params, batch)
-    assert result.tasks == 7
+    assert result.tasks == 7 and result.grads.keys() == reference.grads.keys()
     for k, g in reference.grads.items():
         assert torch.allclose(result.grads[k], g / 7, rtol=0, atol=1e-10), k
 

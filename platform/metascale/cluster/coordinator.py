@@ -54,13 +54,13 @@ def aggregate(results: list[dict[str, Any]]) -> StepResult:
             elif k in owned:
                 np.add(sums[k], g, out=sums[k])
             else:
-                sums[k] = np.add(sums[k], g)
+                sums[k] = np.asarray(np.add(sums[k], g))  # asarray: numpy makes 0-d sums scalars (learned rates)
                 owned.add(k)
         for k, v in r["metrics"].items():
             metrics[k] = metrics.get(k, 0.0) + v
     denom = max(tasks, 1)
     for k, s in sums.items():
-        sums[k] = np.divide(s, denom, out=s if k in owned else None)
+        sums[k] = np.asarray(np.divide(s, denom, out=s if k in owned else None))
     return StepResult(
         grads={k: torch.from_numpy(s) for k, s in sums.items()},
         tasks=tasks,
