@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import leaf_params, meta_gradient
 from metascale.algorithms.protonet import prototype_logits
-from metascale.config import AlgorithmSpec, Conv4Spec, InnerLoopSpec, MLPSpec, SinusoidData, SyntheticImagesData
+from metascale.config import (AlgorithmSpec, Conv4Spec, InnerLoopSpec, MLPSpec, ResNet12Spec, SinusoidData,
+                              SyntheticImagesData, ViTSpec)
 from metascale.data import build_task_source
 from metascale.data.tasks import TaskBatch
 from metascale.models import build_model
@@ -89,6 +90,18 @@ def test_checkpointed_inner_loop_equals_plain(float64, name, mode):
     batch = _images(2)
     a = meta_gradient(plain_alg, meta, batch).grads
     b = meta_gradient(ck_alg, meta, batch).grads
+    for k in meta:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("model_spec", [ViTSpec(dim=16, depth=2, heads=2), ResNet12Spec(in_channels=1, channels=[4, 4])])
+def test_blockwise_query_checkpointing_equals_plain(float64, model_spec):
+    """'all' recomputes the query pass block by block after functional_call has returned: the recomputation must
+    use the adapted weights, not the module's own (which would give a different meta-gradient)."""
+    plain_alg, meta = _setup("maml", model_spec, 5, steps=2, lr=0.1)
+    ck_alg, _ = _setup("maml", model_spec, 5, steps=2, lr=0.1, checkpoint="all")
+    batch = _images(2)
+    a, b = meta_gradient(plain_alg, meta, batch).grads, meta_gradient(ck_alg, meta, batch).grads
     for k in meta:
         assert torch.equal(a[k], b[k]), k
 

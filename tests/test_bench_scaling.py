@@ -23,3 +23,11 @@ def test_unknown_size_is_a_clear_error():
     r = CliRunner().invoke(app, ["bench", "scaling", "--sizes", "0.1M,1G"])
     text = " ".join(r.output.replace("│", " ").split())  # rich wraps the message in a box
     assert r.exit_code == 2 and "unknown size(s) ['1G']" in text and "0.1M, 10M, 100M" in text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("bench", ["inner-loop", "memory"])
+def test_cuda_benchmarks_say_so_where_there_is_no_gpu(bench):
+    r = CliRunner().invoke(app, ["bench", bench, "--device", "cuda"])
+    text = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "no CUDA device is visible" in text

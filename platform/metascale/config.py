@@ -152,7 +152,8 @@ class InnerLoopSpec(Spec):
     steps: NonNegInt = 1
     lr: PositiveFloat = 0.01  # the MAML paper's sinusoid value (the default job); Omniglot-style jobs use 0.4
     first_order: bool = False
-    # 'steps' recomputes each inner step in the backward pass; 'all' also the query forward (most memory saved).
+    # 'steps' recomputes each inner step in the backward pass; 'all' also the query pass, one model block at a time
+    # (models/checkpointing.py: the query forward dominates a task's peak memory).
     checkpoint: Literal["none", "steps", "all"] = "none"
     autocast: Literal["none", "bf16"] = "none"
 

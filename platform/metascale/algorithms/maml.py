@@ -4,11 +4,11 @@ First-order MAML drops the inner loop's second derivatives (the inner gradients 
 from __future__ import annotations
 
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as recompute
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
 from metascale.algorithms.inner import gradient_descent
 from metascale.data.tasks import Task
+from metascale.models.checkpointing import checkpointed_blocks
 
 
 @register
@@ -39,7 +39,8 @@ class MAML(MetaAlgorithm):
             out = self.f(p, task.query_x)
             return task_loss(out, task.query_y), out
 
-        loss, out = recompute(query, fast, use_reentrant=False) if inner.checkpoint == "all" else query(fast)
+        with checkpointed_blocks(inner.checkpoint == "all"):  # the query pass holds one block's activations at a time
+            loss, out = query(fast)
         return TaskOutput(loss, task_metrics(out, task.query_y, loss))
 
 

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 
 import typer
 
 bench_app = typer.Typer(help="Benchmarks: each prints one JSON object as its last line.", no_args_is_help=True)
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _need_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device is visible to torch here", param_hint="--device")
 
 
 def emit(result: dict) -> None:
@@ -20,11 +33,16 @@ def inner_loop(
     repeats: int = typer.Option(3, min=1, help="Timed repeats per configuration (best of, interleaved)."),
     threads: int = typer.Option(2, min=1, help="Thread budget shared by both sides (metascale: that many workers)."),
     memory_steps: int = typer.Option(10, min=1, help="Inner steps for the checkpointing memory comparison."),
+    device: Device = typer.Option(Device.cpu, help="cuda: batched tasks vs the baseline on one GPU."),
 ) -> None:
     """MAML meta-steps/s vs a learn2learn-style per-task baseline; peak memory with vs without checkpointing."""
-    from metascale.bench.inner_loop import run
+    from metascale.bench import inner_loop
 
-    emit(run(meta_batch=meta_batch, repeats=repeats, threads=threads, memory_steps=memory_steps))
+    if device is Device.cuda:
+        _need_cuda()
+        emit(inner_loop.on_gpu(meta_batch, 1, repeats, memory_steps))
+    else:
+        emit(inner_loop.run(meta_batch=meta_batch, repeats=repeats, threads=threads, memory_steps=memory_steps))
 
 
 @bench_app.command(name="data")
@@ -66,8 +84,17 @@ def scaling(
 
 
 @bench_app.command(name="memory")
-def memory(budget_mib: float = typer.Option(1024.0, min=64, help="Per-rank memory budget for the largest ViT.")) -> None:
+def memory(
+    budget_mib: float = typer.Option(1024.0, min=64, help="Per-rank memory budget for the largest ViT (CPU)."),
+    device: Device = typer.Option(Device.cpu, help="cuda: the largest ViT meta-trainable on this one GPU."),
+) -> None:
     """ZeRO-3 per-rank parameter+optimiser memory (2 ranks / 1), and the largest ViT meta-trainable under a budget."""
-    from metascale.bench.memory import run
+    if device is Device.cuda:
+        from metascale.bench.gpu_memory import run as run_gpu
 
-    emit(run(budget_mib))
+        _need_cuda()
+        emit(run_gpu())
+    else:
+        from metascale.bench.memory import run
+
+        emit(run(budget_mib))

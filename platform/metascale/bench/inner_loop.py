@@ -9,6 +9,8 @@ back-propagates the query loss into the original parameters. Two comparisons, sa
   one thread (publish, fan out, aggregate) vs the baseline with N torch threads, the way each is meant to use a
   machine (FIELD-NOTES: intra-op threads on small convolutions scale poorly and oversubscribe).
 Memory: what one task's meta-gradient adds to the peak resident set, in a fresh process each (bench/peak.py).
+On a GPU (`--device cuda`) the comparison is the executor's batched strategy (vmap: all tasks in one graph) against
+the same baseline on the same GPU, and memory is the CUDA allocator's peak.
 """
 
 from __future__ import annotations
@@ -64,21 +66,24 @@ def baseline_step(model: nn.Module, batch: TaskBatch, steps: int, lr: float) -> 
         (F.cross_entropy(learner(task.query_x), task.query_y) / len(batch)).backward()
 
 
-def _best_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` seconds per function, alternating them so that load on a shared machine hits all alike."""
+def _best_interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
+    """Best-of-`repeats` seconds per function, alternating them so that load on a shared machine hits all alike.
+    `sync` waits for queued device work (CUDA runs asynchronously: a host clock alone would time the launches)."""
     for fn in fns.values():
         fn()  # warm-up
+    sync()
     best = {k: float("inf") for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            sync()
             best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
-def _maml(steps: int, checkpoint: str = "none"):
-    model = build_model(Conv4Spec(), 5)
+def _maml(steps: int, checkpoint: str = "none", device: str = "cpu", dtype: torch.dtype = torch.float32):
+    model = build_model(Conv4Spec(), 5).to(device, dtype)
     alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=steps, lr=0.4, checkpoint=checkpoint)), model)
     return model, alg, alg.init(dict(model.named_parameters()))
 
@@ -151,6 +156,54 @@ def checkpoint_memory(steps: int, shots: int, queries: int) -> dict:
         for c in ("none", "all")
     )
     return {"peak_bytes_plain": int(plain), "peak_bytes_checkpointed": int(ckpt), "ratio": ckpt / plain}
+
+
+def on_gpu(meta_batch: int, steps: int, repeats: int, memory_steps: int) -> dict:
+    """Same meta-step on one GPU: the executor's vmap (tasks batched into one graph) and per-task paths vs the baseline;
+    checkpointing's memory from the allocator's peak (`max_memory_allocated`) over what was allocated before."""
+    dev = "cuda"
+    torch.manual_seed(0)
+    batch = _tasks(5, 1, 15, meta_batch).to(dev)
+    model, alg, meta = _maml(steps, device=dev)
+    best = _best_interleaved({
+        "vmap": lambda: meta_gradient(alg, meta, batch, "vmap"),
+        "per_task": lambda: meta_gradient(alg, meta, batch, "per_task"),
+        "base": lambda: baseline_step(model, batch, steps, 0.4),
+    }, repeats, torch.cuda.synchronize)
+    # The same numbers, checked in float64 (float32 convolutions on a GPU may use TF32 and differ by ~1e-3).
+    model, alg, meta = _maml(steps, device=dev, dtype=torch.float64)
+    mg = meta_gradient(alg, meta, batch.to(dev, torch.float64), "vmap")
+    baseline_step(model, batch.to(dev, torch.float64), steps, 0.4)
+    err = max(float((mg.grads[k] / meta_batch - p.grad).abs().max()) for k, p in model.named_parameters())
+
+    def peak(checkpoint: str, shots: int, queries: int, tasks: int = 1) -> int:
+        one = _tasks(5, shots, queries, tasks).to(dev)
+        _, a, m = _maml(memory_steps, checkpoint, dev)
+        meta_gradient(a, m, one, "per_task")  # warm-up: cuDNN workspaces, allocator pools
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        meta_gradient(a, m, one, "per_task")
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    memory = {}
+    for shots, q in ((1, 15), (1, 1), (5, 5)):
+        plain, ckpt = peak("none", shots, q), peak("all", shots, q)
+        memory[f"{shots}shot_{q}query"] = {"peak_bytes_plain": plain, "peak_bytes_checkpointed": ckpt,
+                                            "ratio": ckpt / plain}
+    return {
+        "benchmark": "inner-loop", "device": torch.cuda.get_device_name(),
+        "setup": f"Conv-4 28x28x1, 5-way 1-shot 15 queries, meta-batch {meta_batch}, {steps} inner step(s), second "
+        f"order, float32, one GPU; memory: one 5-way task, {memory_steps} inner steps, checkpoint 'all' vs 'none'",
+        "s_per_step_vmap": best["vmap"], "s_per_step_per_task": best["per_task"],
+        "baseline_s_per_step": best["base"],
+        "throughput_ratio_vs_baseline": best["base"] / best["vmap"],
+        "per_task_ratio_vs_baseline": best["base"] / best["per_task"],
+        "max_abs_grad_diff_float64": err,
+        "checkpoint_memory": memory,
+        "checkpoint_memory_ratio": memory["1shot_15query"]["ratio"],
+    }
 
 
 def run(meta_batch: int = 32, steps: int = 1, memory_steps: int = 10, repeats: int = 3, threads: int = 2) -> dict:

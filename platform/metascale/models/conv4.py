@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from metascale.config import Conv4Spec
+from metascale.models.checkpointing import run_blocks
 from metascale.models.norm import TaskBatchNorm
 
 
@@ -27,10 +28,13 @@ class Conv4(nn.Module):
             size = size // 2 if self.pool else (size + 1) // 2
             channels = spec.hidden
         self.body = nn.Sequential(*blocks)
+        self.block_len = 4 if self.pool else 3  # conv, norm, ReLU (, pool): the unit of activation checkpointing
+        self.checkpoint_blocks = False
         self.feature_dim = spec.hidden * size * size if self.pool else spec.hidden
         self.head = nn.Linear(self.feature_dim, out_features)
 
     def forward(self, x: Tensor, embed: bool = False) -> Tensor:
-        h = self.body(x)
+        n = self.block_len
+        h = run_blocks((self.body[i : i + n] for i in range(0, len(self.body), n)), x, self.checkpoint_blocks)
         h = torch.flatten(h, 1) if self.pool else h.mean(dim=(2, 3))
         return h if embed else self.head(h)

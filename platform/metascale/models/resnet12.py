@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from metascale.config import ResNet12Spec
+from metascale.models.checkpointing import run_blocks
 from metascale.models.norm import TaskBatchNorm
 
 
@@ -35,8 +35,5 @@ class ResNet12(nn.Module):
         self.checkpoint_blocks = False  # activation checkpointing per residual stage (set by the sharded runtime)
 
     def forward(self, x: Tensor, embed: bool = False) -> Tensor:
-        h = x
-        for stage in self.stages:
-            h = checkpoint(stage, h, use_reentrant=False) if self.checkpoint_blocks else stage(h)
-        h = h.mean(dim=(2, 3))
+        h = run_blocks(self.stages, x, self.checkpoint_blocks).mean(dim=(2, 3))
         return h if embed else self.head(h)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metascale.config import ViTSpec
+from metascale.models.checkpointing import run_blocks
 
 
 class Block(nn.Module):
@@ -44,10 +45,6 @@ class ViT(nn.Module):
     def forward(self, x: Tensor, embed: bool = False) -> Tensor:
         h = self.patch(x).flatten(2).transpose(1, 2)
         h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
-        for block in self.blocks:
-            if self.checkpoint_blocks:
-                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
-            else:
-                h = block(h)
+        h = run_blocks(self.blocks, h, self.checkpoint_blocks)
         h = self.norm(h)[:, 0]
         return h if embed else self.head(h)

@@ -1,0 +1,57 @@
+"""Per-block activation checkpointing, switched on by a model's flag or from outside it.
+
+A model runs its blocks through `run_blocks`: each block then keeps only its input for the backward pass and
+recomputes its activations there, so a pass holds one block's activations at a time instead of all of them.
+
+Two switches, because the recomputation must see the same weights as the forward pass:
+- a model's `checkpoint_blocks` flag, for modules that run with their own parameters (the sharded runtime's
+  DeepSpeed engine, whose ZeRO-3 hooks gather them);
+- `checkpointed_blocks()`, for models called through `torch.func.functional_call` (the algorithms): the backward
+  pass runs after functional_call has put the module's own parameters back, so each block's substituted
+  parameters are handed to the checkpoint as explicit inputs and substituted again when it recomputes.
+MAML's `inner.checkpoint: all` uses the second for the query pass, which dominates a task's peak memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+_ON = contextvars.ContextVar("metascale_checkpointed_blocks", default=False)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(enabled: bool = True) -> Iterator[None]:
+    """Turns checkpointing on inside (False leaves an enclosing `checkpointed_blocks()` in force)."""
+    token = _ON.set(enabled or _ON.get())
+    try:
+        yield
+    finally:
+        _ON.reset(token)
+
+
+def run_blocks(blocks: Iterable[nn.Module], h: Tensor, own_params: bool = False) -> Tensor:
+    """`h` through `blocks` in order, each checkpointed when asked (and only when a graph is being recorded)."""
+    if not torch.is_grad_enabled() or not (own_params or _ON.get()):
+        for block in blocks:
+            h = block(h)
+        return h
+    for block in blocks:
+        h = checkpoint(block, h, use_reentrant=False) if own_params else _functional_checkpoint(block, h)
+    return h
+
+
+def _functional_checkpoint(block: nn.Module, h: Tensor) -> Tensor:
+    state = dict(block.named_parameters())  # under functional_call: the substituted (e.g. adapted) tensors
+    state.update(block.named_buffers())
+    names = list(state)
+
+    def run(x: Tensor, *tensors: Tensor) -> Tensor:
+        return torch.func.functional_call(block, dict(zip(names, tensors)), (x,))
+
+    return checkpoint(run, h, *state.values(), use_reentrant=False)
