@@ -52,11 +52,12 @@ def data(
     meta_batch: int = typer.Option(32, min=1, help="Episodes per meta-batch (one loader item)."),
     workers: int = typer.Option(2, min=0, help="Loader worker processes."),
     classes: int = typer.Option(1623, min=20, help="Glyph classes (the set the README's job uses)."),
+    repeats: int = typer.Option(3, min=1, help="Rounds (loader, in-process, baseline in turn); best of each."),
 ) -> None:
     """Episodes/s from task shards vs a per-image in-memory sampler (5-way 1-shot 15-query, 28x28)."""
     from metascale.bench.data import run
 
-    emit(run(root, episodes, meta_batch, workers, classes))
+    emit(run(root, episodes, meta_batch, workers, classes, repeats))
 
 
 @bench_app.command(name="es")

@@ -4,6 +4,7 @@ Both sample 5-way 1-shot 15-query 28x28 episodes from the train split of the gly
 from the index and gathers rows of the decoded cache (filled from the WebDataset shards) in 2 loader workers; the
 baseline keeps a Dataset of (image, label) pairs and a label -> indices dict, and per episode samples classes and
 instances, converts each image to a tensor and stacks them (learn2learn's TaskDataset + NWays/KShots/LoadData).
+The loader, metascale in-process and the baseline are measured in turn for `repeats` rounds, best of each.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def maml_step_seconds(batch) -> float:
     return time.perf_counter() - t0
 
 
-def run(root: str, episodes: int, meta_batch: int, workers: int, classes: int) -> dict:
+def run(root: str, episodes: int, meta_batch: int, workers: int, classes: int, repeats: int = 3) -> dict:
     """Episodes/s from task shards vs a per-image in-memory sampler (5-way 1-shot 15-query, 28x28)."""
     from metascale.config import GlyphsData
     from metascale.data.episodes import ShardTasks
@@ -84,29 +85,41 @@ def run(root: str, episodes: int, meta_batch: int, workers: int, classes: int) -
     steps = range(episodes // meta_batch)
     n = len(steps) * meta_batch
 
-    t0 = time.perf_counter()  # cold: worker start-up and reading + decoding the shards count
-    for step, _ in meta_batches(ShardTasks(spec, "train", 0, set_dir), steps, range(meta_batch), workers):
-        if step == workers - 1:  # every worker has loaded its cache
-            t1 = time.perf_counter()
-    t2 = time.perf_counter()
-    ours_cold, warm_workers_s = n / (t2 - t0), t1 - t0
-    ours = (n - workers * meta_batch) / (t2 - t1)
+    def shards() -> tuple[float, float, float]:
+        """Episodes/s from the loader once its workers are warm, cold (start-up, reading + decoding the shards
+        count), and the seconds until every worker had delivered its first meta-batch."""
+        t0 = time.perf_counter()
+        for step, _ in meta_batches(ShardTasks(spec, "train", 0, set_dir), steps, range(meta_batch), workers):
+            if step == max(workers - 1, 0):  # every worker has loaded its cache
+                t1 = time.perf_counter()
+        t2 = time.perf_counter()
+        return (n - max(workers, 1) * meta_batch) / (t2 - t1), n / (t2 - t0), t1 - t0
 
     source = ShardTasks(spec, "train", 0, set_dir)
     t0 = time.perf_counter()
     store = source.store
     load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for step in steps:
-        source.batch(step, range(meta_batch))
-    ours_in_process = n / (time.perf_counter() - t0)
-
     ids = np.repeat(np.array(sorted(store.offsets)), [store.counts[c] for c in sorted(store.offsets)])
     baseline = PerImageTaskSampler(store.images[:, 0], ids)
-    t0 = time.perf_counter()
-    for _ in range(n // 4):
-        baseline.sample(5, 1, 15)
-    base = (n // 4) / (time.perf_counter() - t0)
+
+    def in_process() -> float:
+        t0 = time.perf_counter()
+        for step in steps:
+            source.batch(step, range(meta_batch))
+        return n / (time.perf_counter() - t0)
+
+    def per_image() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n // 4):
+            baseline.sample(5, 1, 15)
+        return (n // 4) / (time.perf_counter() - t0)
+
+    # Rounds alternate the three, best of each: on a shared machine, load then slows every side alike.
+    rounds = [(shards(), in_process(), per_image()) for _ in range(repeats)]
+    best = max(rounds, key=lambda r: r[0][0])[0]
+    ours, ours_cold, warm_workers_s = best
+    ours_in_process = max(r[1] for r in rounds)
+    base = max(r[2] for r in rounds)
 
     step_s = maml_step_seconds(source.batch(0, range(32)))
     consumed = 32 / step_s
@@ -116,7 +129,8 @@ def run(root: str, episodes: int, meta_batch: int, workers: int, classes: int) -
         "episodes_per_s_in_process_warm": round(ours_in_process, 1),
         "ratio_in_process_warm_vs_baseline": round(ours_in_process / base, 2),
         "maml_meta_step_s": round(step_s, 3), "meta_step_consumes_episodes_per_s": round(consumed, 1),
-        "ratio_vs_meta_step": round(ours / consumed, 1),
+        "ratio_vs_meta_step": round(ours / consumed, 1), "rounds": repeats,
+        "all_rounds_episodes_per_s": [[round(r[0][0]), round(r[1]), round(r[2])] for r in rounds],
         "episodes": n, "cache_load_s": round(load_s, 3), "workers_ready_s": round(warm_workers_s, 2), "prepare_glyphs_s": round(prepare_s, 2),
         "train_classes": len(store.offsets), "train_images": int(store.images.shape[0]),
         "episode": "5-way 1-shot 15-query 28x28", "malloc_tuned": tuned,

@@ -125,21 +125,23 @@ class ShardTasks:
 
     def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
         """The batch with images still uint8 (4x less to move between processes): one gather from the cache for
-        the support and one for the query set (per-image or per-task gathers dominated the cost)."""
+        the support and one for the query set, and one rotation per quarter-turn count (per-image, per-task or
+        per-class numpy calls dominated the cost)."""
         s = self.spec
         store, planner = self._loaded()
         per = s.shots + s.queries
         plans = [planner.plan(step, slot, s.ways, per) for slot in slots]
-        rows = np.array([[store.rows(p.class_id, p.instances) for p in plan] for plan in plans])  # [T, ways, per]
         n = len(slots)
+        offsets = np.array([[store.offsets[p.class_id] for p in plan] for plan in plans])  # [T, ways]
+        rows = offsets[:, :, None] + np.array([[p.instances for p in plan] for plan in plans])  # [T, ways, per]
+        turns = np.array([[p.quarter_turns for p in plan] for plan in plans])  # [T, ways]
         halves = []
         for lo, hi in ((0, s.shots), (s.shots, per)):
-            x = store.images[rows[:, :, lo:hi].reshape(n, -1)]  # [T, ways * k, C, H, W], class-major
-            for t, plan in enumerate(plans):
-                for c, p in enumerate(plan):
-                    if p.quarter_turns:
-                        block = slice(c * (hi - lo), (c + 1) * (hi - lo))
-                        x[t, block] = np.rot90(x[t, block], p.quarter_turns, axes=(-2, -1))
+            x = store.images[rows[:, :, lo:hi]]  # [T, ways, k, C, H, W]
+            for t in np.unique(turns[turns > 0]):
+                at = turns == t
+                x[at] = np.rot90(x[at], int(t), axes=(-2, -1))
+            x = x.reshape(n, s.ways * (hi - lo), *x.shape[3:])  # class-major
             halves += [torch.from_numpy(x), torch.arange(s.ways).repeat_interleave(hi - lo).expand(n, -1)]
         return TaskBatch(*halves)
 
