@@ -9,7 +9,7 @@ Any worker can therefore recompute any slot of any meta-step after a fault, and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,9 +37,10 @@ class EpisodePlanner:
     """The classes of a split usable for episodes needing `need` instances each, times their rotations."""
 
     def __init__(self, index: ShardIndex, split: Split, counts: dict[int, int], need: int, augment: Sequence[str],
-                 seed: int, on_bad: OnBad = "error"):
+                 seed: int, on_bad: OnBad = "error", classes: Sequence[int] | None = None):
+        """`classes`: plan among these (a stream window's, data/stream.py) instead of the whole split's."""
         self.split, self.seed, self.need = split, seed, need
-        ids = index.split_classes(split)
+        ids = index.split_classes(split) if classes is None else sorted(classes)
         short = [i for i in ids if counts.get(i, 0) < need]
         if short and on_bad == "error":
             i = short[0]
@@ -124,26 +125,30 @@ class ShardTasks:
         return to_float(self.batch_uint8(step, slots))
 
     def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
-        """The batch with images still uint8 (4x less to move between processes): one gather from the cache for
-        the support and one for the query set, and one rotation per quarter-turn count (per-image, per-task or
-        per-class numpy calls dominated the cost)."""
+        """The batch with images still uint8 (4x less to move between processes), gathered from the cache."""
         s = self.spec
         store, planner = self._loaded()
-        per = s.shots + s.queries
-        plans = [planner.plan(step, slot, s.ways, per) for slot in slots]
-        n = len(slots)
-        offsets = np.array([[store.offsets[p.class_id] for p in plan] for plan in plans])  # [T, ways]
-        rows = offsets[:, :, None] + np.array([[p.instances for p in plan] for plan in plans])  # [T, ways, per]
-        turns = np.array([[p.quarter_turns for p in plan] for plan in plans])  # [T, ways]
-        halves = []
-        for lo, hi in ((0, s.shots), (s.shots, per)):
-            x = store.images[rows[:, :, lo:hi]]  # [T, ways, k, C, H, W]
-            for t in np.unique(turns[turns > 0]):
-                at = turns == t
-                x[at] = np.rot90(x[at], int(t), axes=(-2, -1))
-            x = x.reshape(n, s.ways * (hi - lo), *x.shape[3:])  # class-major
-            halves += [torch.from_numpy(x), torch.arange(s.ways).repeat_interleave(hi - lo).expand(n, -1)]
-        return TaskBatch(*halves)
+        plans = [planner.plan(step, slot, s.ways, s.shots + s.queries) for slot in slots]
+        offsets = np.array([[store.offsets[p.class_id] for p in plan] for plan in plans])[:, :, None]  # [T, ways, 1]
+        return assemble(s, plans, lambda instances: store.images[offsets + instances])
+
+
+def assemble(spec: EpisodicData, plans: list[list[PlannedClass]], take: Callable[[np.ndarray], np.ndarray]) -> TaskBatch:
+    """uint8 episodes from their plans: `take(instances [T, ways, k])` returns the images [T, ways, k, C, H, W] as a
+    new array. One gather for the support and one for the query set, and one rotation per quarter-turn count
+    (per-image, per-task or per-class numpy calls dominated the cost)."""
+    n, per = len(plans), spec.shots + spec.queries
+    instances = np.array([[p.instances for p in plan] for plan in plans])  # [T, ways, per]
+    turns = np.array([[p.quarter_turns for p in plan] for plan in plans])  # [T, ways]
+    halves = []
+    for lo, hi in ((0, spec.shots), (spec.shots, per)):
+        x = take(instances[:, :, lo:hi])  # [T, ways, k, C, H, W]
+        for t in np.unique(turns[turns > 0]):
+            at = turns == t
+            x[at] = np.rot90(x[at], int(t), axes=(-2, -1))
+        x = x.reshape(n, spec.ways * (hi - lo), *x.shape[3:])  # class-major
+        halves += [torch.from_numpy(x), torch.arange(spec.ways).repeat_interleave(hi - lo).expand(n, -1)]
+    return TaskBatch(*halves)
 
 
 def to_float(b: TaskBatch) -> TaskBatch:
