@@ -105,6 +105,15 @@ class SyntheticImagesData(EpisodicData):
     noise: PositiveFloat = 0.5
 
 
+class StreamSpec(Spec):
+    """Bounded-memory reading of a shard set (docs/data.md): meta-step s draws its classes only from window
+    s // window_steps, `window_shards` shards of a per-epoch shard permutation; a process holds at most
+    `window_shards` decoded shards."""
+
+    window_shards: PositiveInt
+    window_steps: PositiveInt
+
+
 class GlyphsData(EpisodicData):
     """The offline glyph set (rendered by metascale itself), packed into task shards under `root` on first use."""
 
@@ -113,6 +122,7 @@ class GlyphsData(EpisodicData):
     image_size: Literal[28, 84] = 28
     classes: PositiveInt = 1623  # Omniglot's count; fewer renders faster (docs/data.md)
     instances: PositiveInt = 20  # "drawers" per character, as in Omniglot
+    stream: StreamSpec | None = None  # None: the whole split decoded in memory
 
 
 class ShardsData(EpisodicData):
@@ -121,6 +131,7 @@ class ShardsData(EpisodicData):
     source: Literal["shards"] = "shards"
     url: str
     on_bad_sample: Literal["error", "skip"] = "error"
+    stream: StreamSpec | None = None  # None: the whole split decoded in memory
 
 
 class NoisyLabelsData(Spec):
