@@ -4,6 +4,8 @@ ZeRO-3 over 2 ranks (gloo), LITE and activation checkpointing, writes one checkp
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from metascale.cluster import checkpoint
 from metascale.config import parse_spec
 from metascale.errors import SpecError
 
@@ -65,3 +68,41 @@ def test_run_zero3_fomaml_two_ranks_and_resume(tmp_path: Path):
     again = metascale("run", str(path), "--resume", "--set", "outer.steps=3")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 3
+
+
+def test_sigterm_to_the_group_checkpoints_then_resume_and_eval_read_the_shards(tmp_path: Path):
+    """Preemption as Kubernetes or Slurm does it (SIGTERM to the whole process group): the ranks ignore it, the
+    driver has them write their shards and exits 0; --resume continues the same W&B run; eval reads the shards."""
+    ckpt = tmp_path / "ckpt"
+    spec = {"name": "vit-term", "model": VIT, "data": DATA,
+            "algorithm": {"name": "fomaml", "inner": {"steps": 1, "lr": 0.1}},
+            "outer": {"meta_batch": 2, "steps": 400}, "eval": {"every": 0, "final_episodes": 4},
+            "checkpoint": {"dir": str(ckpt), "every": 0},
+            "logging": {"wandb": {"mode": "offline", "dir": str(tmp_path / "wb")}, "progress": False},
+            "sharding": {"engine": "deepspeed", "zero_stage": 3, "ranks": 2}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen([sys.executable, "-m", "metascale", "run", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:  # wait until meta-steps are running
+        lines.append(line)
+        if line.startswith("step "):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)  # our own new session: only this test's processes
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = json.loads(out.strip().splitlines()[-1])
+    step = stopped["step"]
+    assert stopped["status"] == "stopped" and 0 < step < 400
+    shards = [checkpoint.load_latest(str(ckpt / f"rank-{r}-of-2")) for r in range(2)]
+    assert [s[0] for s in shards] == [step, step]
+    again = metascale("run", str(path), "--resume", "--set", f"outer.steps={step + 1}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads(again.stdout.strip().splitlines()[-1])
+    assert resumed["step"] == step + 1 and resumed["wandb_run_id"] == shards[0][1]["wandb_run_id"]
+    evaluated = metascale("eval", str(path))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["checkpoint_step"] == step + 1 and result["test/episodes"] == 4
+    assert result["test/accuracy"] == resumed["final/accuracy"]  # same episodes, same meta-parameters

@@ -37,6 +37,13 @@ def evaluate_checkpoint(spec: JobSpec, checkpoint: str | None, episodes: int | N
     from metascale.cluster.worker import to_numpy
     from metascale.errors import CheckpointError
 
+    if spec.sharding.engine == "deepspeed":  # per-rank shards, loaded by a rank group
+        from metascale.sharding.run import evaluate_sharded
+
+        if checkpoint:
+            raise CheckpointError("--checkpoint: a sharded job's checkpoint is one shard per rank; eval loads the "
+                                  "newest step every rank has from checkpoint.dir (set it with --set)")
+        return evaluate_sharded(spec, episodes or spec.eval.final_episodes)
     directory = spec.path(spec.checkpoint.dir)
     if checkpoint:
         step, state = None, ckpt.read(checkpoint)

@@ -7,7 +7,6 @@ every `checkpoint.every` steps, at the end, and on SIGTERM; `--resume` continues
 
 from __future__ import annotations
 
-import signal
 import time
 from typing import Any
 
@@ -15,24 +14,11 @@ from metascale.cluster import checkpoint
 from metascale.cluster.coordinator import Coordinator
 from metascale.cluster.estimators import pick as pick_estimator
 from metascale.cluster.pool import build_pool, split_slots
+from metascale.cluster.preemption import StopRequest
 from metascale.config import JobSpec, dump_spec
 from metascale.errors import CheckpointError
 from metascale.evaluate import evaluate
 from metascale.monitor import Monitor
-
-
-class _Stop:
-    """SIGTERM asks for a checkpoint and a clean exit after the current meta-step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, *_: Any) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
@@ -48,7 +34,7 @@ def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
     monitor = Monitor(spec, run_id, coord.step)
     groups = split_slots(spec.outer.meta_batch, pool.size)
     estimate = pick_estimator(spec)
-    stop = _Stop()
+    stop = StopRequest()
     evals: dict[str, float] = {}
 
     def save() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
 import traceback
 from multiprocessing.connection import Connection, wait
@@ -32,6 +33,10 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, conn: Connection, env: dict[str, str], threads: int) -> None:
+    # A preemption's SIGTERM (often sent to the whole process group) is the driver's to handle: it has the ranks
+    # write their checkpoint shards, then ends them. A rank whose driver dies sees its pipe close and exits.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
     import logging
     import warnings

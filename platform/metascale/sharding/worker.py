@@ -71,20 +71,22 @@ def _rank_dir(directory: str) -> str:
     return f"{directory.rstrip('/')}/rank-{RANK_STATE['rank']}-of-{RANK_STATE['world']}"
 
 
-def save(directory: str, step: int, keep: int) -> str:
-    """Each rank writes its own shard (atomic, checksummed: cluster/checkpoint.py); nothing is gathered."""
+def save(directory: str, step: int, keep: int, extra: dict[str, Any]) -> str:
+    """Each rank writes its own shard (atomic, checksummed: cluster/checkpoint.py); nothing is gathered. `extra`
+    (the driver's records, e.g. the W&B run id) goes into every shard."""
     from metascale.cluster import checkpoint
 
-    state = {"step": step, **RANK_STATE["learner"].state_dict()}
+    state = {"step": step, **extra, **RANK_STATE["learner"].state_dict()}
     return checkpoint.save(_rank_dir(directory), step, state, keep)
 
 
-def load(directory: str) -> int | None:
-    """Loads this rank's newest good shard; the driver checks that every rank found the same step."""
+def load(directory: str) -> tuple[int, str | None] | None:
+    """Loads this rank's newest good shard: (its step, the W&B run id it recorded). The driver checks that every
+    rank found the same step."""
     from metascale.cluster import checkpoint
 
     found = checkpoint.load_latest(_rank_dir(directory))
     if found is None:
         return None
     RANK_STATE["learner"].load_state_dict(found[1])
-    return found[0]
+    return found[0], found[1].get("wandb_run_id")
