@@ -111,12 +111,12 @@ class StreamTasks:
     def _check(self, index: ShardIndex, shards: list[int]) -> None:
         """From the index alone, before any shard is read: short classes (as the whole-split planner reports them)
         and the fewest usable classes any window can hold."""
+        if not shards:
+            raise DataError(f"{self.root}: split '{self.split}' has no shards")
         need = self.spec.shots + self.spec.queries
         counts = {i: c.count for i, c in enumerate(index.classes)}
         planner = EpisodePlanner(index, self.split, counts, need, self.spec.augment, self.seed, self.on_bad)
         per_shard = Counter(index.classes[c].shard for c, _ in planner.virtual)
-        if not shards:
-            raise DataError(f"{self.root}: split '{self.split}' has no shards")
         size = min(self.stream.window_shards, len(shards))
         poorest = sorted(shards, key=lambda s: (per_shard[s], s))[:size]
         if sum(per_shard[s] for s in poorest) < self.spec.ways:
