@@ -34,7 +34,7 @@ def job(**over: Any) -> JobSpec:
         sharding=dict(engine="deepspeed", zero_stage=3, ranks=2),
     )
     for k, v in over.items():
-        base[k] = {**base[k], **v} if isinstance(v, dict) else v
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return JobSpec.model_validate(base)
 
 
@@ -164,3 +164,55 @@ def test_second_order_zero2_equals_plain_torch(group, algorithm):
     step = {k: init[k] - results[0][k] for k in init}
     torch.testing.assert_close(step, expected, **TOL)
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)  # replicated: every rank has the same update
+
+
+# ------------------------------------------------------------------------------- non-finite tasks
+def poisoned_step(spec_json: dict, init: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One meta-step over SLOTS with slot 1's query set poisoned by a NaN; (result, meta-parameters after)."""
+    import dataclasses
+
+    spec, learner = _learner(spec_json, init)
+    tasks = build_task_source(spec.data, "train", spec.seed).batch(0, SLOTS).tasks()
+    qx = tasks[1].query_x.clone()
+    qx[0] = float("nan")
+    tasks[1] = dataclasses.replace(tasks[1], query_x=qx)
+    result = learner.meta_step(tasks, [None] * len(tasks))
+    params = learner.meta if hasattr(learner, "meta") else learner.params()
+    return result, {k: v.detach().clone() for k, v in params.items()}
+
+
+def _slot0_gradient(spec: JobSpec, init: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(spec.seed)
+    alg = build_algorithm(spec.algorithm, build_model(spec.model, output_dim(spec.data)))
+    return meta_gradient(alg, init, build_task_source(spec.data, "train", spec.seed).batch(0, [0]), "per_task").grads
+
+
+@pytest.mark.parametrize("algorithm,zero,policy", [
+    ("fomaml", 3, "skip_task"), ("fomaml", 3, "skip_step"), ("maml", 2, "skip_task"),
+])
+def test_nonfinite_task_policies_under_sharding(group, algorithm, zero, policy):
+    """skip_task: the poisoned task adds nothing (first order: the mean is over the finite tasks; second order: the
+    engine still divides by every task); skip_step: nothing moves. Outer SGD with lr 1: the update is the gradient."""
+    spec = job(algorithm={"name": algorithm, "inner": {"steps": 1, "lr": 0.1}}, outer={"optimizer": "sgd", "lr": 1.0},
+               sharding={"zero_stage": zero}, executor={"nonfinite": policy})
+    init, _ = reference(spec)
+    results = group.call(poisoned_step, spec.model_dump(mode="json"), init)
+    assert all(r[0]["nonfinite"] == [1] for r in results)
+    got = assemble([r[1] for r in results], init) if zero == 3 else results[0][1]
+    if policy == "skip_step":
+        assert results[0][0]["tasks"] == 0
+        torch.testing.assert_close(got, init, rtol=0, atol=0)
+        return
+    assert results[0][0]["tasks"] == 1
+    scale = 1.0 if zero == 3 else 0.5  # second order: (g0 + 0) / 2
+    expected = {k: init[k] - scale * g for k, g in _slot0_gradient(spec, init).items()}
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_nonfinite_stop_raises_on_every_rank_before_the_update():
+    from metascale.sharding.launch import RankGroupError
+
+    spec = job(executor={"nonfinite": "stop"})
+    init, _ = reference(spec)
+    with RankGroup(2, timeout_s=300) as g, pytest.raises(RankGroupError, match="NonFiniteError: non-finite"):
+        g.call(poisoned_step, spec.model_dump(mode="json"), init)

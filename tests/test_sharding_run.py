@@ -106,3 +106,13 @@ def test_sigterm_to_the_group_checkpoints_then_resume_and_eval_read_the_shards(t
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert result["checkpoint_step"] == step + 1 and result["test/episodes"] == 4
     assert result["test/accuracy"] == resumed["final/accuracy"]  # same episodes, same meta-parameters
+
+
+def test_validate_refuses_skip_step_for_second_order_sharding():
+    spec = {"model": VIT, "data": DATA, "algorithm": {"name": "maml"}, "executor": {"nonfinite": "skip_step"},
+            "outer": {"meta_batch": 4},
+            "sharding": {"engine": "deepspeed", "ranks": 2, "zero_stage": 2}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(spec)
+    assert "executor.nonfinite skip_step" in str(e.value) and "use skip_task or stop" in str(e.value)
+    parse_spec({**spec, "algorithm": {"name": "fomaml"}})  # first order honours it

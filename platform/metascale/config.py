@@ -338,6 +338,9 @@ def sharding_problem(job: "JobSpec") -> str | None:
                 "second order splits the tasks evenly over the ranks")
     if s.activation_checkpointing and job.model.name not in ("vit", "resnet12"):
         return f"sharding.activation_checkpointing needs model vit or resnet12 (blocks to recompute), not '{job.model.name}'"
+    if second_order and job.executor.nonfinite == "skip_step":
+        return ("executor.nonfinite skip_step cannot be honoured by second-order sharded runs (the ZeRO optimiser "
+                "steps inside the engine at the accumulation boundary); use skip_task or stop")
     if job.executor.dtype != "float32":
         return "sharding.engine deepspeed keeps float32 master weights: set executor.dtype float32 (precision sets bf16)"
     if job.algorithm.inner.checkpoint != "none" or job.algorithm.inner.autocast != "none":

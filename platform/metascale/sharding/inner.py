@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from metascale.cluster.coordinator import make_optimizer
+from metascale.cluster.coordinator import NonFiniteError, make_optimizer
 from metascale.config import JobSpec
 from metascale.data.tasks import Task
 from metascale.sharding.engine import Params, build_engine, is_partitioned, local_grads, local_params, set_local_params
@@ -116,12 +116,15 @@ class ShardedFirstOrder:
             finite = torch.tensor([float(all(torch.isfinite(d).all() for d in direction.values()))])
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite.item():
+                stop_if_asked(self.spec, step_slots=i)
                 bad.append(i)
                 continue
             for k, d in direction.items():
                 total[k].add_(d)
             sums += stats
             count += 1
+        if bad and self.spec.executor.nonfinite == "skip_step":
+            count, sums = 0, torch.zeros(3)
         if count:
             for k, p in self.meta.items():
                 p.grad = total[k] / count
@@ -160,6 +163,13 @@ class ShardedFirstOrder:
             for k, p in self.meta.items():
                 p.copy_(state["meta"][k])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def stop_if_asked(spec: JobSpec, step_slots: int | list[int]) -> None:
+    """executor.nonfinite=stop: every rank saw the same all-reduced flag, so all raise here together, before
+    anything of the step is applied (the driver reports the first rank's error and ends the group)."""
+    if spec.executor.nonfinite == "stop":
+        raise NonFiniteError(f"non-finite meta-gradient in slot(s) {step_slots} (executor.nonfinite=stop)")
 
 
 def _metrics(sums: Tensor, count: int, tasks: list[Task]) -> dict[str, float]:

@@ -9,6 +9,7 @@ averages sum/meta_batch across ranks. ZeRO-3 is refused by the job spec: torch.f
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from metascale.algorithms import build_algorithm
 from metascale.config import JobSpec
 from metascale.data.tasks import Task
 from metascale.sharding.engine import build_engine
+from metascale.sharding.inner import stop_if_asked
 
 SEP = "/"  # module attribute names cannot hold '.', so extra meta-parameter names (e.g. 'lr.head.weight') use '/'
 
@@ -73,18 +75,36 @@ class ShardedSecondOrder:
         return tasks[self.rank :: self.world]
 
     def meta_step(self, tasks: list[Task], generators: list[Any]) -> dict[str, Any]:
-        sums = torch.zeros(3)
-        for task in self.my_tasks(tasks):
+        """Ranks take their i-th tasks in lockstep. A task whose objective is not finite on any rank is found with
+        one all-gather per round, before backward; its rank back-propagates zero times the same computation on a
+        blank task instead (the engine's collectives and gradient buckets must stay aligned), so the task adds nothing (skip_task: the mean still divides by every task of
+        the step) and is reported; under 'stop' every rank raises before backward, so nothing of the step is applied.
+        The validator refuses skip_step here: the ZeRO optimiser steps inside the engine at the accumulation
+        boundary."""
+        sums, bad = torch.zeros(3), []
+        for i, task in enumerate(self.my_tasks(tasks)):
             out = self.alg.task_objective(self.params(), _cast(task, self.dtype))
-            self.engine.backward(out.objective.float())  # the engine divides by the accumulation count
+            finite = torch.tensor([float(torch.isfinite(out.objective).all())])
+            everyone = [torch.zeros(1) for _ in range(self.world)]
+            dist.all_gather(everyone, finite)
+            objective = out.objective.float()
+            if not all(bool(f.item()) for f in everyone):
+                bad += [i * self.world + r for r, f in enumerate(everyone) if not f.item()]
+                stop_if_asked(self.spec, bad)
+            if finite.item():
+                sums += torch.tensor([float(out.metrics["loss"]), float(out.metrics.get("accuracy", 0.0)), 1.0])
+            else:  # zero gradients through the same graph: ZeRO-2 buckets gradients in the order they arrive
+                blank = dataclasses.replace(task, support_x=torch.zeros_like(task.support_x),
+                                            query_x=torch.zeros_like(task.query_x))
+                objective = self.alg.task_objective(self.params(), _cast(blank, self.dtype)).objective.float() * 0.0
+            self.engine.backward(objective)  # the engine divides by the accumulation count
             self.engine.step()  # steps the meta-optimiser at the accumulation boundary only
-            sums += torch.tensor([float(out.metrics["loss"]), float(out.metrics.get("accuracy", 0.0)), 1.0])
         dist.all_reduce(sums)
         n = max(float(sums[2]), 1.0)
         m = {"loss": float(sums[0]) / n}
         if tasks[0].query_y.dtype == torch.int64:
             m["accuracy"] = float(sums[1]) / n
-        return {"tasks": int(sums[2]), "nonfinite": [], **m}
+        return {"tasks": int(sums[2]), "nonfinite": sorted(bad), **m}
 
     def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
         mine = []
