@@ -117,9 +117,28 @@ class ShardedSecondOrder:
         return [everyone[i % self.world][i // self.world] for i in range(len(tasks))]
 
     def state_dict(self) -> dict[str, Any]:
-        """The meta-parameters (whole: stages 0-2 replicate them). The ZeRO-partitioned meta-optimiser state is not
-        in it, so a second-order sharded run cannot be resumed (run.py refuses --resume)."""
-        return {"params": {k: v.detach().clone() for k, v in self.params().items()}}
+        """The meta-parameters (whole: stages 0-2 replicate them) and this rank's part of the meta-optimiser: the
+        ZeRO optimiser's partition of the fp32 master weights and Adam state, kept to tensors and plain values
+        (checkpoints load with weights_only; the loss scaler and slice maps are rebuilt by the engine)."""
+        params = {"params": {k: v.detach().clone() for k, v in self.params().items()}}
+        if self.spec.sharding.precision != "fp32":  # DeepSpeed's bf16 optimiser: run.py refuses --resume
+            return params
+        opt = self.engine.optimizer.state_dict()
+        if self.spec.sharding.zero_stage:
+            opt = {k: opt[k] for k in _ZERO_STATE if k in opt}
+        return {**params, "optimizer": opt}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.spec.sharding.zero_stage:  # a rigid checkpoint: each rank reads the entry at its own rank
+            self.engine.optimizer.load_state_dict([state["optimizer"]] * self.world, load_optimizer_states=True,
+                                                  load_from_fp32_weights=True)
+        else:
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+        self.load_full(state["params"])
+
+
+_ZERO_STATE = ("base_optimizer_state", "single_partition_of_fp32_groups", "group_paddings", "param_alignment_paddings",
+               "partition_count", "ds_version", "dynamic_loss_scale", "overflow", "clip_grad")
 
 
 def _cast(task: Task, dtype: torch.dtype) -> Task:

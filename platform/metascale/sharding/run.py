@@ -30,9 +30,10 @@ def train_sharded(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
     if not resume and checkpoint.list_steps(rank0):
         raise CheckpointError(f"{ckpt_dir} already holds checkpoints of a run: pass --resume to continue it, "
                               "or set checkpoint.dir (or the job name) for a new run")
-    if resume and spec.algorithm.name in SECOND_ORDER and not spec.algorithm.inner.first_order:
-        raise CheckpointError("--resume: second-order sharded runs do not checkpoint the ZeRO-partitioned "
-                              "meta-optimiser state yet; start a new run (or use fomaml/reptile)")
+    if resume and spec.sharding.precision != "fp32" and spec.algorithm.name in SECOND_ORDER \
+            and not spec.algorithm.inner.first_order:
+        raise CheckpointError("--resume: second-order sharded runs checkpoint the meta-optimiser state in fp32 only "
+                              "(DeepSpeed's bf16 optimiser keeps it differently); start a new run")
     stop = StopRequest()
     try:
         with RankGroup(spec.sharding.ranks, spec.executor.threads, env=ALLOCATOR_ENV) as group:
