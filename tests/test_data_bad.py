@@ -134,3 +134,13 @@ def test_missing_shard_and_foreign_index(packed, tmp_path):
     (tmp_path / "other" / "index.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         load_index(str(tmp_path / "other"))
+
+
+def test_errors_in_loader_workers_keep_their_message_without_the_workers_traceback(packed):
+    """The DataLoader puts a worker's whole traceback into the exception's message; the user gets ours alone."""
+    path = packed / "train-00001.tar"
+    path.write_bytes(path.read_bytes()[:1500])
+    src = ShardTasks(ShardsData(url=str(packed), ways=3, shots=2, queries=2), "train", 0, str(packed), load_workers=2)
+    with pytest.raises(DataError, match=r"^[^\n]*train-00001\.tar") as e:
+        src.batch(0, [0])
+    assert "Traceback" not in str(e.value) and "DataLoader worker" not in str(e.value)

@@ -35,3 +35,14 @@ class ClusterError(MetascaleError):
     """A cluster refused a request, could not be reached, or could not place the job: one actionable line."""
 
     exit_code = 1
+
+
+def from_loader_worker(e: BaseException) -> BaseException:
+    """A DataLoader re-raises a worker's exception with the worker's whole traceback in its message. Our errors are
+    written for users (a shard, a sample, what to do), so this gives back the original message alone."""
+    text = str(e)
+    if not isinstance(e, MetascaleError) or "Original Traceback" not in text:
+        return e
+    head = f"{type(e).__module__}.{type(e).__name__}: "
+    at = text.rfind(head)
+    return type(e)(text[at + len(head):].strip() if at >= 0 else text.splitlines()[-1])

@@ -19,6 +19,7 @@ import torch.utils.data
 
 from metascale.data.episodes import to_float
 from metascale.data.tasks import TaskBatch, TaskSource
+from metascale.errors import MetascaleError, from_loader_worker
 
 PREFETCH = 4  # meta-batches in flight per worker
 
@@ -76,5 +77,12 @@ def meta_batches(source: TaskSource, steps: range, slots: Sequence[int], workers
     ring = Ring(_build(source, steps[0], slots), workers, PREFETCH * workers + 2)
     loader = torch.utils.data.DataLoader(MetaBatches(source, steps, slots, ring), batch_size=None,
                                          num_workers=workers, prefetch_factor=PREFETCH)
-    for step, slot, seq in loader:
+    batches = iter(loader)
+    while True:
+        try:
+            step, slot, seq = next(batches)
+        except StopIteration:
+            return
+        except MetascaleError as e:
+            raise from_loader_worker(e) from None
         yield int(step), ring.take(int(slot), int(seq))

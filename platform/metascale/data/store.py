@@ -15,6 +15,7 @@ import torch.utils.data
 from metascale.data.index import ShardIndex
 from metascale.data.reader import ClassRecord, OnBad, ReadStats, read_records, shard_stream, split_shards
 from metascale.data.tasks import Split
+from metascale.errors import MetascaleError, from_loader_worker
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,11 @@ def load_store(index: ShardIndex, root: str, split: Split, on_bad: OnBad = "erro
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(names)),
                                          multiprocessing_context="fork" if _can_fork() else None)
     records = []
-    for item in loader:
+    try:
+        items = list(loader)
+    except MetascaleError as e:
+        raise from_loader_worker(e) from None
+    for item in items:
         if isinstance(item, ReadStats):
             stats.skipped_samples += item.skipped_samples
             stats.skipped_shards += item.skipped_shards
