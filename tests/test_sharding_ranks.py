@@ -105,9 +105,12 @@ def group():
         yield g
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "reptile"])
+@pytest.mark.parametrize("algorithm", [
+    {"name": "fomaml"}, {"name": "reptile"},
+    {"name": "anil", "inner": {"steps": 2, "lr": 0.1, "first_order": True}},  # head adapts, sharded body frozen
+], ids=["fomaml", "reptile", "anil-first-order"])
 def test_zero3_first_order_equals_unsharded(group, algorithm):
-    spec = job(algorithm={"name": algorithm})
+    spec = job(algorithm=algorithm)
     init, expected = reference(spec)
     results = group.call(mean_direction, spec.model_dump(mode="json"), init)
     torch.testing.assert_close(assemble([r["direction"] for r in results], expected), expected, **TOL)

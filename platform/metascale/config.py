@@ -312,9 +312,10 @@ def sharding_problem(job: "JobSpec") -> str | None:
     if s.engine == "none":
         return None
     second_order = alg.name in SECOND_ORDER and not alg.inner.first_order
-    if alg.name not in SHARDED_FIRST_ORDER and not second_order:
-        return (f"sharding.engine deepspeed runs {', '.join(SHARDED_FIRST_ORDER)} (any zero_stage) and second-order "
-                f"{', '.join(SECOND_ORDER)} (zero_stage <= 2), not algorithm '{alg.name}'"
+    first_order_anil = alg.name == "anil" and alg.inner.first_order  # the head adapts, the sharded body is frozen
+    if alg.name not in SHARDED_FIRST_ORDER and not second_order and not first_order_anil:
+        return (f"sharding.engine deepspeed runs {', '.join(SHARDED_FIRST_ORDER)} and first-order anil (any "
+                f"zero_stage) and second-order {', '.join(SECOND_ORDER)} (zero_stage <= 2), not algorithm '{alg.name}'"
                 + (" with inner.first_order: use fomaml" if alg.name in SECOND_ORDER else "; use sharding.engine: none"))
     if second_order and s.zero_stage == 3:
         return (f"sharding.zero_stage 3 cannot run second-order '{alg.name}': torch.func needs whole parameters on "

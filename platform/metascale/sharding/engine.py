@@ -54,7 +54,7 @@ def ds_config(s: ShardingSpec, grad_clip: float | None = None, accumulation: int
 
 def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any, **config: Any) -> Any:
     """`make_model()` under `zero.Init` at stage 3 (each rank materialises only its partitions, never the whole
-    model), then `deepspeed.initialize` with `make_optimizer(params)` as the client optimiser."""
+    model), then `deepspeed.initialize` with `make_optimizer(model)` as the client optimiser."""
     import deepspeed
 
     cfg = ds_config(s, **config)
@@ -65,7 +65,7 @@ def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any, **config
         model = make_model()
     if s.activation_checkpointing:
         enable_activation_checkpointing(model)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(list(model.parameters())), config=cfg)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=cfg)
     return engine
 
 

@@ -44,12 +44,22 @@ class ShardedFirstOrder:
     def __init__(self, spec: JobSpec, make_model: Any, rank: int, world: int):
         self.spec, self.rank, self.world = spec, rank, world
         self.reptile = spec.algorithm.name == "reptile"
-        inner_lr = spec.algorithm.inner.lr
-        self.engine = build_engine(make_model, spec.sharding, lambda ps: torch.optim.SGD(ps, lr=inner_lr))
+        self.engine = build_engine(make_model, spec.sharding, self._inner_optimizer)
         self.dtype = next(iter(self.engine.module.parameters())).dtype
         self.meta = {k: v.requires_grad_(True) for k, v in local_params(self.engine).items()}
         self.optimizer = make_optimizer(spec.outer, list(self.meta.values()))
         self.partitioned = any(is_partitioned(p) for p in self.engine.module.parameters())
+
+    def _inner_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """The inner loop's SGD. First-order ANIL adapts the head only: the body's group has learning rate 0, so it
+        stays at the meta-parameters while the query gradient still reaches it (the body's meta-gradient)."""
+        lr, alg = self.spec.algorithm.inner.lr, self.spec.algorithm
+        if alg.name != "anil":
+            return torch.optim.SGD(model.parameters(), lr=lr)
+        named = list(model.named_parameters())
+        head = [p for n, p in named if n.startswith(alg.head_prefix)]
+        body = [p for n, p in named if not n.startswith(alg.head_prefix)]
+        return torch.optim.SGD([{"params": head, "lr": lr}, {"params": body, "lr": 0.0}], lr=lr)
 
     # ------------------------------------------------------------------------------------------ state
     def load_full(self, full: Params) -> None:

@@ -48,10 +48,10 @@ class ShardedSecondOrder:
             own = dict(model.named_parameters())
             return MetaParameters(model, {k: v for k, v in alg.init(own).items() if k not in own})
 
-        def optimizer(params: list[Tensor]) -> torch.optim.Optimizer:
+        def optimizer(module: nn.Module) -> torch.optim.Optimizer:
             from metascale.cluster.coordinator import make_optimizer
 
-            return make_optimizer(spec.outer, params)
+            return make_optimizer(spec.outer, list(module.parameters()))
 
         self.engine = build_engine(make, spec.sharding, optimizer, grad_clip=spec.outer.grad_clip,
                                    accumulation=self.per_rank)
