@@ -18,7 +18,7 @@ from metascale.cluster.worker import MetaWorker
 from metascale.config import parse_spec
 from metascale.errors import CheckpointError
 from metascale.train import train
-from wandb_records import history, run_files, run_id
+from wandb_records import run_files, run_id, settled_history
 
 
 def job(tmp_path, **overrides):
@@ -82,7 +82,7 @@ def test_job_runs_end_to_end_and_logs_to_wandb_offline(local_ray, tmp_path):
     assert 0.0 <= out["final/accuracy"] <= 1.0 and out["final/episodes"] == 12
     assert checkpoint.list_steps(spec.path(spec.checkpoint.dir)) == [2, 4, 6]
     [run_file] = run_files(tmp_path / "wb")
-    rows = history(run_file)
+    rows = settled_history(run_file, "final/accuracy_ci95")
     logged = {k for row in rows for k in row}
     for key in ("train/loss", "train/accuracy", "episodes_per_s", "straggler_spread_s", "data_wait_fraction",
                 "worker/0/compute_s", "worker/1/compute_s", "eval/accuracy", "final/accuracy_ci95"):

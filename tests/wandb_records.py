@@ -55,3 +55,16 @@ def history(path: str | Path) -> list[dict]:
 def run_id(path: str | Path) -> str:
     """From the file name (`run-<id>.wandb`), which exists even when the process was killed before flushing."""
     return Path(path).name.removeprefix("run-").removesuffix(".wandb")
+
+
+def settled_history(path: str | Path, key: str, timeout_s: float = 30.0) -> list[dict]:
+    """`history(path)` once some row holds `key`, waiting up to `timeout_s`: wandb's core process writes the file
+    behind the client, and on a loaded machine one run file was read with no history rows yet after finish()."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = history(path)
+        if any(key in row for row in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
