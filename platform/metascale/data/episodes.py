@@ -88,7 +88,21 @@ def _floats(parts: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts)).to(torch.float32).mul_(1.0 / 255.0)  # as to_float
 
 
-class ShardTasks:
+class Uint8Episodes:
+    """A TaskSource that gathers its episodes as uint8 (`batch_uint8`, what loader workers move): the float batch
+    and single tasks follow from it."""
+
+    def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
+        raise NotImplementedError
+
+    def task(self, step: int, slot: int) -> Task:
+        return self.batch(step, [slot])[0]
+
+    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
+        return to_float(self.batch_uint8(step, slots))
+
+
+class ShardTasks(Uint8Episodes):
     """The TaskSource of task shards: N-way K-shot Q-query episodes of one split. The index and the decoded cache
     load on first use (so the source pickles small, e.g. to Ray workers) and once per process."""
 
@@ -117,12 +131,6 @@ class ShardTasks:
             planner = EpisodePlanner(index, self.split, store.counts, need, self.spec.augment, self.seed, self.on_bad)
             self._state = (store, planner)
         return self._state
-
-    def task(self, step: int, slot: int) -> Task:
-        return self.batch(step, [slot])[0]
-
-    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
-        return to_float(self.batch_uint8(step, slots))
 
     def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
         """The batch with images still uint8 (4x less to move between processes), gathered from the cache."""

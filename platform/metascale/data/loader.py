@@ -77,12 +77,8 @@ def meta_batches(source: TaskSource, steps: range, slots: Sequence[int], workers
     ring = Ring(_build(source, steps[0], slots), workers, PREFETCH * workers + 2)
     loader = torch.utils.data.DataLoader(MetaBatches(source, steps, slots, ring), batch_size=None,
                                          num_workers=workers, prefetch_factor=PREFETCH)
-    batches = iter(loader)
-    while True:
-        try:
-            step, slot, seq = next(batches)
-        except StopIteration:
-            return
-        except MetascaleError as e:
-            raise from_loader_worker(e) from None
-        yield int(step), ring.take(int(slot), int(seq))
+    try:
+        for step, slot, seq in loader:
+            yield int(step), ring.take(int(slot), int(seq))
+    except MetascaleError as e:
+        raise from_loader_worker(e) from None

@@ -50,6 +50,11 @@ class ReadStats:
         if len(self.problems) < 20:
             self.problems.append(message)
 
+    def merge(self, other: "ReadStats") -> None:
+        self.skipped_samples += other.skipped_samples
+        self.skipped_shards += other.skipped_shards
+        self.problems += other.problems[: max(0, 20 - len(self.problems))]
+
 
 def node_splitter(rank: int, world: int) -> Callable[[Iterable], Iterator]:
     """Shard i goes to rank i % world (explicit: WebDataset's default raises when WORLD_SIZE > 1)."""
@@ -123,8 +128,7 @@ def read_records(
                 raise DataError(str(e)) from None
             stats.add(str(e), samples=index.shards[by_name[name]].samples, shard=True)
             continue
-        stats.skipped_samples += local.skipped_samples
-        stats.problems += local.problems[: max(0, 20 - len(stats.problems))]
+        stats.merge(local)
         yield from records
 
 

@@ -52,16 +52,13 @@ def load_store(index: ShardIndex, root: str, split: Split, on_bad: OnBad = "erro
                                          multiprocessing_context="fork" if _can_fork() else None)
     records = []
     try:
-        items = list(loader)
+        for item in loader:
+            if isinstance(item, ReadStats):
+                stats.merge(item)
+            else:
+                records.append(ClassRecord(int(item[0]), np.asarray(item[1]), str(item[2])))
     except MetascaleError as e:
         raise from_loader_worker(e) from None
-    for item in items:
-        if isinstance(item, ReadStats):
-            stats.skipped_samples += item.skipped_samples
-            stats.skipped_shards += item.skipped_shards
-            stats.problems += item.problems[: max(0, 20 - len(stats.problems))]
-        else:
-            records.append(ClassRecord(int(item[0]), np.asarray(item[1]), str(item[2])))
     return ClassStore.from_records(records, index.shape, stats)
 
 

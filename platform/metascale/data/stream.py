@@ -17,11 +17,11 @@ from typing import Sequence
 import numpy as np
 
 from metascale.config import EpisodicData, StreamSpec
-from metascale.data.episodes import EpisodePlanner, assemble, to_float
+from metascale.data.episodes import EpisodePlanner, Uint8Episodes, assemble
 from metascale.data.index import ShardIndex, load_index
 from metascale.data.reader import OnBad, ReadStats, read_records, shard_stream
 from metascale.data.store import ClassStore
-from metascale.data.tasks import SPLITS, Split, Task, TaskBatch
+from metascale.data.tasks import SPLITS, Split, TaskBatch
 from metascale.errors import DataError
 
 _TAG = 0x57494E44  # 5th seed word: no episode_rng seed (4 words) gives the shard permutation's stream
@@ -72,7 +72,7 @@ class _Window:
     planner: EpisodePlanner
 
 
-class StreamTasks:
+class StreamTasks(Uint8Episodes):
     """The TaskSource of `source: shards|glyphs` with `stream` set: ShardTasks' batch, batch_uint8 and task, with
     memory bounded by the window. State loads on first use (the source pickles small, e.g. to Ray workers)."""
 
@@ -103,9 +103,7 @@ class StreamTasks:
         """What on_bad_sample 'skip' left out of the shards decoded so far."""
         total = ReadStats()
         for s in self.cache.stats.values():
-            total.skipped_samples += s.skipped_samples
-            total.skipped_shards += s.skipped_shards
-            total.problems += s.problems[: max(0, 20 - len(total.problems))]
+            total.merge(s)
         return total
 
     def _check(self, index: ShardIndex, shards: list[int]) -> None:
@@ -145,12 +143,6 @@ class StreamTasks:
                             f"classes, fewer than ways={self.spec.ways} (on_bad_sample: skip left some out)")
         self._window = _Window(number, shards, stores, where, planner)
         return self._window
-
-    def task(self, step: int, slot: int) -> Task:
-        return self.batch(step, [slot])[0]
-
-    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
-        return to_float(self.batch_uint8(step, slots))
 
     def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
         """As ShardTasks.batch_uint8, gathering from the window's shards: one fancy index per shard and half."""
