@@ -57,12 +57,11 @@ def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
             monitor.step(coord.step, metrics)
             if spec.checkpoint.every and coord.step % spec.checkpoint.every == 0:
                 save()
+        if spec.checkpoint.every == 0 or coord.step % spec.checkpoint.every:
+            save()  # the last step's, unless the schedule has just written it
         if stop.requested:
-            save()
             monitor.summary({"stopped_at_step": coord.step, "checkpoint": ckpt_dir})
             return {"status": "stopped", "step": coord.step, "checkpoint_dir": ckpt_dir}
-        if spec.checkpoint.every == 0 or coord.step % spec.checkpoint.every:
-            save()
         final = evaluate(pool, pool.put(coord.published()), spec, spec.eval.final_episodes, "final")
         monitor.summary(final)
         return {"status": "finished", "step": coord.step, "skipped_steps": coord.skipped_steps,

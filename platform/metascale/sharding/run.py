@@ -66,8 +66,12 @@ def evaluate_sharded(spec: JobSpec, episodes: int) -> dict[str, Any]:
     with RankGroup(spec.sharding.ranks, spec.executor.threads, env=ALLOCATOR_ENV) as group:
         group.call(worker.setup, spec.model_dump(mode="json"))
         step, _ = _load(group, ckpt_dir, "eval")
-        per_episode = group.call(worker.evaluate, spec.eval.split, list(range(episodes)), spec.eval.inner_steps)[0]
-    return {"checkpoint_step": step, **summarise(per_episode, spec.eval.split)}
+        return {"checkpoint_step": step, **_evaluate(spec, group, episodes, spec.eval.split)}
+
+
+def _evaluate(spec: JobSpec, group: RankGroup, episodes: int, prefix: str) -> dict[str, float]:
+    per_episode = group.call(worker.evaluate, spec.eval.split, list(range(episodes)), spec.eval.inner_steps)[0]
+    return summarise(per_episode, prefix)
 
 
 def _loop(spec: JobSpec, group: RankGroup, monitor: Monitor, ckpt_dir: str, step: int,
@@ -76,10 +80,6 @@ def _loop(spec: JobSpec, group: RankGroup, monitor: Monitor, ckpt_dir: str, step
 
     def save(at: int) -> None:
         group.call(worker.save, ckpt_dir, at, spec.checkpoint.keep, {"wandb_run_id": monitor.run_id})
-
-    def evaluate(episodes: int, prefix: str) -> dict[str, float]:
-        per_episode = group.call(worker.evaluate, spec.eval.split, list(range(episodes)), spec.eval.inner_steps)[0]
-        return summarise(per_episode, prefix)
 
     skipped = 0
     while step < spec.outer.steps and not stop.requested:
@@ -92,17 +92,16 @@ def _loop(spec: JobSpec, group: RankGroup, monitor: Monitor, ckpt_dir: str, step
         metrics.update({"episodes_per_s": result["tasks"] / elapsed, "step_s": elapsed,
                         "nonfinite_tasks": float(len(result["nonfinite"]))})
         if spec.eval.every and step % spec.eval.every == 0 and step < spec.outer.steps:
-            metrics.update(evaluate(spec.eval.episodes, "eval"))
+            metrics.update(_evaluate(spec, group, spec.eval.episodes, "eval"))
         monitor.step(step, metrics)
         if spec.checkpoint.every and step % spec.checkpoint.every == 0:
             save(step)
+    if spec.checkpoint.every == 0 or step % spec.checkpoint.every:
+        save(step)  # the last step's, unless the schedule has just written it
     if stop.requested:
-        save(step)
         monitor.summary({"stopped_at_step": step, "checkpoint": ckpt_dir})
         return {"status": "stopped", "step": step, "checkpoint_dir": ckpt_dir}
-    if spec.checkpoint.every == 0 or step % spec.checkpoint.every:
-        save(step)
-    final = evaluate(spec.eval.final_episodes, "final")
+    final = _evaluate(spec, group, spec.eval.final_episodes, "final")
     monitor.summary(final)
     return {"status": "finished", "step": step, "skipped_steps": skipped, "checkpoint_dir": ckpt_dir,
             "wandb_run_id": monitor.run_id, "ranks": spec.sharding.ranks, **final}
