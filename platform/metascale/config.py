@@ -166,7 +166,13 @@ class InnerLoopSpec(Spec):
     # 'steps' recomputes each inner step in the backward pass; 'all' also the query pass, one model block at a time
     # (models/checkpointing.py: the query forward dominates a task's peak memory).
     checkpoint: Literal["none", "steps", "all"] = "none"
+    # The query pass this many examples at a time (algorithms/query_chunks.py): exact with per-task batch norm, memory
+    # independent of the query-set size, for a few more passes over it. MAML family and learned_hparams; per task.
+    query_chunk: PositiveInt | None = None
     autocast: Literal["none", "bf16"] = "none"
+
+
+CHUNKED_QUERY = ("maml", "fomaml", "metasgd", "learned_loss", "learned_hparams")
 
 
 class IMAMLSpec(Spec):
@@ -344,8 +350,9 @@ def sharding_problem(job: "JobSpec") -> str | None:
                 "steps inside the engine at the accumulation boundary); use skip_task or stop")
     if job.executor.dtype != "float32":
         return "sharding.engine deepspeed keeps float32 master weights: set executor.dtype float32 (precision sets bf16)"
-    if job.algorithm.inner.checkpoint != "none" or job.algorithm.inner.autocast != "none":
-        return ("algorithm.inner.checkpoint/autocast are the un-sharded knobs; with sharding.engine deepspeed use "
+    inner = job.algorithm.inner
+    if inner.checkpoint != "none" or inner.query_chunk is not None or inner.autocast != "none":
+        return ("algorithm.inner.checkpoint/query_chunk/autocast are the un-sharded knobs; with sharding.engine deepspeed use "
                 "sharding.activation_checkpointing and sharding.precision")
     if job.cluster.workers != 1 or job.cluster.address not in ("local", "inline"):
         return ("sharding.engine deepspeed runs one rank group beside the driver: set cluster.workers 1 and "
@@ -404,6 +411,9 @@ class JobSpec(Spec):
         if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
             raise ValueError("algorithm 'imaml' needs inner.steps >= 1 and inner.checkpoint 'none' "
                              "(its memory is already independent of the inner steps)")
+        if alg.inner.query_chunk is not None and alg.name not in CHUNKED_QUERY:
+            raise ValueError(f"inner.query_chunk splits the adapted model's query pass: algorithms "
+                             f"{', '.join(CHUNKED_QUERY)}, not '{alg.name}'")
         if alg.name in ("mwn", "erm") and self.executor.strategy == "vmap":
             raise ValueError(f"algorithm '{alg.name}' runs per task (executor.strategy 'per_task' or 'auto'), not vmap")
         if self.outer.estimator == "es" and alg.name in ("mwn", "erm"):

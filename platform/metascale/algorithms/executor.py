@@ -51,9 +51,11 @@ def meta_gradient(
 ) -> MetaGradient:
     """The summed meta-gradient of `batch` at `meta_params`; `slots` names the tasks in reports (default 0..T-1).
 
-    Checkpointed inner loops run per task whatever the strategy (`torch.func.grad` refuses checkpointing's hooks)."""
+    Checkpointed inner loops and chunked query passes run per task whatever the strategy (`torch.func.grad` refuses
+    checkpointing's hooks; the chunked pass's backward is not a vmap rule)."""
     slots = list(range(len(batch))) if slots is None else list(slots)
-    if strategy == "vmap" and alg.differentiable and alg.spec.inner.checkpoint == "none":
+    inner = alg.spec.inner
+    if strategy == "vmap" and alg.differentiable and inner.checkpoint == "none" and inner.query_chunk is None:
         result = _vmapped(alg, meta_params, batch)
         if result is not None:
             return result  # else: something was not finite; the per-task path finds which task

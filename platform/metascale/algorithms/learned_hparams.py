@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
 from metascale.algorithms.inner import gradient_descent
+from metascale.algorithms.query_chunks import chunked_query
 from metascale.data.tasks import Task
 
 LR, WD = "hparams.lr.", "hparams.wd."
@@ -59,5 +60,8 @@ class LearnedHparams(MetaAlgorithm):
             out = self.f(p, task.query_x)
             return task_loss(out, task.query_y), out
 
-        loss, out = recompute(query, fast, use_reentrant=False) if inner.checkpoint == "all" else query(fast)
+        if inner.query_chunk is not None:
+            loss, out = chunked_query(self.f, fast, task.query_x, task.query_y, inner.query_chunk)
+        else:
+            loss, out = recompute(query, fast, use_reentrant=False) if inner.checkpoint == "all" else query(fast)
         return TaskOutput(loss, task_metrics(out, task.query_y, loss))

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
 from metascale.algorithms.inner import gradient_descent
+from metascale.algorithms.query_chunks import chunked_query
 from metascale.data.tasks import Task
 from metascale.models.checkpointing import checkpointed_blocks
 
@@ -39,8 +40,11 @@ class MAML(MetaAlgorithm):
             out = self.f(p, task.query_x)
             return task_loss(out, task.query_y), out
 
-        with checkpointed_blocks(inner.checkpoint == "all"):  # the query pass holds one block's activations at a time
-            loss, out = query(fast)
+        if inner.query_chunk is not None:  # a chunk's activations at a time, per-task batch norm exact
+            loss, out = chunked_query(self.f, fast, task.query_x, task.query_y, inner.query_chunk)
+        else:
+            with checkpointed_blocks(inner.checkpoint == "all"):  # one block's activations at a time
+                loss, out = query(fast)
         return TaskOutput(loss, task_metrics(out, task.query_y, loss))
 
 

@@ -8,7 +8,9 @@ back-propagates the query loss into the original parameters. Two comparisons, sa
 - the same thread budget each (`throughput_ratio_vs_baseline`): metascale's whole meta-step as N Ray workers of
   one thread (publish, fan out, aggregate) vs the baseline with N torch threads, the way each is meant to use a
   machine (FIELD-NOTES: intra-op threads on small convolutions scale poorly and oversubscribe).
-Memory: what one task's meta-gradient adds to the peak resident set, in a fresh process each (bench/peak.py).
+Memory: what one task's meta-gradient adds to the peak resident set, in a fresh process each (bench/peak.py), with
+nothing recomputed, with checkpointing ('all': inner steps, and the query pass block by block), and with the query
+pass recomputed in chunks instead; and what each costs in time.
 On a GPU (`--device cuda`) the comparison is the executor's batched strategy (vmap: all tasks in one graph) against
 the same baseline on the same GPU, and memory is the CUDA allocator's peak.
 """
@@ -82,9 +84,11 @@ def _best_interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, f
     return best
 
 
-def _maml(steps: int, checkpoint: str = "none", device: str = "cpu", dtype: torch.dtype = torch.float32):
+def _maml(steps: int, checkpoint: str = "none", device: str = "cpu", dtype: torch.dtype = torch.float32,
+          query_chunk: int | None = None):
     model = build_model(Conv4Spec(), 5).to(device, dtype)
-    alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=steps, lr=0.4, checkpoint=checkpoint)), model)
+    inner = InnerLoopSpec(steps=steps, lr=0.4, checkpoint=checkpoint, query_chunk=query_chunk)
+    alg = build_algorithm(AlgorithmSpec(name="maml", inner=inner), model)
     return model, alg, alg.init(dict(model.named_parameters()))
 
 
@@ -138,24 +142,40 @@ def thread_budget(meta_batch: int, steps: int, repeats: int, threads: int) -> di
             "throughput_ratio_vs_baseline": best["base"] / best["ours"]}
 
 
-def task_peak_bytes(checkpoint: str, steps: int, shots: int, queries: int) -> int:
+def task_peak_bytes(checkpoint: str, steps: int, shots: int, queries: int, query_chunk: int | None = None) -> int:
     """Runs in a fresh process (see peak.py): what one 5-way task's meta-gradient adds at its peak. A first call
     warms up (one-time allocations: kernel caches, checkpoint bookkeeping) and the second is measured."""
     torch.set_num_threads(1)
     batch = _tasks(5, shots, queries, 1)
-    _, alg, meta = _maml(steps, checkpoint)
+    _, alg, meta = _maml(steps, checkpoint, query_chunk=query_chunk)
     meta_gradient(alg, meta, batch, "per_task")
     base = settle()
     meta_gradient(alg, meta, batch, "per_task")
     return added_bytes(base)
 
 
+# What each memory configuration sets: nothing; every inner step and the query pass block by block; and the query
+# pass recomputed QUERY_CHUNK examples at a time instead (algorithms/query_chunks.py).
+QUERY_CHUNK = 15
+MEMORY_CONFIGS = {"plain": ("none", None), "blocks": ("all", None), "chunked": ("all", QUERY_CHUNK)}
+
+
 def checkpoint_memory(steps: int, shots: int, queries: int) -> dict:
-    plain, ckpt = (
-        in_fresh_process(f"{__name__}:task_peak_bytes", checkpoint=c, steps=steps, shots=shots, queries=queries)
-        for c in ("none", "all")
-    )
-    return {"peak_bytes_plain": int(plain), "peak_bytes_checkpointed": int(ckpt), "ratio": ckpt / plain}
+    peak = {name: int(in_fresh_process(f"{__name__}:task_peak_bytes", checkpoint=c, steps=steps, shots=shots,
+                                       queries=queries, query_chunk=qc))
+            for name, (c, qc) in MEMORY_CONFIGS.items()}
+    return {**{f"peak_bytes_{k}": v for k, v in peak.items()},
+            "ratio": peak["chunked"] / peak["plain"], "ratio_blocks": peak["blocks"] / peak["plain"]}
+
+
+def checkpoint_time(steps: int, tasks: int, repeats: int) -> dict:
+    """What the memory costs in time: seconds per 5-way 1-shot 15-query task's meta-gradient, one thread."""
+    torch.set_num_threads(1)
+    batch = _tasks(5, 1, 15, tasks)
+    algs = {name: _maml(steps, c, query_chunk=qc)[1:] for name, (c, qc) in MEMORY_CONFIGS.items()}
+    best = _best_interleaved({k: lambda a=a, m=m: meta_gradient(a, m, batch, "per_task") for k, (a, m) in algs.items()},
+                             repeats)
+    return {f"s_per_task_{k}": v / tasks for k, v in best.items()}
 
 
 def on_gpu(meta_batch: int, steps: int, repeats: int, memory_steps: int) -> dict:
@@ -212,14 +232,17 @@ def run(meta_batch: int = 32, steps: int = 1, memory_steps: int = 10, repeats: i
     # A per-task loop keeps one task's graph alive at a time, so one task's peak is the figure that matters. The
     # query pass is recomputed, not avoided, so the more queries per task, the less checkpointing can save.
     memory = {f"{shots}shot_{q}query": checkpoint_memory(memory_steps, shots, q) for shots, q in ((1, 15), (1, 1), (5, 5))}
+    memory["time"] = checkpoint_time(memory_steps, 4, repeats)
     return {
         "benchmark": "inner-loop",
         "setup": f"Conv-4 28x28x1, 5-way 1-shot 15 queries, meta-batch {meta_batch}, {steps} inner step(s), second "
         f"order; thread budget {threads} (metascale: {threads} Ray workers x 1 thread; baseline: {threads} torch "
-        f"threads); memory: one 5-way task, {memory_steps} inner steps, checkpoint 'all' vs 'none'",
+        f"threads); memory: one 5-way task, {memory_steps} inner steps; plain = checkpoint 'none', blocks = 'all', "
+        f"chunked = 'all' + query_chunk {QUERY_CHUNK}",
         **single,
         **budget,
         "checkpoint_memory": memory,
         "checkpoint_memory_ratio": memory["1shot_15query"]["ratio"],
+        "checkpoint_memory_ratio_blocks": memory["1shot_15query"]["ratio_blocks"],
         "checkpoint_memory_ratio_1_query": memory["1shot_1query"]["ratio"],
     }

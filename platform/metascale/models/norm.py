@@ -4,6 +4,10 @@
 error 0.8-18% in float64), so inside vmap the norm is written out in basic ops, which agree to ~1e-13. Outside vmap
 the native kernel is correct and faster. The executor marks vmapped code with `batched_tasks()`, which also tells the
 inner loop to take its gradients with `torch.func.grad`.
+
+Under `split_batch(...)` a batch can also pass through a model in chunks with the numbers of one whole pass
+(algorithms/query_chunks.py): each norm layer, in call order, normalises with statistics given from outside and
+reports its chunk's share of them, so the only link between examples becomes explicit.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _BATCHED = contextvars.ContextVar("metascale_tasks_batched", default=False)
+_SPLIT: contextvars.ContextVar["SplitBatch | None"] = contextvars.ContextVar("metascale_split_batch", default=None)
 
 
 @contextlib.contextmanager
@@ -43,6 +48,9 @@ class TaskBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        split = _SPLIT.get()
+        if split is not None:
+            return split.normalise(x, self.weight, self.bias, self.eps)
         if not tasks_batched():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         dims = [0, *range(2, x.dim())]
@@ -50,3 +58,47 @@ class TaskBatchNorm(nn.Module):
         var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
         shape = [1, -1] + [1] * (x.dim() - 2)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class StopPass(Exception):
+    """Ends a chunk's forward pass at the norm layer `SplitBatch.stop_at`, carrying what that layer recorded."""
+
+    def __init__(self, record: tuple):
+        super().__init__()
+        self.record = record
+
+
+class SplitBatch:
+    """Per-task batch norm for one chunk of a batch of `total` examples.
+
+    Layers whose (mean, var) are in `stats` normalise with them and need nothing from other chunks. The layer at
+    index `stop_at` ends the pass (`StopPass`) with its chunk's record: (sum x, sum x^2, count) per channel, in float64,
+    when its statistics are not known yet (they are being collected), else its differentiable share of them,
+    (sum x / M, sum (x - mean)^2 / M) with M the batch's count per channel (how the statistics' adjoints reach the
+    weights and the earlier layers' statistics)."""
+
+    def __init__(self, stats: list[tuple[Tensor, Tensor]], total: int, stop_at: int | None = None):
+        self.stats, self.total, self.stop_at, self.layer = stats, total, stop_at, 0
+
+    def normalise(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        i, self.layer = self.layer, self.layer + 1
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if i == self.stop_at:
+            if i >= len(self.stats):
+                x64 = x.detach().double()
+                raise StopPass((x64.sum(dims), (x64 * x64).sum(dims), x64.numel() // x64.shape[1]))
+            count = self.total * x[0, 0].numel()
+            mean = self.stats[i][0]
+            raise StopPass((x.sum(dims) / count, ((x - mean.view(shape)) ** 2).sum(dims) / count))
+        mean, var = self.stats[i]
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * weight.view(shape) + bias.view(shape)
+
+
+@contextlib.contextmanager
+def split_batch(split: SplitBatch) -> Iterator[SplitBatch]:
+    token = _SPLIT.set(split)
+    try:
+        yield split
+    finally:
+        _SPLIT.reset(token)

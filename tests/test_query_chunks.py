@@ -1,0 +1,108 @@
+"""The chunked query pass (algorithms/query_chunks.py) gives the whole pass's loss, outputs and gradients, per-task
+batch norm included, and MAML's meta-gradient through it equals the plain one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metascale.algorithms import build_algorithm
+from metascale.algorithms.base import Functional, task_loss
+from metascale.algorithms.executor import meta_gradient
+from metascale.algorithms.query_chunks import chunked_query
+from metascale.config import (AlgorithmSpec, Conv4Spec, InnerLoopSpec, MLPSpec, ResNet12Spec, SinusoidData,
+                              SyntheticImagesData, ViTSpec, parse_spec)
+from metascale.data import build_task_source
+from metascale.errors import SpecError
+from metascale.models import build_model
+
+MODELS = {
+    "conv4-omniglot": Conv4Spec(hidden=8),
+    "conv4-miniimagenet": Conv4Spec(variant="miniimagenet", hidden=8),
+    "resnet12": ResNet12Spec(in_channels=1, channels=[4, 4]),
+    "vit": ViTSpec(dim=16, depth=2, heads=2),
+}
+
+
+def _images(n=2, queries=3):
+    spec = SyntheticImagesData(ways=5, shots=1, queries=queries, image_size=28)
+    return build_task_source(spec, "train", 0).batch(0, range(n)).to("cpu", torch.float64)
+
+
+def _rel(a: dict, b: dict) -> float:
+    """Largest difference relative to the gradient's overall size (a bias before batch norm has a zero gradient)."""
+    scale = max(float(v.abs().max()) for v in a.values())
+    return max(float((a[k] - b[k]).abs().max()) for k in a) / scale
+
+
+def _whole_and_chunked(model, x, y, chunk):
+    f = Functional(model)
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    out = f(params, x)
+    loss = task_loss(out, y)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    c_loss, c_out = chunked_query(f, params, x, y, chunk)
+    c_grads = dict(zip(params, torch.autograd.grad(c_loss, list(params.values()))))
+    return (loss, out, grads), (c_loss, c_out, c_grads)
+
+
+@pytest.mark.parametrize("chunk", [4, 15])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_chunked_query_pass_equals_the_whole_pass(float64, name, chunk):
+    torch.manual_seed(0)
+    model = build_model(MODELS[name], 5).double()
+    task = _images(1).tasks()[0]
+    (loss, out, grads), (c_loss, c_out, c_grads) = _whole_and_chunked(model, task.query_x, task.query_y, chunk)
+    assert abs(float((loss - c_loss).detach())) < 1e-12 and float((out - c_out).detach().abs().max()) < 1e-12
+    assert _rel(grads, c_grads) < 1e-10
+    assert not c_out.requires_grad  # outputs are for metrics; only the loss carries the gradient
+
+
+def test_chunks_with_their_own_batch_statistics_would_differ(float64):
+    """Guards the test above: on these models, normalising each chunk by itself changes the numbers."""
+    torch.manual_seed(0)
+    model = build_model(MODELS["conv4-omniglot"], 5).double()
+    x = _images(1).tasks()[0].query_x
+    with torch.no_grad():
+        assert float((model(x) - torch.cat([model(c) for c in x.split(4)])).abs().max()) > 1e-3
+
+
+def test_regression_without_batch_norm(float64):
+    torch.manual_seed(0)
+    model = build_model(MLPSpec(), 1).double()
+    task = build_task_source(SinusoidData(), "train", 0).batch(0, range(1)).to("cpu", torch.float64).tasks()[0]
+    (loss, _, grads), (c_loss, _, c_grads) = _whole_and_chunked(model, task.query_x, task.query_y, 3)
+    assert abs(float((loss - c_loss).detach())) < 1e-12 and _rel(grads, c_grads) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["maml", "metasgd", "learned_hparams"])
+def test_meta_gradient_through_chunked_query_equals_plain(float64, name):
+    """Second order through 3 inner steps: the query pass's gradient feeds the inner loop's backward unchanged.
+    vmap is asked for and must fall back to the per-task path (the chunked backward has no vmap rule)."""
+    def setup(**inner):
+        torch.manual_seed(0)
+        model = build_model(Conv4Spec(hidden=8), 5).double()
+        alg = build_algorithm(AlgorithmSpec(name=name, inner=InnerLoopSpec(steps=3, lr=0.1, **inner)), model)
+        return alg, alg.init(dict(model.named_parameters()))
+
+    plain, meta = setup()
+    chunked, _ = setup(checkpoint="all", query_chunk=4)
+    batch = _images(2)
+    a, b = meta_gradient(plain, meta, batch), meta_gradient(chunked, meta, batch, "vmap")
+    assert _rel(a.grads, b.grads) < 1e-10
+    assert a.metrics == pytest.approx(b.metrics, rel=1e-12)
+    with torch.no_grad():  # evaluation: the chunked pass needs no graph
+        task = batch.tasks()[0]
+        assert float(chunked.task_objective(meta, task).objective) == pytest.approx(
+            float(plain.task_objective(meta, task).objective), rel=1e-12)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"algorithm": {"name": "protonet", "inner": {"query_chunk": 5}}, "model": {"name": "conv4"},
+      "data": {"source": "synthetic"}}, "inner.query_chunk splits the adapted model's query pass"),
+    ({"algorithm": {"inner": {"query_chunk": 0}}}, "algorithm.inner.query_chunk: Input should be greater than 0"),
+])
+def test_bad_query_chunk_specs_are_refused(raw, needle):
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw)
+    assert any(needle in p for p in e.value.problems), e.value.problems
