@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
 import uuid
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from metascale.errors import CheckpointError
+from metascale.files import atomic_write
 
 log = logging.getLogger(__name__)
 MAGIC = b"metascale-ckpt v1 sha256="
@@ -41,29 +41,16 @@ def save(directory: str, step: int, state: dict[str, Any], keep: int) -> str:
     payload = buf.getvalue()
     blob = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
     final = f"{root}/step-{step:08d}.ckpt"
-    tmp = f"{root}/.tmp-{uuid.uuid4().hex}.ckpt"
     if isinstance(fs, LocalFileSystem):
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        atomic_write(final, blob)
     else:  # object stores: a single PUT is atomic; write under a temp name then move for stores that copy
+        tmp = f"{root}/.tmp-{uuid.uuid4().hex}.ckpt"
         with fs.open(tmp, "wb") as f:
             f.write(blob)
         fs.mv(tmp, final)
     for old in list_steps(directory)[:-keep]:
         fs.rm(f"{root}/step-{old:08d}.ckpt")
     return final
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_steps(directory: str) -> list[int]:

@@ -24,6 +24,7 @@ from PIL import Image
 from metascale.data.index import INDEX_NAME, ClassEntry, ShardEntry, ShardIndex, sample_key
 from metascale.data.tasks import SPLITS, Split
 from metascale.errors import DataError
+from metascale.files import atomic_write, fsync_path
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class _ShardWriter:
             return None
         self.writer.close()  # closes the file too
         path = self.tmp / self.name
-        _fsync(path)
+        fsync_path(path)
         entry = ShardEntry(self.name, self.split, _sha256(path), path.stat().st_size, self.samples)
         self.writer, self.shard_no = None, self.shard_no + 1
         return entry
@@ -103,7 +104,7 @@ def pack(
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
     try:
         index = _write_shards(classes, tmp, source or {}, max_classes_per_shard, max_shard_bytes, progress, total)
-        _atomic_write(tmp / INDEX_NAME, index.to_json().encode())
+        atomic_write(tmp / INDEX_NAME, index.to_json().encode())
         _replace_dir(tmp, out)
         return index
     except BaseException:
@@ -160,23 +161,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Moves the finished set into place; an existing OUT (only with overwrite) is moved aside first."""
     old = None
@@ -184,11 +168,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
     os.replace(tmp, out)
-    dfd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
