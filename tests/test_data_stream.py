@@ -19,6 +19,7 @@ from metascale.data.index import load_index
 from metascale.data.pack import SourceClass, pack
 from metascale.data.store import ClassStore
 from metascale.data.stream import StreamTasks, window_of
+from metascale.data.tasks import held_out
 from metascale.errors import DataError, SpecError
 
 pytestmark = pytest.mark.timeout(120)
@@ -140,3 +141,22 @@ def test_a_corrupt_shard_in_a_window_raises_the_readers_error(shards, tmp_path):
         src.batch(step, range(4))
     with pytest.raises(DataError, match=rf"{index.shards[victim].name}.*(truncated|sha256)"):
         src.batch(4, [0])
+
+
+def test_held_out_episodes_come_from_every_window_of_the_split(shards):
+    """Evaluation draws episode `slot` in window slot % W of epoch 0, so a held-out set sees the whole split (not only
+    window 0's classes), the same bytes every time, in the order asked, one window decoded at a time."""
+    spec = _spec(shards, window_shards=2, window_steps=5)  # test split: 4 shards, so 2 windows
+    src = build_task_source(spec, "test", 0)
+    slots = [5, 0, 3, 2, 1, 4]
+    b = held_out(src, slots)
+    index = load_index(shards)
+    test_classes = {i for i, c in enumerate(index.classes) if index.shards[c.shard].split == "test"}
+    assert _classes(b) <= test_classes and not _classes(b) <= _window_classes(shards, src, 0)
+    for i, slot in enumerate(slots):
+        assert _digest(b[i]) == _digest(src.batch((slot % 2) * 5, [slot])[0])
+        assert _classes(b[i : i + 1]) <= _window_classes(shards, src, (slot % 2) * 5)
+    assert _digest(held_out(pickle.loads(pickle.dumps(src)), slots)) == _digest(b)
+    assert len(src.cache.stores) <= 2
+    whole = build_task_source(_spec(shards, window_shards=8, window_steps=5), "test", 0)
+    assert _digest(held_out(whole, slots)) == _digest(ShardTasks(whole.spec, "test", 0, shards).batch(0, slots))

@@ -26,7 +26,7 @@ def evaluate(pool: Any, params_ref: Any, spec: JobSpec, episodes: int, prefix: s
 
     groups = split_slots(episodes, pool.size)
     steps = spec.eval.inner_steps
-    results = pool.map("evaluate", groups, 0, params_ref, spec.eval.split, steps)
+    results = pool.map("evaluate", groups, None, params_ref, spec.eval.split, steps)
     return summarise([e for group in results for e in group], prefix)
 
 

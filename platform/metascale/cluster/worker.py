@@ -21,7 +21,7 @@ from metascale.algorithms.executor import meta_gradient, resolve_strategy
 from metascale.cluster import allreduce
 from metascale.config import JobSpec
 from metascale.data import build_task_source, output_dim
-from metascale.data.tasks import Split, TaskSource
+from metascale.data.tasks import Split, TaskSource, held_out
 from metascale.models import build_model
 
 NumpyParams = dict[str, np.ndarray]
@@ -122,10 +122,12 @@ class MetaWorker:
             "compute_s": time.perf_counter() - t1,
         }
 
-    def evaluate(self, step: int, slots: Sequence[int], params: NumpyParams, split: Split, steps: int | None):
-        """Per-episode post-adaptation metrics on held-out tasks (a list, one dict per slot)."""
+    def evaluate(self, step: int | None, slots: Sequence[int], params: NumpyParams, split: Split, steps: int | None):
+        """Per-episode post-adaptation metrics (a list, one dict per slot) on the tasks (step, slot), or with `step`
+        None on the held-out episodes (`data.tasks.held_out`: spread over the split by streaming sources)."""
         meta = self._params(params)
-        batch = self.source(split).batch(step, slots).to(self.device, self.dtype)
+        source = self.source(split)
+        batch = (held_out(source, slots) if step is None else source.batch(step, slots)).to(self.device, self.dtype)
         results = []
         with torch.no_grad():
             for task in batch.tasks():

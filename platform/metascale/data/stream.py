@@ -21,7 +21,7 @@ from metascale.data.episodes import EpisodePlanner, Uint8Episodes, assemble
 from metascale.data.index import ShardIndex, load_index
 from metascale.data.reader import OnBad, ReadStats, read_records, shard_stream
 from metascale.data.store import ClassStore
-from metascale.data.tasks import SPLITS, Split, TaskBatch
+from metascale.data.tasks import SPLITS, Split, Task, TaskBatch
 from metascale.errors import DataError
 
 _TAG = 0x57494E44  # 5th seed word: no episode_rng seed (4 words) gives the shard permutation's stream
@@ -161,3 +161,13 @@ class StreamTasks(Uint8Episodes):
             return out
 
         return assemble(s, plans, take)
+
+    def held_out(self, slots: Sequence[int]) -> TaskBatch:
+        """Evaluation episodes from the whole split, not one window: episode `slot` is drawn in window slot % W of
+        epoch 0 (its W windows hold every shard once), windows decoded one at a time."""
+        per_epoch = -(-len(self._loaded()[1]) // self.cache.capacity)
+        tasks: dict[int, Task] = {}
+        for w in sorted({slot % per_epoch for slot in slots}):
+            mine = [slot for slot in slots if slot % per_epoch == w]
+            tasks.update(zip(mine, self.batch(w * self.stream.window_steps, mine).tasks()))
+        return TaskBatch.stack([tasks[slot] for slot in slots])

@@ -7,7 +7,7 @@ Everything that produces tasks (synthetic families, shard samplers) returns thes
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -71,6 +71,18 @@ class TaskSource(Protocol):
     worker can (re)compute any slot of any meta-step: the coordinator's fault tolerance and resume rely on it."""
 
     def batch(self, step: int, slots: Sequence[int]) -> TaskBatch: ...
+
+
+@runtime_checkable
+class PartialSource(Protocol):
+    """A source that holds part of its split at a time (data/stream.py): it says where held-out episodes come from."""
+
+    def held_out(self, slots: Sequence[int]) -> TaskBatch: ...
+
+
+def held_out(source: TaskSource, slots: Sequence[int]) -> TaskBatch:
+    """Evaluation episode `slot` for each slot: `batch(0, slots)`, unless the source spreads them over its split."""
+    return source.held_out(slots) if isinstance(source, PartialSource) else source.batch(0, slots)
 
 
 def episode_rng(seed: int, split: Split, step: int, slot: int) -> np.random.Generator:

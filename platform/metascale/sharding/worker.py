@@ -15,7 +15,7 @@ import torch
 
 from metascale.config import SECOND_ORDER, JobSpec
 from metascale.data import build_task_source, output_dim
-from metascale.data.tasks import Split
+from metascale.data.tasks import Split, held_out
 from metascale.models import build_model
 from metascale.sharding.launch import RANK_STATE
 
@@ -45,11 +45,13 @@ def _local_tensors(learner: Any) -> list[torch.Tensor]:
     return [p.ds_tensor if is_partitioned(p) else p for p in learner.engine.module.parameters()]
 
 
-def _tasks(split: Split, step: int, slots: Sequence[int]) -> list:
+def _tasks(split: Split, step: int | None, slots: Sequence[int]) -> list:
+    """The tasks (step, slot); with `step` None the held-out episodes (data.tasks.held_out)."""
     spec: JobSpec = RANK_STATE["spec"]
     if split not in RANK_STATE["sources"]:
         RANK_STATE["sources"][split] = build_task_source(spec.data, split, spec.seed)
-    return RANK_STATE["sources"][split].batch(step, slots).tasks()
+    source = RANK_STATE["sources"][split]
+    return (held_out(source, slots) if step is None else source.batch(step, slots)).tasks()
 
 
 def lite_generator(seed: int, step: int, slot: int) -> torch.Generator:
@@ -64,7 +66,7 @@ def step(step: int, slots: Sequence[int]) -> dict[str, Any]:
 
 
 def evaluate(split: Split, slots: Sequence[int], steps: int | None) -> list[dict[str, float]]:
-    return RANK_STATE["learner"].evaluate(_tasks(split, 0, slots), steps)
+    return RANK_STATE["learner"].evaluate(_tasks(split, None, slots), steps)
 
 
 def _rank_dir(directory: str) -> str:
