@@ -101,6 +101,9 @@ def test_meta_gradient_through_chunked_query_equals_plain(float64, name):
     ({"algorithm": {"name": "protonet", "inner": {"query_chunk": 5}}, "model": {"name": "conv4"},
       "data": {"source": "synthetic"}}, "inner.query_chunk splits the adapted model's query pass"),
     ({"algorithm": {"inner": {"query_chunk": 0}}}, "algorithm.inner.query_chunk: Input should be greater than 0"),
+    ({"algorithm": {"name": "fomaml", "inner": {"query_chunk": 2}}, "model": {"name": "vit", "dim": 32, "depth": 2,
+      "heads": 2}, "data": {"source": "synthetic"}, "sharding": {"engine": "deepspeed", "ranks": 2}},
+     "algorithm.inner.checkpoint/query_chunk/autocast are the un-sharded knobs"),
 ])
 def test_bad_query_chunk_specs_are_refused(raw, needle):
     with pytest.raises(SpecError) as e:
