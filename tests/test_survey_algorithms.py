@@ -7,6 +7,7 @@ import torch
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
+from metascale.algorithms import imaml
 from metascale.algorithms.imaml import conjugate_gradient
 from metascale.config import AlgorithmSpec, IMAMLSpec, InnerLoopSpec, MLPSpec, SinusoidData, SyntheticImagesData
 from metascale.config import Conv4Spec
@@ -52,9 +53,22 @@ def test_conjugate_gradient_solves_a_spd_system():
     assert torch.allclose(x, torch.linalg.solve(a, b), atol=1e-10)
 
 
-def test_imaml_meta_gradient_equals_the_closed_form_implicit_gradient():
-    """Linear regression: L_s is quadratic, so phi*(theta) = (H + reg I)^-1 (reg theta + c) in closed form, and
-    autograd through that solve is the exact implicit meta-gradient iMAML approximates (CG exact in d steps)."""
+def test_conjugate_gradient_stops_at_non_positive_curvature():
+    """An indefinite A (an inner loop short of its minimum): CG keeps its last iterate instead of dividing by p.Ap <= 0,
+    which here would flip the second step's sign (diag(3, 1, -1)) or divide by zero (diag(1, -1))."""
+    b = torch.ones(3, dtype=torch.float64)
+    a = torch.diag(torch.tensor([3.0, 1.0, -1.0], dtype=torch.float64))
+    x = conjugate_gradient(lambda v: {"x": a @ v["x"]}, {"x": b}, steps=3)["x"]
+    assert torch.equal(x, b)  # the first step (alpha = b.b / b.Ab = 1); the second direction has p.Ap < 0
+    flat = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    x = conjugate_gradient(lambda v: {"x": flat @ v["x"]}, {"x": torch.ones(2, dtype=torch.float64)}, steps=2)["x"]
+    assert torch.equal(x, torch.ones(2, dtype=torch.float64))  # b itself: no step has positive curvature
+
+
+def _linear_regression_implicit_gradient(damping, monkeypatch):
+    """iMAML's meta-gradient and the closed form for linear regression, where L_s is quadratic: phi*(theta) =
+    (H + reg I)^-1 (reg theta + c), and the damped system's solution is (I + (H + damping I)/reg)^-1 grad L_q(phi*)."""
+    monkeypatch.setattr(imaml, "CG_DAMPING", damping)
     reg = 2.0
     alg, meta = _setup("imaml", MLPSpec(in_features=3, hidden=[]), 1,
                        inner=InnerLoopSpec(steps=150, lr=0.1), imaml=IMAMLSpec(reg=reg, cg_steps=4))
@@ -70,9 +84,24 @@ def test_imaml_meta_gradient_equals_the_closed_form_implicit_gradient():
     hess = 2 * xs.T @ xs / 8  # of mean squared error
     phi = torch.linalg.solve(hess + reg * torch.eye(4, dtype=torch.float64), reg * theta + 2 * xs.T @ task.support_y[:, 0] / 8)
     query = ((xq @ phi - task.query_y[:, 0]) ** 2).mean()
-    (expected,) = torch.autograd.grad(query, theta)
-    ours = torch.cat([got["head.weight"].view(-1), got["head.bias"]])
-    assert torch.allclose(ours, expected, rtol=1e-7, atol=1e-9), (ours, expected)
+    (gq,) = torch.autograd.grad(query, phi, retain_graph=True)
+    (exact,) = torch.autograd.grad(query, theta)  # = (I + H/reg)^-1 grad L_q(phi*)
+    eye = torch.eye(4, dtype=torch.float64)
+    damped = torch.linalg.solve(eye + (hess + damping * eye) / reg, gq)
+    return torch.cat([got["head.weight"].view(-1), got["head.bias"]]), exact, damped
+
+
+def test_imaml_meta_gradient_equals_the_closed_form_implicit_gradient(monkeypatch):
+    """Undamped, autograd through the closed-form solve is the exact implicit meta-gradient (CG exact in d steps)."""
+    ours, exact, _ = _linear_regression_implicit_gradient(0.0, monkeypatch)
+    assert torch.allclose(ours, exact, rtol=1e-7, atol=1e-9), (ours, exact)
+
+
+def test_imaml_solves_the_damped_system_by_default(monkeypatch):
+    ours, exact, damped = _linear_regression_implicit_gradient(imaml.CG_DAMPING, monkeypatch)
+    assert imaml.CG_DAMPING > 0
+    assert torch.allclose(ours, damped, rtol=1e-7, atol=1e-9), (ours, damped)
+    assert not torch.allclose(ours, exact, rtol=1e-2)
 
 
 def test_imaml_runs_on_conv4_and_differs_from_its_first_order_direction():
