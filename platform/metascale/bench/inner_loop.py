@@ -196,9 +196,9 @@ def on_gpu(meta_batch: int, steps: int, repeats: int, memory_steps: int) -> dict
     baseline_step(model, batch.to(dev, torch.float64), steps, 0.4)
     err = max(float((mg.grads[k] / meta_batch - p.grad).abs().max()) for k, p in model.named_parameters())
 
-    def peak(checkpoint: str, shots: int, queries: int, tasks: int = 1) -> int:
-        one = _tasks(5, shots, queries, tasks).to(dev)
-        _, a, m = _maml(memory_steps, checkpoint, dev)
+    def peak(checkpoint: str, query_chunk: int | None, shots: int, queries: int) -> int:
+        one = _tasks(5, shots, queries, 1).to(dev)
+        _, a, m = _maml(memory_steps, checkpoint, dev, query_chunk=query_chunk)
         meta_gradient(a, m, one, "per_task")  # warm-up: cuDNN workspaces, allocator pools
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -209,13 +209,15 @@ def on_gpu(meta_batch: int, steps: int, repeats: int, memory_steps: int) -> dict
 
     memory = {}
     for shots, q in ((1, 15), (1, 1), (5, 5)):
-        plain, ckpt = peak("none", shots, q), peak("all", shots, q)
-        memory[f"{shots}shot_{q}query"] = {"peak_bytes_plain": plain, "peak_bytes_checkpointed": ckpt,
-                                            "ratio": ckpt / plain}
+        peaks = {name: peak(c, qc, shots, q) for name, (c, qc) in MEMORY_CONFIGS.items()}
+        memory[f"{shots}shot_{q}query"] = {**{f"peak_bytes_{k}": v for k, v in peaks.items()},
+                                            "ratio": peaks["chunked"] / peaks["plain"],
+                                            "ratio_blocks": peaks["blocks"] / peaks["plain"]}
     return {
         "benchmark": "inner-loop", "device": torch.cuda.get_device_name(),
         "setup": f"Conv-4 28x28x1, 5-way 1-shot 15 queries, meta-batch {meta_batch}, {steps} inner step(s), second "
-        f"order, float32, one GPU; memory: one 5-way task, {memory_steps} inner steps, checkpoint 'all' vs 'none'",
+        f"order, float32, one GPU; memory: one 5-way task, {memory_steps} inner steps; plain = checkpoint 'none', "
+        f"blocks = 'all', chunked = 'all' + query_chunk {QUERY_CHUNK}",
         "s_per_step_vmap": best["vmap"], "s_per_step_per_task": best["per_task"],
         "baseline_s_per_step": best["base"],
         "throughput_ratio_vs_baseline": best["base"] / best["vmap"],
@@ -223,6 +225,7 @@ def on_gpu(meta_batch: int, steps: int, repeats: int, memory_steps: int) -> dict
         "max_abs_grad_diff_float64": err,
         "checkpoint_memory": memory,
         "checkpoint_memory_ratio": memory["1shot_15query"]["ratio"],
+        "checkpoint_memory_ratio_blocks": memory["1shot_15query"]["ratio_blocks"],
     }
 
 
