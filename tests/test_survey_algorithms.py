@@ -7,7 +7,6 @@ import torch
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
-from metascale.algorithms import imaml
 from metascale.algorithms.imaml import conjugate_gradient
 from metascale.config import AlgorithmSpec, IMAMLSpec, InnerLoopSpec, MLPSpec, SinusoidData, SyntheticImagesData
 from metascale.config import Conv4Spec
@@ -65,13 +64,12 @@ def test_conjugate_gradient_stops_at_non_positive_curvature():
     assert torch.equal(x, torch.ones(2, dtype=torch.float64))  # b itself: no step has positive curvature
 
 
-def _linear_regression_implicit_gradient(damping, monkeypatch):
+def _linear_regression_implicit_gradient(damping):
     """iMAML's meta-gradient and the closed form for linear regression, where L_s is quadratic: phi*(theta) =
     (H + reg I)^-1 (reg theta + c), and the damped system's solution is (I + (H + damping I)/reg)^-1 grad L_q(phi*)."""
-    monkeypatch.setattr(imaml, "CG_DAMPING", damping)
     reg = 2.0
     alg, meta = _setup("imaml", MLPSpec(in_features=3, hidden=[]), 1,
-                       inner=InnerLoopSpec(steps=150, lr=0.1), imaml=IMAMLSpec(reg=reg, cg_steps=4))
+                       inner=InnerLoopSpec(steps=150, lr=0.1), imaml=IMAMLSpec(reg=reg, cg_steps=4, damping=damping))
     g = torch.Generator().manual_seed(1)
     sx, qx = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
     task = Task(sx, torch.randn(8, 1, generator=g, dtype=torch.float64), qx,
@@ -91,15 +89,15 @@ def _linear_regression_implicit_gradient(damping, monkeypatch):
     return torch.cat([got["head.weight"].view(-1), got["head.bias"]]), exact, damped
 
 
-def test_imaml_meta_gradient_equals_the_closed_form_implicit_gradient(monkeypatch):
+def test_imaml_meta_gradient_equals_the_closed_form_implicit_gradient():
     """Undamped, autograd through the closed-form solve is the exact implicit meta-gradient (CG exact in d steps)."""
-    ours, exact, _ = _linear_regression_implicit_gradient(0.0, monkeypatch)
+    ours, exact, _ = _linear_regression_implicit_gradient(0.0)
     assert torch.allclose(ours, exact, rtol=1e-7, atol=1e-9), (ours, exact)
 
 
-def test_imaml_solves_the_damped_system_by_default(monkeypatch):
-    ours, exact, damped = _linear_regression_implicit_gradient(imaml.CG_DAMPING, monkeypatch)
-    assert imaml.CG_DAMPING > 0
+def test_imaml_solves_the_damped_system_by_default():
+    ours, exact, damped = _linear_regression_implicit_gradient(IMAMLSpec().damping)
+    assert IMAMLSpec().damping > 0
     assert torch.allclose(ours, damped, rtol=1e-7, atol=1e-9), (ours, damped)
     assert not torch.allclose(ours, exact, rtol=1e-2)
 

@@ -18,6 +18,7 @@ from metascale.errors import SpecError
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 class Spec(BaseModel):
@@ -180,6 +181,10 @@ class IMAMLSpec(Spec):
 
     reg: PositiveFloat = 2.0
     cg_steps: PositiveInt = 5
+    # Levenberg-Marquardt damping of H in the CG system: (I + (H + damping I)/reg) v = grad L_query. Short of the
+    # inner minimum I + H/reg can be indefinite and CG then blows up (algorithms/imaml.py); 22 is the reference
+    # code's system (2I + H/12 at reg 2) up to scale. 0 solves the exact implicit system.
+    damping: NonNegFloat = 22.0
 
 
 class LearnedSpec(Spec):

@@ -3,9 +3,14 @@
 The inner problem is proximally regularised: phi*(theta) = argmin L_s(phi) + reg/2 ||phi - theta||^2. At the
 optimum, d phi*/d theta = (I + H/reg)^-1 with H the Hessian of L_s at phi*, so the meta-gradient is
 v = (I + H/reg)^-1 grad L_q(phi*), solved by conjugate gradient with Hessian-vector products (torch.func.vjp of
-torch.func.grad, linearised once per task and reused by every CG step), H damped by CG_DAMPING (below). The inner
+torch.func.grad, linearised once per task and reused by every CG step), H damped by `imaml.damping`. The inner
 loop runs with no graph, so memory does not grow with its steps; the price is that v is exact only when the inner
-loop has (nearly) reached phi*, where I + H/reg is positive definite; short of it, it may not be (see CG_DAMPING).
+loop has (nearly) reached phi*, where I + H/reg is positive definite; short of it, it may not be.
+
+Why the damping (Levenberg-Marquardt: (I + (H + damping I)/reg) v = grad L_q): without it, I + H/reg is indefinite
+on the glyph set (smallest eigenvalue -0.6 at the init, -4 to -7 after training: 16 inner steps do not reach a
+minimum) and CG's 5th iterate reached 166x the query gradient's norm. The default 22 is the reference code's system
+(aravindr93/imaml_dev solves (2I + H/12) v = g with reg 2) up to scale.
 """
 
 from __future__ import annotations
@@ -18,13 +23,6 @@ from torch import Tensor
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
 from metascale.algorithms.inner import gradient_descent
 from metascale.data.tasks import Task
-
-# Levenberg-Marquardt damping of H in the CG system (I + (H + damping I)/reg) v = grad L_q; the reference code
-# (aravindr93/imaml_dev) solves (2I + H/12) v = g with reg 2, the same system up to scale with damping 22.
-# Without it, I + H/reg is indefinite on the glyph set (smallest eigenvalue -0.6 at the init, -4 to -7 after
-# training: 16 inner steps do not reach a minimum) and CG's 5th iterate reached 166x the query gradient's norm.
-# A code default until the spec has `algorithm.imaml.damping`.
-CG_DAMPING = 22.0
 
 
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int) -> Params:
@@ -94,11 +92,11 @@ class IMAML(MetaAlgorithm):
             names = list(leaves)
             g = dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)))
         g = {k: torch.zeros_like(fast[k]) if v is None else v for k, v in g.items()}
-        reg = self.spec.imaml.reg
+        reg, damping = self.spec.imaml.reg, self.spec.imaml.damping
         _, hvp = torch.func.vjp(torch.func.grad(self._support_loss(task)), fast)  # H v = vjp(v): H is symmetric
 
         def matvec(v: Params) -> Params:
             (hv,) = hvp(v)
-            return {k: v[k] + (hv[k] + CG_DAMPING * v[k]) / reg for k in v}
+            return {k: v[k] + (hv[k] + damping * v[k]) / reg for k in v}
 
         return conjugate_gradient(matvec, g, self.spec.imaml.cg_steps), task_metrics(out, task.query_y, loss.detach())
