@@ -82,7 +82,7 @@ def test_vmapped_path_equals_per_task_path_with_batch_norm(float64, name):
     assert abs(per_task.metrics["loss"] - vmapped.metrics["loss"]) < 1e-10
 
 
-@pytest.mark.parametrize("name", ["maml", "anil", "metasgd"])
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd", "learned_hparams"])
 @pytest.mark.parametrize("mode", ["steps", "all"])
 def test_checkpointed_inner_loop_equals_plain(float64, name, mode):
     plain_alg, meta = _setup(name, Conv4Spec(hidden=8), 5, steps=4, lr=0.1)

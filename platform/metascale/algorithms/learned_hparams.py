@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as recompute
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
 from metascale.algorithms.inner import gradient_descent
-from metascale.algorithms.query_chunks import chunked_query
+from metascale.algorithms.query_chunks import query_pass
 from metascale.data.tasks import Task
 
 LR, WD = "hparams.lr.", "hparams.wd."
@@ -55,13 +54,5 @@ class LearnedHparams(MetaAlgorithm):
             support, weights, steps=inner.steps if steps is None else steps, lr=lr,
             first_order=inner.first_order, checkpoint=inner.checkpoint != "none",
         )
-
-        def query(p: Params):
-            out = self.f(p, task.query_x)
-            return task_loss(out, task.query_y), out
-
-        if inner.query_chunk is not None:
-            loss, out = chunked_query(self.f, fast, task.query_x, task.query_y, inner.query_chunk)
-        else:
-            loss, out = recompute(query, fast, use_reentrant=False) if inner.checkpoint == "all" else query(fast)
+        loss, out = query_pass(self.f, fast, task, inner)
         return TaskOutput(loss, task_metrics(out, task.query_y, loss))

@@ -7,9 +7,8 @@ from torch import Tensor
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
 from metascale.algorithms.inner import gradient_descent
-from metascale.algorithms.query_chunks import chunked_query
+from metascale.algorithms.query_chunks import query_pass
 from metascale.data.tasks import Task
-from metascale.models.checkpointing import checkpointed_blocks
 
 
 @register
@@ -35,16 +34,7 @@ class MAML(MetaAlgorithm):
             first_order=self.first_order or inner.first_order,
             checkpoint=inner.checkpoint != "none",
         )
-
-        def query(p: Params):
-            out = self.f(p, task.query_x)
-            return task_loss(out, task.query_y), out
-
-        if inner.query_chunk is not None:  # a chunk's activations at a time, per-task batch norm exact
-            loss, out = chunked_query(self.f, fast, task.query_x, task.query_y, inner.query_chunk)
-        else:
-            with checkpointed_blocks(inner.checkpoint == "all"):  # one block's activations at a time
-                loss, out = query(fast)
+        loss, out = query_pass(self.f, fast, task, inner)
         return TaskOutput(loss, task_metrics(out, task.query_y, loss))
 
 

@@ -13,7 +13,7 @@ That is 1 + (number of norm layers) chunked backward passes of growing depth ins
 chunk's activations is alive at a time. Exact for models whose only link between examples is `TaskBatchNorm` (every
 model in the registry); the query loss must be a mean over examples (cross-entropy, mean squared error). The backward
 is first order (what MAML's meta-gradient needs of the query pass); it does not run under `vmap`, so the executor
-runs such tasks one by one.
+runs such tasks one by one. `query_pass` is where the MAML family picks this, block checkpointing, or neither.
 """
 
 from __future__ import annotations
@@ -24,9 +24,22 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import Params, task_loss
+from metascale.config import InnerLoopSpec
+from metascale.data.tasks import Task
+from metascale.models.checkpointing import checkpointed_blocks
 from metascale.models.norm import SplitBatch, StopPass, split_batch
 
 Model = Callable[[Params, Tensor], Tensor]
+
+
+def query_pass(f: Model, params: Params, task: Task, inner: InnerLoopSpec) -> tuple[Tensor, Tensor]:
+    """(loss, outputs) of the adapted model on the query set, holding what `inner` asks for at a time: a chunk's
+    activations (`query_chunk`), one block's (`checkpoint: all`), or all of them."""
+    if inner.query_chunk is not None:
+        return chunked_query(f, params, task.query_x, task.query_y, inner.query_chunk)
+    with checkpointed_blocks(inner.checkpoint == "all"):
+        out = f(params, task.query_x)
+    return task_loss(out, task.query_y), out
 
 
 def chunked_query(f: Model, params: Params, x: Tensor, y: Tensor, chunk: int) -> tuple[Tensor, Tensor]:

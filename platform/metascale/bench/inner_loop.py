@@ -160,12 +160,16 @@ QUERY_CHUNK = 15
 MEMORY_CONFIGS = {"plain": ("none", None), "blocks": ("all", None), "chunked": ("all", QUERY_CHUNK)}
 
 
-def checkpoint_memory(steps: int, shots: int, queries: int) -> dict:
-    peak = {name: int(in_fresh_process(f"{__name__}:task_peak_bytes", checkpoint=c, steps=steps, shots=shots,
-                                       queries=queries, query_chunk=qc))
-            for name, (c, qc) in MEMORY_CONFIGS.items()}
+def _memory_row(peak: dict[str, int]) -> dict:
+    """Peaks per MEMORY_CONFIGS entry, and the two ratios to plain."""
     return {**{f"peak_bytes_{k}": v for k, v in peak.items()},
             "ratio": peak["chunked"] / peak["plain"], "ratio_blocks": peak["blocks"] / peak["plain"]}
+
+
+def checkpoint_memory(steps: int, shots: int, queries: int) -> dict:
+    return _memory_row({name: int(in_fresh_process(f"{__name__}:task_peak_bytes", checkpoint=c, steps=steps,
+                                                   shots=shots, queries=queries, query_chunk=qc))
+                        for name, (c, qc) in MEMORY_CONFIGS.items()})
 
 
 def checkpoint_time(steps: int, tasks: int, repeats: int) -> dict:
@@ -209,10 +213,8 @@ def on_gpu(meta_batch: int, steps: int, repeats: int, memory_steps: int) -> dict
 
     memory = {}
     for shots, q in ((1, 15), (1, 1), (5, 5)):
-        peaks = {name: peak(c, qc, shots, q) for name, (c, qc) in MEMORY_CONFIGS.items()}
-        memory[f"{shots}shot_{q}query"] = {**{f"peak_bytes_{k}": v for k, v in peaks.items()},
-                                            "ratio": peaks["chunked"] / peaks["plain"],
-                                            "ratio_blocks": peaks["blocks"] / peaks["plain"]}
+        memory[f"{shots}shot_{q}query"] = _memory_row({name: peak(c, qc, shots, q)
+                                                       for name, (c, qc) in MEMORY_CONFIGS.items()})
     return {
         "benchmark": "inner-loop", "device": torch.cuda.get_device_name(),
         "setup": f"Conv-4 28x28x1, 5-way 1-shot 15 queries, meta-batch {meta_batch}, {steps} inner step(s), second "

@@ -54,10 +54,19 @@ class TaskBatchNorm(nn.Module):
         if not tasks_batched():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims, keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        mean = x.mean(dim=dims)
+        var = ((x - mean.view(_channels(x))) ** 2).mean(dim=dims)
+        return _normalise(x, mean, var, self.weight, self.bias, self.eps)
+
+
+def _channels(x: Tensor) -> list[int]:
+    """The shape that broadcasts a per-channel vector over `x` (channels in dim 1)."""
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+def _normalise(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    shape = _channels(x)
+    return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * weight.view(shape) + bias.view(shape)
 
 
 class StopPass(Exception):
@@ -83,16 +92,14 @@ class SplitBatch:
     def normalise(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         i, self.layer = self.layer, self.layer + 1
         dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
         if i == self.stop_at:
             if i >= len(self.stats):
                 x64 = x.detach().double()
                 raise StopPass((x64.sum(dims), (x64 * x64).sum(dims), x64.numel() // x64.shape[1]))
             count = self.total * x[0, 0].numel()
             mean = self.stats[i][0]
-            raise StopPass((x.sum(dims) / count, ((x - mean.view(shape)) ** 2).sum(dims) / count))
-        mean, var = self.stats[i]
-        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps) * weight.view(shape) + bias.view(shape)
+            raise StopPass((x.sum(dims) / count, ((x - mean.view(_channels(x))) ** 2).sum(dims) / count))
+        return _normalise(x, *self.stats[i], weight, bias, eps)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import torch
 
 from metascale.config import SECOND_ORDER, JobSpec
 from metascale.data import build_task_source, output_dim
-from metascale.data.tasks import Split, held_out
+from metascale.data.tasks import Split, TaskSource, held_out
 from metascale.models import build_model
 from metascale.sharding.launch import RANK_STATE
 
@@ -45,13 +45,11 @@ def _local_tensors(learner: Any) -> list[torch.Tensor]:
     return [p.ds_tensor if is_partitioned(p) else p for p in learner.engine.module.parameters()]
 
 
-def _tasks(split: Split, step: int | None, slots: Sequence[int]) -> list:
-    """The tasks (step, slot); with `step` None the held-out episodes (data.tasks.held_out)."""
+def _source(split: Split) -> TaskSource:
     spec: JobSpec = RANK_STATE["spec"]
     if split not in RANK_STATE["sources"]:
         RANK_STATE["sources"][split] = build_task_source(spec.data, split, spec.seed)
-    source = RANK_STATE["sources"][split]
-    return (held_out(source, slots) if step is None else source.batch(step, slots)).tasks()
+    return RANK_STATE["sources"][split]
 
 
 def lite_generator(seed: int, step: int, slot: int) -> torch.Generator:
@@ -62,11 +60,11 @@ def lite_generator(seed: int, step: int, slot: int) -> torch.Generator:
 def step(step: int, slots: Sequence[int]) -> dict[str, Any]:
     spec: JobSpec = RANK_STATE["spec"]
     gens = [lite_generator(spec.seed, step, s) if spec.sharding.support_backprop_subset else None for s in slots]
-    return RANK_STATE["learner"].meta_step(_tasks("train", step, slots), gens)
+    return RANK_STATE["learner"].meta_step(_source("train").batch(step, slots).tasks(), gens)
 
 
 def evaluate(split: Split, slots: Sequence[int], steps: int | None) -> list[dict[str, float]]:
-    return RANK_STATE["learner"].evaluate(_tasks(split, None, slots), steps)
+    return RANK_STATE["learner"].evaluate(held_out(_source(split), slots).tasks(), steps)
 
 
 def _rank_dir(directory: str) -> str:
