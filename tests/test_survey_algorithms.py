@@ -7,7 +7,7 @@ import torch
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
-from metascale.algorithms.imaml import conjugate_gradient
+from metascale.algorithms.imaml import conjugate_gradient, line_search_descent
 from metascale.config import AlgorithmSpec, IMAMLSpec, InnerLoopSpec, MLPSpec, SinusoidData, SyntheticImagesData
 from metascale.config import Conv4Spec
 from metascale.data import build_task_source
@@ -64,12 +64,25 @@ def test_conjugate_gradient_stops_at_non_positive_curvature():
     assert torch.equal(x, torch.ones(2, dtype=torch.float64))  # b itself: no step has positive curvature
 
 
-def _linear_regression_implicit_gradient(damping):
+def test_line_search_descent_reaches_the_minimum_from_a_step_fixed_steps_diverge_with():
+    """A quadratic with curvatures 1..10: fixed steps of 1.0 diverge (|1 - 10| > 1), backtracking converges."""
+    curv = torch.linspace(1, 10, 5, dtype=torch.float64)
+    loss = lambda p: 0.5 * (curv * (p["x"] - 3) ** 2).sum()  # noqa: E731
+    start = {"x": torch.zeros(5, dtype=torch.float64)}
+    x = line_search_descent(loss, start, steps=60, lr=1.0)["x"]
+    assert torch.allclose(x, torch.full_like(x, 3.0), atol=1e-6), x
+    fixed = start["x"]
+    for _ in range(60):
+        fixed = fixed - 1.0 * curv * (fixed - 3)
+    assert fixed.abs().max() > 1e6
+
+
+def _linear_regression_implicit_gradient(damping, inner=InnerLoopSpec(steps=150, lr=0.1), solver="gd"):
     """iMAML's meta-gradient and the closed form for linear regression, where L_s is quadratic: phi*(theta) =
     (H + reg I)^-1 (reg theta + c), and the damped system's solution is (I + (H + damping I)/reg)^-1 grad L_q(phi*)."""
     reg = 2.0
-    alg, meta = _setup("imaml", MLPSpec(in_features=3, hidden=[]), 1,
-                       inner=InnerLoopSpec(steps=150, lr=0.1), imaml=IMAMLSpec(reg=reg, cg_steps=4, damping=damping))
+    alg, meta = _setup("imaml", MLPSpec(in_features=3, hidden=[]), 1, inner=inner,
+                       imaml=IMAMLSpec(reg=reg, cg_steps=4, damping=damping, solver=solver))
     g = torch.Generator().manual_seed(1)
     sx, qx = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
     task = Task(sx, torch.randn(8, 1, generator=g, dtype=torch.float64), qx,
@@ -93,6 +106,15 @@ def test_imaml_meta_gradient_equals_the_closed_form_implicit_gradient():
     """Undamped, autograd through the closed-form solve is the exact implicit meta-gradient (CG exact in d steps)."""
     ours, exact, _ = _linear_regression_implicit_gradient(0.0)
     assert torch.allclose(ours, exact, rtol=1e-7, atol=1e-9), (ours, exact)
+
+
+def test_imaml_line_search_solver_reaches_the_implicit_gradient_from_an_unstable_step():
+    """inner.lr 5 is past fixed-step GD's stability limit here (the proximal Hessian's top eigenvalue is > 0.4), so
+    only the backtracking solver reaches phi* and the exact implicit gradient in 60 steps."""
+    ours, exact, _ = _linear_regression_implicit_gradient(0.0, InnerLoopSpec(steps=60, lr=5.0), "line_search")
+    assert torch.allclose(ours, exact, rtol=1e-7, atol=1e-9), (ours, exact)
+    fixed, _, _ = _linear_regression_implicit_gradient(0.0, InnerLoopSpec(steps=60, lr=5.0), "gd")
+    assert not torch.isfinite(fixed).all() or not torch.allclose(fixed, exact, rtol=1e-2)
 
 
 def test_imaml_solves_the_damped_system_by_default():

@@ -185,6 +185,9 @@ class IMAMLSpec(Spec):
     # inner minimum I + H/reg can be indefinite and CG then blows up (algorithms/imaml.py); 22 is the reference
     # code's system (2I + H/12 at reg 2) up to scale. 0 solves the exact implicit system.
     damping: NonNegFloat = 22.0
+    # The inner solver: `gd` takes inner.steps fixed steps of inner.lr; `line_search` backtracks from inner.lr each
+    # step (Armijo), so it reaches the proximal minimum the implicit gradient assumes (algorithms/imaml.py).
+    solver: Literal["gd", "line_search"] = "gd"
 
 
 class LearnedSpec(Spec):
