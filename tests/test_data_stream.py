@@ -19,7 +19,7 @@ from metascale.data.index import load_index
 from metascale.data.pack import SourceClass, pack
 from metascale.data.store import ClassStore
 from metascale.data.stream import StreamTasks, window_of
-from metascale.data.tasks import held_out
+from metascale.data.tasks import held_out, online_stream
 from metascale.errors import DataError, SpecError
 
 pytestmark = pytest.mark.timeout(120)
@@ -160,3 +160,18 @@ def test_held_out_episodes_come_from_every_window_of_the_split(shards):
     assert len(src.cache.stores) <= 2
     whole = build_task_source(_spec(shards, window_shards=8, window_steps=5), "test", 0)
     assert _digest(held_out(whole, slots)) == _digest(ShardTasks(whole.spec, "test", 0, shards).batch(0, slots))
+
+
+def test_the_online_stream_walks_the_shards_window_by_window(shards):
+    """FTML's task t is episode (t, 0): tasks arrive from meta-step t's window, so the stream reads the shards in
+    window order (not window 0 forever), the same bytes however the tasks are grouped."""
+    spec = _spec(shards, window_shards=2, window_steps=3)  # train split: 8 shards, so 4 windows per epoch
+    src = build_task_source(spec, "train", 0)
+    tasks = [7, 0, 11, 4, 1, 9]
+    b = online_stream(src, tasks)
+    for i, t in enumerate(tasks):
+        assert _digest(b[i : i + 1]) == _digest(src.batch(t, [0]))
+        assert _classes(b[i : i + 1]) <= _window_classes(shards, src, t)
+    windows = [frozenset(_window_classes(shards, src, t)) for t in tasks]
+    assert len(set(windows)) == 4
+    assert _digest(online_stream(pickle.loads(pickle.dumps(src)), tasks)) == _digest(b)

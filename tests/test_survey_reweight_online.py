@@ -16,6 +16,7 @@ from metascale.cluster.coordinator import Coordinator
 from metascale.cluster.estimators import backprop, ftml
 from metascale.cluster.pool import InlinePool
 from metascale.config import load_spec, parse_spec
+from metascale.data.tasks import online_stream
 from metascale.errors import SpecError
 
 
@@ -58,12 +59,12 @@ def test_ftml_scores_the_arriving_task_first_then_steps_on_it_and_the_earlier_st
     result = ftml(pool, [[0, 1], [2, 3]], 6, coord.published())
     assert result.tasks == 4
     stream = pool.worker.source("train")
-    with torch.no_grad():
-        arriving = pool.worker.alg.task_objective(coord.params, stream.batch(0, [6]).to("cpu", torch.float64)[0])
+    with torch.no_grad():  # task t of the stream is episode (t, 0)
+        arriving = pool.worker.alg.task_objective(coord.params, stream.batch(6, [0]).to("cpu", torch.float64)[0])
     assert result.metrics["online_loss"] == pytest.approx(float(arriving.metrics["loss"]), rel=1e-12)
     candidates = []  # the meta-gradient must be the mean over task 6 and 3 distinct earlier tasks
     for others in itertools.combinations(range(6), 3):
-        ref = meta_gradient(pool.worker.alg, coord.params, stream.batch(0, [*others, 6]).to("cpu", torch.float64))
+        ref = meta_gradient(pool.worker.alg, coord.params, online_stream(stream, [*others, 6]).to("cpu", torch.float64))
         if all(torch.allclose(result.grads[k], g / 4, atol=1e-12) for k, g in ref.grads.items()):
             candidates.append(others)
     assert len(candidates) == 1
@@ -79,6 +80,8 @@ def test_ftml_scores_the_arriving_task_first_then_steps_on_it_and_the_earlier_st
       "outer": {"estimator": "es"}}, "needs a few-shot task stream"),
     ({"data": {"source": "noisy_labels"}, "model": {"name": "conv4"}, "algorithm": {"name": "mwn"},
       "executor": {"strategy": "vmap"}}, "runs per task"),
+    ({"algorithm": {"name": "fomaml"}, "outer": {"estimator": "ftml"}, "sharding": {"engine": "deepspeed"}},
+     "outer.estimator 'ftml' runs on the Ray workers"),
 ])
 def test_bad_combinations_are_refused_with_a_reason(patch, reason):
     with pytest.raises(SpecError, match=reason):

@@ -325,6 +325,9 @@ def sharding_problem(job: "JobSpec") -> str | None:
     s, alg = job.sharding, job.algorithm
     if s.engine == "none":
         return None
+    if job.outer.estimator != "backprop":
+        return (f"sharding.engine deepspeed backpropagates its meta-gradients; outer.estimator '{job.outer.estimator}' "
+                "runs on the Ray workers: set sharding.engine none")
     second_order = alg.name in SECOND_ORDER and not alg.inner.first_order
     first_order_anil = alg.name == "anil" and alg.inner.first_order  # the head adapts, the sharded body is frozen
     if alg.name not in SHARDED_FIRST_ORDER and not second_order and not first_order_anil:

@@ -4,10 +4,10 @@ estimators): each estimator maps (pool, slot groups, step, published params) to 
 'backprop': every worker returns the summed meta-gradient of its slots, the coordinator sums them in slot order.
 'es': the slots are antithetic pairs; every worker returns only (pair, F+, F-) scalars, the coordinator regenerates
       each pair's noise from its seed and builds the evolution-strategies estimate (algorithms/es.py).
-'ftml': online meta-learning (Follow the Meta Leader, Finn et al. 2019): the task stream is the train split's
-      step-0 slots in order; task t arrives at meta-step t, is scored with the current meta-parameters before any
-      update on it (the online metric), joins the buffer, and the step's meta-gradient is taken over it plus tasks
-      drawn from the earlier buffer.
+'ftml': online meta-learning (Follow the Meta Leader, Finn et al. 2019): task t of the stream is episode (t, 0) of
+      the train split (data.tasks.online_stream: shards in window order when streamed) and arrives at meta-step t;
+      it is scored with the current meta-parameters before any update on it (the online metric), joins the buffer,
+      and the step's meta-gradient is taken over it plus tasks drawn from the earlier buffer.
 With `cluster.aggregation: allreduce`, 'backprop' runs as `allreduce`: the workers sum among themselves.
 All are pure functions of (seed, step, slot), so a group lost with its worker is recomputed bit for bit.
 """
@@ -71,13 +71,13 @@ def es(pool: Any, groups: Sequence[Sequence[int]], step: int, params_ref: Any) -
 
 def ftml(pool: Any, groups: Sequence[Sequence[int]], step: int, params_ref: Any) -> StepResult:
     arriving = step
-    (online,) = pool.map("evaluate", [[arriving]], 0, params_ref, "train", None)[0]
+    (online,) = pool.map("evaluate", [[0]], arriving, params_ref, "train", None)[0]  # episode (t, 0): task t
     batch = sum(len(g) for g in groups)
     rng = np.random.default_rng(np.random.SeedSequence([step, 0xF7]))
     earlier = rng.choice(arriving, size=min(batch - 1, arriving), replace=False).tolist() if arriving else []
     chosen = sorted([arriving, *earlier])
     slot_groups = [[chosen[i] for i in g] for g in split_slots(len(chosen), len(groups))]
-    result = aggregate(pool.map("compute", slot_groups, 0, params_ref))
+    result = aggregate(pool.map("compute_online", slot_groups, arriving, params_ref))
     result.metrics.update({f"online_{k}": v for k, v in online.items()})
     return result
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from metascale.algorithms.executor import meta_gradient, resolve_strategy
 from metascale.cluster import allreduce
 from metascale.config import JobSpec
 from metascale.data import build_task_source, output_dim
-from metascale.data.tasks import Split, TaskSource, held_out
+from metascale.data.tasks import Split, TaskBatch, TaskSource, held_out, online_stream
 from metascale.models import build_model
 
 NumpyParams = dict[str, np.ndarray]
@@ -67,12 +68,22 @@ class MetaWorker:
 
     def compute(self, step: int, slots: Sequence[int], params: NumpyParams) -> dict[str, Any]:
         """The summed meta-gradient of this step's `slots`, with timing for straggler and data-wait reports."""
-        out, grads = self._compute(step, slots, params)
+        out, grads = self._compute(partial(self.source("train").batch, step, slots), slots, params)
         return {**out, "grads": to_numpy(grads)}
 
-    def _compute(self, step: int, slots: Sequence[int], params: NumpyParams) -> tuple[dict[str, Any], Params]:
+    def compute_online(self, arrived: int, tasks: Sequence[int], params: NumpyParams) -> dict[str, Any]:
+        """FTML: the summed meta-gradient of the online stream's `tasks` (data.tasks.online_stream), all arrived by
+        meta-step `arrived`."""
+        if max(tasks) > arrived:
+            raise ValueError(f"online task {max(tasks)} has not arrived by meta-step {arrived}")
+        out, grads = self._compute(partial(online_stream, self.source("train"), tasks), tasks, params)
+        return {**out, "grads": to_numpy(grads)}
+
+    def _compute(
+        self, load: Callable[[], TaskBatch], slots: Sequence[int], params: NumpyParams
+    ) -> tuple[dict[str, Any], Params]:
         t0 = time.perf_counter()
-        batch = self.source("train").batch(step, slots).to(self.device, self.dtype)
+        batch = load().to(self.device, self.dtype)
         t1 = time.perf_counter()
         mg = meta_gradient(self.alg, self._params(params), batch, self.strategy, slots)
         t2 = time.perf_counter()
@@ -94,7 +105,8 @@ class MetaWorker:
         allreduce.join(address, port, rank, world, self.device)
 
     def compute_reduced(self, step: int, slots: Sequence[int], params: NumpyParams) -> dict[str, Any]:
-        return allreduce.reduced_compute(*self._compute(step, slots, params))
+        load = partial(self.source("train").batch, step, slots)
+        return allreduce.reduced_compute(*self._compute(load, slots, params))
 
     def fitness(self, step: int, pairs: Sequence[int], params: NumpyParams) -> dict[str, Any]:
         """ES: the fitness of theta +/- sigma * eps_pair for each pair, on the step's `outer.es.tasks` tasks. The noise

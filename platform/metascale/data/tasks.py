@@ -85,6 +85,12 @@ def held_out(source: TaskSource, slots: Sequence[int]) -> TaskBatch:
     return source.held_out(slots) if isinstance(source, PartialSource) else source.batch(0, slots)
 
 
+def online_stream(source: TaskSource, tasks: Sequence[int]) -> TaskBatch:
+    """Tasks `tasks` of the online stream: task t is episode (t, 0), the first of meta-step t, so a streaming source
+    (data/stream.py) serves the stream from its shards in window order, as the tasks would arrive."""
+    return TaskBatch.stack([source.batch(t, [0])[0] for t in tasks])
+
+
 def episode_rng(seed: int, split: Split, step: int, slot: int) -> np.random.Generator:
     """The random stream of one episode; independent across (seed, split, step, slot)."""
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), step, slot]))
