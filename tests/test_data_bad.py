@@ -144,3 +144,12 @@ def test_errors_in_loader_workers_keep_their_message_without_the_workers_traceba
     with pytest.raises(DataError, match=r"^[^\n]*train-00001\.tar") as e:
         src.batch(0, [0])
     assert "Traceback" not in str(e.value) and "DataLoader worker" not in str(e.value)
+
+
+def test_missing_shard_on_a_remote_root_is_the_same_clear_error(packed, http_server):
+    """A 404 from an object store's HTTP endpoint reads as the local case does, not as a client library's trace."""
+    root = http_server(packed)
+    _source(packed).batch(0, [0])
+    (packed / "train-00001.tar").unlink()
+    with pytest.raises(DataError, match=r"train-00001\.tar: cannot be opened"):
+        ShardTasks(ShardsData(url=root, ways=3, shots=2, queries=2), "train", 0, root).batch(0, [0])
