@@ -1,0 +1,23 @@
+"""The job spec: typed, validated pydantic models, the single source of every knob.
+
+A spec is YAML; every field has a default that runs, so `name: x` alone is a valid job (sinusoid MAML).
+`load_spec` turns any problem into a `SpecError` whose lines read `field.path: what was expected (got ...)`.
+sections.py holds one model per section, job.py the whole job and the rules across sections, load.py YAML and errors.
+"""
+
+from metascale.config.job import SECOND_ORDER, SHARDED_FIRST_ORDER, JobSpec, sharding_problem
+from metascale.config.load import dump_spec, load_spec, parse_spec
+from metascale.config.sections import (
+    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, DataSpec, EpisodicData, ESSpec, EvalSpec,
+    ExecutorSpec, GlyphsData, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, MLPSpec, ModelSpec, MWNSpec,
+    NoisyLabelsData, OuterLoopSpec, ResNet12Spec, ShardingSpec, ShardsData, SinusoidData, Spec, StreamSpec,
+    SyntheticImagesData, ViTSpec, WandbSpec,
+)
+
+__all__ = [
+    "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "CheckpointSpec", "ClusterSpec",
+    "Conv4Spec", "DataSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData", "IMAMLSpec",
+    "InnerLoopSpec", "JobSpec", "LearnedSpec", "LoggingSpec", "MLPSpec", "ModelSpec", "MWNSpec", "NoisyLabelsData",
+    "OuterLoopSpec", "ResNet12Spec", "ShardingSpec", "ShardsData", "SinusoidData", "Spec", "StreamSpec",
+    "SyntheticImagesData", "ViTSpec", "WandbSpec", "dump_spec", "load_spec", "parse_spec", "sharding_problem",
+]

@@ -1,0 +1,140 @@
+"""The whole job: its sections and the rules across them (which algorithm takes which data, what sharding can run)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
+
+from metascale.config.sections import (
+    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, DataSpec, EvalSpec, ExecutorSpec, LoggingSpec,
+    MLPSpec, ModelSpec, NoisyLabelsData, NonNegInt, OuterLoopSpec, ShardingSpec, SinusoidData, Spec,
+)
+
+
+SECOND_ORDER = ("maml", "metasgd", "anil")  # differentiate through the inner loop unless inner.first_order
+SHARDED_FIRST_ORDER = ("fomaml", "reptile")  # the inner loop runs through the engine, at every ZeRO stage
+
+
+def sharding_problem(job: "JobSpec") -> str | None:
+    """What makes `job.sharding` impossible with the rest of the job, and what to use instead (None: fine)."""
+    s, alg = job.sharding, job.algorithm
+    if s.engine == "none":
+        return None
+    if job.outer.estimator != "backprop":
+        return (f"sharding.engine deepspeed backpropagates its meta-gradients; outer.estimator '{job.outer.estimator}' "
+                "runs on the Ray workers: set sharding.engine none")
+    second_order = alg.name in SECOND_ORDER and not alg.inner.first_order
+    first_order_anil = alg.name == "anil" and alg.inner.first_order  # the head adapts, the sharded body is frozen
+    if alg.name not in SHARDED_FIRST_ORDER and not second_order and not first_order_anil:
+        return (f"sharding.engine deepspeed runs {', '.join(SHARDED_FIRST_ORDER)} and first-order anil (any "
+                f"zero_stage) and second-order {', '.join(SECOND_ORDER)} (zero_stage <= 2), not algorithm '{alg.name}'"
+                + (" with inner.first_order: use fomaml" if alg.name in SECOND_ORDER else "; use sharding.engine: none"))
+    if second_order and s.zero_stage == 3:
+        return (f"sharding.zero_stage 3 cannot run second-order '{alg.name}': torch.func needs whole parameters on "
+                "every rank and ZeRO-3 keeps only partitions; use zero_stage <= 2, or algorithm fomaml/reptile")
+    if s.support_backprop_subset is not None:
+        if second_order:
+            return ("sharding.support_backprop_subset (LITE) applies to the first-order sharded inner loop; "
+                    "use algorithm fomaml or reptile")
+        if job.model.name in ("conv4", "resnet12"):
+            return (f"sharding.support_backprop_subset (LITE) needs examples that do not interact in the forward pass; "
+                    f"model '{job.model.name}' uses per-task batch norm over the support set; use model vit")
+    support, query = _episode_sizes(job.data)
+    if s.support_backprop_subset is not None and s.support_backprop_subset > support:
+        return (f"sharding.support_backprop_subset ({s.support_backprop_subset}) exceeds the support set "
+                f"({support} examples)")
+    if not second_order and s.ranks > min(support, query):
+        return (f"sharding.ranks ({s.ranks}) exceeds the examples a task splits over ranks (support {support}, query "
+                f"{query}); lower ranks or raise shots/queries")
+    if second_order and job.outer.meta_batch % s.ranks:
+        return (f"outer.meta_batch ({job.outer.meta_batch}) must be a multiple of sharding.ranks ({s.ranks}): "
+                "second order splits the tasks evenly over the ranks")
+    if s.activation_checkpointing and job.model.name not in ("vit", "resnet12"):
+        return f"sharding.activation_checkpointing needs model vit or resnet12 (blocks to recompute), not '{job.model.name}'"
+    if second_order and job.executor.nonfinite == "skip_step":
+        return ("executor.nonfinite skip_step cannot be honoured by second-order sharded runs (the ZeRO optimiser "
+                "steps inside the engine at the accumulation boundary); use skip_task or stop")
+    if job.executor.dtype != "float32":
+        return "sharding.engine deepspeed keeps float32 master weights: set executor.dtype float32 (precision sets bf16)"
+    inner = job.algorithm.inner
+    if inner.checkpoint != "none" or inner.query_chunk is not None or inner.autocast != "none":
+        return ("algorithm.inner.checkpoint/query_chunk/autocast are the un-sharded knobs; with sharding.engine deepspeed use "
+                "sharding.activation_checkpointing and sharding.precision")
+    if job.cluster.workers != 1 or job.cluster.address not in ("local", "inline"):
+        return ("sharding.engine deepspeed runs one rank group beside the driver: set cluster.workers 1 and "
+                "cluster.address local or inline (scale with sharding.ranks)")
+    return None
+
+
+def _episode_sizes(data: Any) -> tuple[int, int]:
+    if isinstance(data, SinusoidData):
+        return data.shots, data.queries
+    return getattr(data, "ways", 1) * getattr(data, "shots", 1), getattr(data, "ways", 1) * getattr(data, "queries", 1)
+
+
+# ------------------------------------------------------------------------------------------- the job
+class JobSpec(Spec):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] = "job"
+    seed: NonNegInt = 0
+    model: ModelSpec = MLPSpec()
+    data: DataSpec = SinusoidData()
+    algorithm: AlgorithmSpec = AlgorithmSpec()
+    outer: OuterLoopSpec = OuterLoopSpec()
+    eval: EvalSpec = EvalSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    logging: LoggingSpec = LoggingSpec()
+    executor: ExecutorSpec = ExecutorSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    sharding: ShardingSpec = ShardingSpec()
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "JobSpec":
+        regression = isinstance(self.data, SinusoidData)
+        if regression and self.model.name != "mlp":
+            raise ValueError(f"data.source 'sinusoid' needs model.name 'mlp' (got '{self.model.name}')")
+        if regression and self.algorithm.name in ("protonet", "anil"):
+            raise ValueError(f"algorithm '{self.algorithm.name}' needs a classification data source, not sinusoid")
+        if not regression and self.model.name == "mlp":
+            raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")
+        self._survey_compatible()
+        if (problem := sharding_problem(self)) is not None:
+            raise ValueError(problem)
+        return self
+
+    def _survey_compatible(self) -> None:
+        """Combinations of the survey's other axes (docs/survey-map.md) that cannot mean anything."""
+        alg, single_task = self.algorithm, isinstance(self.data, NoisyLabelsData)
+        if (alg.name in ("mwn", "erm")) != single_task:
+            raise ValueError(
+                f"algorithm '{alg.name}' with data.source '{self.data.source}': 'mwn' and 'erm' train one many-shot "
+                "task and need data.source 'noisy_labels', which no other algorithm takes"
+            )
+        if alg.name in ("learned_hparams", "learned_loss") and (alg.inner.first_order or alg.inner.steps == 0):
+            raise ValueError(
+                f"algorithm '{alg.name}' learns through the inner loop's gradients: it needs inner.steps >= 1 and "
+                "inner.first_order false (otherwise its hypergradient is zero)"
+            )
+        if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
+            raise ValueError("algorithm 'imaml' needs inner.steps >= 1 and inner.checkpoint 'none' "
+                             "(its memory is already independent of the inner steps)")
+        if alg.inner.query_chunk is not None and alg.name not in CHUNKED_QUERY:
+            raise ValueError(f"inner.query_chunk splits the adapted model's query pass: algorithms "
+                             f"{', '.join(CHUNKED_QUERY)}, not '{alg.name}'")
+        if alg.name in ("mwn", "erm") and self.executor.strategy == "vmap":
+            raise ValueError(f"algorithm '{alg.name}' runs per task (executor.strategy 'per_task' or 'auto'), not vmap")
+        if self.outer.estimator == "es" and alg.name in ("mwn", "erm"):
+            raise ValueError(f"outer.estimator 'es' needs a few-shot task stream, not algorithm '{alg.name}'")
+        if self.outer.estimator == "es" and self.outer.es.objective == "error" and isinstance(self.data, SinusoidData):
+            raise ValueError("outer.es.objective 'error' needs classification data (sinusoid has no accuracy)")
+        if self.cluster.aggregation == "allreduce" and self.outer.estimator != "backprop":
+            raise ValueError(f"cluster.aggregation 'allreduce' sums meta-gradients (outer.estimator 'backprop'), "
+                             f"not outer.estimator '{self.outer.estimator}'; use aggregation: coordinator")
+        if self.cluster.aggregation == "allreduce" and self.sharding.engine != "none":
+            raise ValueError("cluster.aggregation 'allreduce' is for replicated workers; with sharding.engine "
+                             "deepspeed the rank group already reduces (docs/sharding.md); use aggregation: coordinator")
+        if self.outer.estimator == "ftml" and single_task:
+            raise ValueError("outer.estimator 'ftml' streams few-shot tasks; data.source 'noisy_labels' is one task")
+
+    def path(self, template: str) -> str:
+        return template.format(name=self.name)
