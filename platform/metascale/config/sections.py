@@ -13,6 +13,7 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
+
 class Spec(BaseModel):
     """Base of every section: unknown keys are errors (a typo must never be silently ignored)."""
 
