@@ -29,7 +29,7 @@ def packed(tmp_path) -> Path:
     return tmp_path / "set"
 
 
-def _source(root: Path, on_bad: str = "error", shots: int = 2, queries: int = 2) -> ShardTasks:
+def _source(root: Path | str, on_bad: str = "error", shots: int = 2, queries: int = 2) -> ShardTasks:
     return ShardTasks(ShardsData(url=str(root), ways=3, shots=shots, queries=queries), "train", 0, str(root), on_bad)
 
 
@@ -149,7 +149,7 @@ def test_errors_in_loader_workers_keep_their_message_without_the_workers_traceba
 def test_missing_shard_on_a_remote_root_is_the_same_clear_error(packed, http_server):
     """A 404 from an object store's HTTP endpoint reads as the local case does, not as a client library's trace."""
     root = http_server(packed)
-    _source(packed).batch(0, [0])
+    _source(root).batch(0, [0])  # the served set reads: the error below is the missing shard, not the server
     (packed / "train-00001.tar").unlink()
     with pytest.raises(DataError, match=r"train-00001\.tar: cannot be opened"):
-        ShardTasks(ShardsData(url=root, ways=3, shots=2, queries=2), "train", 0, root).batch(0, [0])
+        _source(root).batch(0, [0])
