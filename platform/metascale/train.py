@@ -12,6 +12,7 @@ from typing import Any
 
 from metascale.cluster import checkpoint
 from metascale.cluster.coordinator import Coordinator
+from metascale.cluster.optim import lr_at
 from metascale.cluster.estimators import pick as pick_estimator
 from metascale.cluster.pool import build_pool, split_slots
 from metascale.cluster.preemption import StopRequest
@@ -50,6 +51,7 @@ def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
             coord.apply(result)
             elapsed = time.perf_counter() - t0
             metrics = {f"train/{k}": v for k, v in result.metrics.items()}
+            metrics["train/lr"] = lr_at(spec.outer, coord.step - 1)
             metrics.update(_timing(result, elapsed, pool.failures))
             if spec.eval.every and coord.step % spec.eval.every == 0 and coord.step < spec.outer.steps:
                 evals = evaluate(pool, pool.put(coord.published()), spec, spec.eval.episodes, "eval")

@@ -52,7 +52,7 @@ def measure_sharded(spec_json: dict[str, Any]) -> dict[str, float]:
     learner = build_learner(spec, RANK_STATE["rank"], RANK_STATE["world"])
     tasks = build_task_source(spec.data, "train", spec.seed).batch(0, [0]).tasks()
     t0 = time.perf_counter()
-    learner.meta_step(tasks, [None])
+    learner.meta_step(0, tasks, [None])
     step_s = time.perf_counter() - t0
     peak = added_bytes(base) / 1024
     meta = list(learner.meta.values())

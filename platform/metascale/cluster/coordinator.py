@@ -16,7 +16,8 @@ import torch
 
 from metascale.algorithms import build_algorithm
 from metascale.cluster.worker import NumpyParams, to_numpy
-from metascale.config import JobSpec, OuterLoopSpec
+from metascale.cluster.optim import lr_at, make_optimizer, set_lr
+from metascale.config import JobSpec
 from metascale.data import output_dim
 from metascale.errors import MetascaleError
 from metascale.models import build_model
@@ -71,12 +72,6 @@ def aggregate(results: list[dict[str, Any]]) -> StepResult:
     )
 
 
-def make_optimizer(spec: OuterLoopSpec, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    if spec.optimizer == "adam":  # fused: one pass over the state, 6x faster on 10M CPU parameters (bench scaling)
-        return torch.optim.Adam(params, lr=spec.lr, fused=all(p.device.type == "cpu" for p in params) or None)
-    return torch.optim.SGD(params, lr=spec.lr)
-
-
 class Coordinator:
     def __init__(self, spec: JobSpec):
         self.spec = spec
@@ -109,6 +104,7 @@ class Coordinator:
             p.grad = result.grads[k].to(p.dtype)
         if self.spec.outer.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.spec.outer.grad_clip)
+        set_lr(self.optimizer, lr_at(self.spec.outer, self.step))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -9,15 +9,15 @@ from metascale.config.job import SECOND_ORDER, SHARDED_FIRST_ORDER, JobSpec, sha
 from metascale.config.load import dump_spec, load_spec, parse_spec
 from metascale.config.sections import (
     CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, DataSpec, EpisodicData, ESSpec, EvalSpec,
-    ExecutorSpec, GlyphsData, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, MLPSpec, ModelSpec, MWNSpec,
-    NoisyLabelsData, OuterLoopSpec, ResNet12Spec, ShardingSpec, ShardsData, SinusoidData, Spec, StreamSpec,
+    ExecutorSpec, GlyphsData, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, LRScheduleSpec, MLPSpec, ModelSpec,
+    MWNSpec, NoisyLabelsData, OuterLoopSpec, ResNet12Spec, ShardingSpec, ShardsData, SinusoidData, Spec, StreamSpec,
     SyntheticImagesData, ViTSpec, WandbSpec,
 )
 
 __all__ = [
     "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "CheckpointSpec", "ClusterSpec",
     "Conv4Spec", "DataSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData", "IMAMLSpec",
-    "InnerLoopSpec", "JobSpec", "LearnedSpec", "LoggingSpec", "MLPSpec", "ModelSpec", "MWNSpec", "NoisyLabelsData",
-    "OuterLoopSpec", "ResNet12Spec", "ShardingSpec", "ShardsData", "SinusoidData", "Spec", "StreamSpec",
+    "InnerLoopSpec", "JobSpec", "LearnedSpec", "LoggingSpec", "LRScheduleSpec", "MLPSpec", "ModelSpec", "MWNSpec",
+    "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec", "ShardingSpec", "ShardsData", "SinusoidData", "Spec", "StreamSpec",
     "SyntheticImagesData", "ViTSpec", "WandbSpec", "dump_spec", "load_spec", "parse_spec", "sharding_problem",
 ]

@@ -222,15 +222,36 @@ class ESSpec(Spec):
     objective: Literal["loss", "error"] = "loss"  # post-adaptation query loss, or 1 - accuracy (not differentiable)
 
 
+class LRScheduleSpec(Spec):
+    """The meta learning rate over outer.steps (cluster/optim.py): a linear warm-up, then outer.lr, then a decay
+    over the last `decay_steps` (all steps after the warm-up when unset) to outer.lr * final_ratio."""
+
+    warmup_steps: NonNegInt = 0
+    decay: Literal["none", "cosine", "linear"] = "none"
+    decay_steps: PositiveInt | None = None
+    final_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
 class OuterLoopSpec(Spec):
     # How workers' results become the update direction (cluster/estimators.py).
     estimator: Literal["backprop", "es", "ftml"] = "backprop"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: PositiveFloat = 1e-3
+    schedule: LRScheduleSpec = LRScheduleSpec()
     meta_batch: PositiveInt = 25
     steps: PositiveInt = 1000
     grad_clip: PositiveFloat | None = None
     es: ESSpec = ESSpec()
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "OuterLoopSpec":
+        s = self.schedule
+        if s.decay == "none" and s.decay_steps is not None:
+            raise ValueError(f"schedule.decay_steps ({s.decay_steps}) needs schedule.decay 'cosine' or 'linear'")
+        if s.warmup_steps + (s.decay_steps or 0) > self.steps:
+            raise ValueError(f"schedule.warmup_steps ({s.warmup_steps}) + schedule.decay_steps ({s.decay_steps}) "
+                             f"must fit in outer.steps ({self.steps})")
+        return self
 
 
 class EvalSpec(Spec):

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from metascale.cluster.coordinator import NonFiniteError, make_optimizer
+from metascale.cluster.coordinator import NonFiniteError
+from metascale.cluster.optim import lr_at, make_optimizer, set_lr
 from metascale.config import JobSpec
 from metascale.data.tasks import Task
 from metascale.sharding.engine import Params, build_engine, is_partitioned, local_grads, local_params, set_local_params
@@ -118,7 +119,7 @@ class ShardedFirstOrder:
         return direction, stats
 
     # ------------------------------------------------------------------------------------ meta-step
-    def meta_step(self, tasks: list[Task], generators: list[torch.Generator | None]) -> dict[str, Any]:
+    def meta_step(self, step: int, tasks: list[Task], generators: list[torch.Generator | None]) -> dict[str, Any]:
         total = {k: torch.zeros_like(v) for k, v in self.meta.items()}
         sums, bad, count = torch.zeros(3), [], 0
         for i, (task, gen) in enumerate(zip(tasks, generators)):
@@ -140,6 +141,7 @@ class ShardedFirstOrder:
                 p.grad = total[k] / count
             if self.spec.outer.grad_clip:
                 self._clip(self.spec.outer.grad_clip)
+            set_lr(self.optimizer, lr_at(self.spec.outer, step))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return {"tasks": count, "nonfinite": bad, **_metrics(sums, count, tasks)}

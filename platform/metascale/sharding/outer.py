@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from metascale.algorithms import build_algorithm
+from metascale.cluster.optim import lr_at, make_optimizer, set_lr
 from metascale.config import JobSpec
 from metascale.data.tasks import Task
 from metascale.sharding.engine import build_engine
@@ -49,8 +50,6 @@ class ShardedSecondOrder:
             return MetaParameters(model, {k: v for k, v in alg.init(own).items() if k not in own})
 
         def optimizer(module: nn.Module) -> torch.optim.Optimizer:
-            from metascale.cluster.coordinator import make_optimizer
-
             return make_optimizer(spec.outer, list(module.parameters()))
 
         self.engine = build_engine(make, spec.sharding, optimizer, grad_clip=spec.outer.grad_clip,
@@ -74,13 +73,14 @@ class ShardedSecondOrder:
         """Rank r takes tasks r, r+world, ... (meta_batch is a multiple of the ranks: the job spec checks it)."""
         return tasks[self.rank :: self.world]
 
-    def meta_step(self, tasks: list[Task], generators: list[Any]) -> dict[str, Any]:
+    def meta_step(self, step: int, tasks: list[Task], generators: list[Any]) -> dict[str, Any]:
         """Ranks take their i-th tasks in lockstep. A task whose objective is not finite on any rank is found with
         one all-gather per round, before backward; its rank back-propagates zero times the same computation on a
         blank task instead (the engine's collectives and gradient buckets must stay aligned), so the task adds nothing (skip_task: the mean still divides by every task of
         the step) and is reported; under 'stop' every rank raises before backward, so nothing of the step is applied.
         The validator refuses skip_step here: the ZeRO optimiser steps inside the engine at the accumulation
         boundary."""
+        set_lr(self.engine.optimizer, lr_at(self.spec.outer, step))
         sums, bad = torch.zeros(3), []
         for i, task in enumerate(self.my_tasks(tasks)):
             out = self.alg.task_objective(self.params(), _cast(task, self.dtype))

@@ -60,7 +60,7 @@ def lite_generator(seed: int, step: int, slot: int) -> torch.Generator:
 def step(step: int, slots: Sequence[int]) -> dict[str, Any]:
     spec: JobSpec = RANK_STATE["spec"]
     gens = [lite_generator(spec.seed, step, s) if spec.sharding.support_backprop_subset else None for s in slots]
-    return RANK_STATE["learner"].meta_step(_source("train").batch(step, slots).tasks(), gens)
+    return RANK_STATE["learner"].meta_step(step, _source("train").batch(step, slots).tasks(), gens)
 
 
 def evaluate(split: Split, slots: Sequence[int], steps: int | None) -> list[dict[str, float]]:
