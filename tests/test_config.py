@@ -38,6 +38,10 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
         ({"model": {"name": "vit", "image_size": 28, "patch_size": 5}, "data": {"source": "synthetic"}},
          "image_size (28) must be a multiple of patch_size (5)"),
         ({"name": "bad name; rm -rf /"}, "name: String should match pattern"),
+        ({"outer": {"steps": 100, "schedule": {"decay": "cosine", "decay_steps": 200}}},
+         "schedule.warmup_steps (0) + schedule.decay_steps (200) must fit in outer.steps (100)"),
+        ({"outer": {"schedule": {"decay_steps": 10}}}, "schedule.decay_steps (10) needs schedule.decay 'cosine'"),
+        ({"outer": {"schedule": {"decay": "step"}}}, "outer.schedule.decay: Input should be 'none', 'cosine'"),
     ],
 )
 def test_bad_fields_name_their_path_and_what_was_expected(raw, expected):

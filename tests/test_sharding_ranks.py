@@ -92,7 +92,7 @@ def meta_steps(spec_json: dict, init: dict[str, torch.Tensor], steps: int) -> di
     spec, learner = _learner(spec_json, init)
     source = build_task_source(spec.data, "train", spec.seed)
     for step in range(steps):
-        learner.meta_step(source.batch(step, SLOTS).tasks(), [None] * len(SLOTS))
+        learner.meta_step(step, source.batch(step, SLOTS).tasks(), [None] * len(SLOTS))
     if hasattr(learner, "meta"):
         return {k: v.detach().clone() for k, v in learner.meta.items()}
     return {k: v.detach().clone() for k, v in learner.params().items()}
@@ -136,8 +136,9 @@ def test_lite_with_whole_support_equals_full_gradient(group):
 
 
 def test_zero3_meta_optimiser_on_partitions_equals_coordinator(group):
-    """Two FOMAML meta-steps with Adam kept on the ranks' partitions == the coordinator's whole-model Adam."""
-    spec = job()
+    """Two FOMAML meta-steps with Adam kept on the ranks' partitions == the coordinator's whole-model Adam, both
+    following a 2-step warm-up (outer.schedule: rates lr/2, then lr)."""
+    spec = job(outer={"schedule": {"warmup_steps": 2}})
     coord = Coordinator(spec)
     init = {k: v.detach().clone() for k, v in coord.params.items()}
     source = build_task_source(spec.data, "train", spec.seed)
@@ -159,9 +160,10 @@ def test_zero3_meta_optimiser_on_partitions_equals_coordinator(group):
 
 @pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
 def test_second_order_zero2_equals_plain_torch(group, algorithm):
-    """Second order at ZeRO-2, one task per rank; outer SGD with lr 1 makes the step equal the meta-gradient."""
-    spec = job(algorithm={"name": algorithm, "inner": {"steps": 1, "lr": 0.1}}, outer={"optimizer": "sgd", "lr": 1.0},
-               sharding={"zero_stage": 2})
+    """Second order at ZeRO-2, one task per rank; outer SGD at rate 1 makes the step equal the meta-gradient. The
+    rate is outer.lr 2 halved by a 2-step warm-up: the DeepSpeed engine's optimiser follows outer.schedule."""
+    spec = job(algorithm={"name": algorithm, "inner": {"steps": 1, "lr": 0.1}},
+               outer={"optimizer": "sgd", "lr": 2.0, "schedule": {"warmup_steps": 2}}, sharding={"zero_stage": 2})
     init, expected = reference(spec)
     results = group.call(meta_steps, spec.model_dump(mode="json"), init, 1)
     step = {k: init[k] - results[0][k] for k in init}
@@ -179,7 +181,7 @@ def poisoned_step(spec_json: dict, init: dict[str, torch.Tensor]) -> tuple[dict[
     qx = tasks[1].query_x.clone()
     qx[0] = float("nan")
     tasks[1] = dataclasses.replace(tasks[1], query_x=qx)
-    result = learner.meta_step(tasks, [None] * len(tasks))
+    result = learner.meta_step(0, tasks, [None] * len(tasks))
     params = learner.meta if hasattr(learner, "meta") else learner.params()
     return result, {k: v.detach().clone() for k, v in params.items()}
 

@@ -13,6 +13,7 @@ import torch
 from metascale.algorithms.executor import meta_gradient
 from metascale.cluster import checkpoint
 from metascale.cluster.coordinator import Coordinator, aggregate
+from metascale.cluster.optim import lr_at
 from metascale.cluster.pool import RayPool, split_slots
 from metascale.cluster.worker import MetaWorker
 from metascale.config import parse_spec
@@ -76,7 +77,8 @@ def test_aggregated_meta_gradient_equals_single_process(local_ray, tmp_path, alg
 
 
 def test_job_runs_end_to_end_and_logs_to_wandb_offline(local_ray, tmp_path):
-    spec = job(tmp_path, logging__wandb={"mode": "offline", "dir": str(tmp_path / "wb")})
+    spec = job(tmp_path, logging__wandb={"mode": "offline", "dir": str(tmp_path / "wb")},
+               outer__schedule={"warmup_steps": 2, "decay": "cosine"})
     out = train(spec)
     assert out["status"] == "finished" and out["step"] == 6
     assert 0.0 <= out["final/accuracy"] <= 1.0 and out["final/episodes"] == 12
@@ -87,6 +89,8 @@ def test_job_runs_end_to_end_and_logs_to_wandb_offline(local_ray, tmp_path):
     for key in ("train/loss", "train/accuracy", "episodes_per_s", "straggler_spread_s", "data_wait_fraction",
                 "worker/0/compute_s", "worker/1/compute_s", "eval/accuracy", "final/accuracy_ci95"):
         assert key in logged, key
+    lrs = [row["train/lr"] for row in rows if "train/lr" in row]
+    assert lrs == pytest.approx([lr_at(spec.outer, step) for step in range(6)])  # warm-up, then cosine decay
     assert run_id(run_file) == out["wandb_run_id"]
 
 
