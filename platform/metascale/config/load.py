@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
 from metascale.config.job import JobSpec
+from metascale.config.sections import DataSpec, ModelSpec
 from metascale.errors import SpecError
 
 
@@ -57,11 +58,19 @@ def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
     raw[keys[-1]] = value
 
 
+def _tags(union: Any) -> set[str]:
+    """The discriminator values of an Annotated[Union[...], Field(discriminator=...)] section."""
+    members, field = get_args(union)
+    return {m.model_fields[field.discriminator].default for m in get_args(members)}
+
+
+# Discriminated unions add the tag to the location (data.glyphs.ways); _describe drops it for a path the user wrote.
+UNION_TAGS = {"model": _tags(ModelSpec), "data": _tags(DataSpec)}
+
+
 def _describe(err: dict) -> str:
-    # Discriminated unions add the tag to the location (data.glyphs.ways); drop it for a path the user wrote.
     loc = [str(p) for p in err["loc"] if not str(p).startswith("function-after")]
-    tags = {"mlp", "conv4", "resnet12", "vit", "sinusoid", "synthetic", "glyphs", "shards", "noisy_labels"}
-    loc = [p for i, p in enumerate(loc) if not (i > 0 and p in tags and loc[i - 1] in ("model", "data"))]
+    loc = [p for i, p in enumerate(loc) if not (i > 0 and p in UNION_TAGS.get(loc[i - 1], ()))]
     path = ".".join(loc) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
