@@ -23,7 +23,8 @@ def make_optimizer(spec: OuterLoopSpec, params: list[torch.Tensor]) -> torch.opt
 
 def lr_at(spec: OuterLoopSpec, step: int) -> float:
     """The meta learning rate of meta-step `step` (0-based): linear warm-up over `schedule.warmup_steps`, then
-    `outer.lr`, then a decay towards `lr * schedule.final_ratio` over the last `schedule.decay_steps` of `outer.steps`."""
+    `outer.lr`, then a decay towards `lr * schedule.final_ratio` over the last `schedule.decay_steps` of
+    `outer.steps`."""
     s = spec.schedule
     if step < s.warmup_steps:
         return spec.lr * (step + 1) / s.warmup_steps

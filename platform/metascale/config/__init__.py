@@ -18,6 +18,7 @@ __all__ = [
     "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "CheckpointSpec", "ClusterSpec",
     "Conv4Spec", "DataSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData", "IMAMLSpec",
     "InnerLoopSpec", "JobSpec", "LearnedSpec", "LoggingSpec", "LRScheduleSpec", "MLPSpec", "ModelSpec", "MWNSpec",
-    "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec", "ShardingSpec", "ShardsData", "SinusoidData", "Spec", "StreamSpec",
-    "SyntheticImagesData", "ViTSpec", "WandbSpec", "dump_spec", "load_spec", "parse_spec", "sharding_problem",
+    "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec", "ShardingSpec", "ShardsData", "SinusoidData", "Spec",
+    "StreamSpec", "SyntheticImagesData", "ViTSpec", "WandbSpec", "dump_spec", "load_spec", "parse_spec",
+    "sharding_problem",
 ]
