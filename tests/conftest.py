@@ -47,3 +47,75 @@ def http_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def _job(root, **overrides):
+    """A small, fast classification job (float64, 2 workers) with checkpoints under `root`; `a__b=v` overrides
+    field a.b."""
+    from metascale.config import parse_spec
+
+    raw = {
+        "name": "t",
+        "model": {"name": "conv4", "hidden": 8},
+        "data": {"source": "synthetic", "ways": 3, "shots": 1, "queries": 2, "classes": 20},
+        "algorithm": {"name": "maml", "inner": {"steps": 2, "lr": 0.3}},
+        "outer": {"meta_batch": 6, "steps": 6},
+        "eval": {"every": 3, "episodes": 6, "final_episodes": 12},
+        "checkpoint": {"dir": str(root / "ckpt"), "every": 2},
+        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+        "executor": {"dtype": "float64"},
+        "cluster": {"workers": 2},
+    }
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_spec(raw)
+
+
+@pytest.fixture
+def make_job():
+    return _job
+
+
+def _final_params(spec):
+    from metascale.cluster import checkpoint
+
+    step, state = checkpoint.load_latest(spec.path(spec.checkpoint.dir))
+    assert step == spec.outer.steps
+    return state["params"]
+
+
+@pytest.fixture
+def final_params():
+    """The meta-parameters of a finished run's last checkpoint."""
+    return _final_params
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded Ray for one test module (4 logical CPUs on a 2-core machine: the workers mostly wait on each
+    other), shut down after it."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def drill(monkeypatch, tmp_path):
+    """Arms a fault drill (cluster/faults.py) for the pools a test creates: drill("exit:3:1") and so on; returns
+    the marker file that exists once an exit or hang has fired."""
+    from metascale.cluster import faults
+
+    marker = tmp_path / "fault-fired"
+
+    def arm(what: str):
+        monkeypatch.setenv(faults.FAULT, what)
+        monkeypatch.setenv(faults.ONCE, str(marker))
+        return marker
+
+    return arm

@@ -14,10 +14,10 @@ import torch
 from metascale.cluster import checkpoint
 from metascale.cluster.allreduce import AllReduce
 from metascale.cluster.coordinator import Coordinator, aggregate
-from metascale.cluster.pool import RayPool, split_slots
+from metascale.cluster.estimators import items
+from metascale.cluster.pool import RayPool
 from metascale.errors import SpecError
 from metascale.train import train
-from test_train import final_params, job
 
 
 def _kill_worker_1_after_checkpoint(spec, step: int, killed: list) -> threading.Thread:
@@ -37,47 +37,40 @@ def _kill_worker_1_after_checkpoint(spec, step: int, killed: list) -> threading.
     return t
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
-def test_reduced_meta_gradient_equals_coordinator_aggregation(local_ray, tmp_path):
-    spec = job(tmp_path, outer__meta_batch=7, cluster__workers=3, cluster__aggregation="allreduce")
+def test_reduced_meta_gradient_equals_coordinator_aggregation(local_ray, tmp_path, make_job):
+    spec = make_job(tmp_path, outer__meta_batch=7, cluster__workers=3, cluster__aggregation="allreduce")
     coord = Coordinator(spec)
     pool = RayPool(spec)
     group = AllReduce()
     try:
-        groups = split_slots(7, 3)
         params = pool.put(coord.published())
-        reference = aggregate(pool.map("compute", groups, 5, params))
-        results = group.step(pool, groups, 5, params)
-        again = group.step(pool, groups, 6, params)
+        reference = aggregate(pool.run(items("meta_gradient", 5, 7, 3), params))
+        results = group.step(pool, items("meta_gradient", 5, 7, 3), params)
+        again = group.step(pool, items("meta_gradient", 6, 7, 3), params)
     finally:
         pool.shutdown()
-    assert [bool(r["grads"]) for r in results] == [True, False, False]  # only rank 0's sum travels
-    assert group.formed == 1 and group.fallbacks == 0 and again[0]["reduced"]  # formed once, reused
+    assert [bool(r.grads) for r in results] == [True, False, False]  # only rank 0's sum travels
+    assert group.formed == 1 and group.fallbacks == 0 and again[0].reduce_s is not None  # formed once, reused
     reduced = aggregate(results)
     assert reduced.tasks == reference.tasks == 7 and reduced.metrics == reference.metrics
     for k, g in reference.grads.items():
         assert torch.allclose(reduced.grads[k], g, rtol=0, atol=1e-10), k
 
 
-def test_allreduce_needs_backprop_and_replicated_workers(tmp_path):
+def test_allreduce_needs_backprop_and_replicated_workers(tmp_path, make_job):
     with pytest.raises(SpecError, match="aggregation 'allreduce'"):
-        job(tmp_path, cluster__aggregation="allreduce", outer__estimator="es")
+        make_job(tmp_path, cluster__aggregation="allreduce", outer__estimator="es")
     with pytest.raises(SpecError, match="rank group already reduces"):
-        job(tmp_path, cluster__aggregation="allreduce", sharding__engine="deepspeed")
+        make_job(tmp_path, cluster__aggregation="allreduce", sharding__engine="deepspeed")
 
 
-def test_killed_worker_falls_back_and_ends_with_the_fault_free_parameters(local_ray, tmp_path, caplog):
+def test_killed_worker_falls_back_and_ends_with_the_fault_free_parameters(local_ray, tmp_path, caplog, make_job,
+                                                                          final_params):
     caplog.set_level(logging.INFO, logger="metascale.cluster.allreduce")
     # 2 workers: a + b == b + a, so the all-reduce run equals the coordinator run bit for bit (module docstring).
-    clean = job(tmp_path / "clean", outer__steps=8, eval__every=0)
+    clean = make_job(tmp_path / "clean", outer__steps=8, eval__every=0)
     train(clean)
-    faulty = job(tmp_path / "faulty", outer__steps=8, eval__every=0, cluster__aggregation="allreduce")
+    faulty = make_job(tmp_path / "faulty", outer__steps=8, eval__every=0, cluster__aggregation="allreduce")
     killed: list = []
     thread = _kill_worker_1_after_checkpoint(faulty, 2, killed)
     out = train(faulty)

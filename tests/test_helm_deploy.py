@@ -49,7 +49,7 @@ def test_kustomization_builds_valid_objects():
 
 
 def test_rayjob_from_submit_keeps_the_rules():
-    obj = rayjob(prepare(DEPLOY / "job.yaml", ["cluster.gpus_per_worker=1"]), "ml")
+    obj = rayjob(prepare(DEPLOY / "job.yaml", ["cluster.gpus_per_process=1"]), "ml")
     assert schema_errors(obj) == [] and rule_violations(obj) == []
     worker = obj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"

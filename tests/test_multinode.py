@@ -1,5 +1,6 @@
-"""A 3-node `ray.cluster_utils.Cluster` on 127.0.0.1: a job runs end to end across nodes, the aggregated
-meta-gradient equals the single-process one, and removing a node mid-run ends with bit-identical parameters."""
+"""A 3-node `ray.cluster_utils.Cluster` on 127.0.0.1 with replica workers: a job runs end to end across nodes, the
+aggregated meta-gradient equals the single-process one, and removing a node mid-run ends with bit-identical
+parameters. (Rank-group workers across nodes: test_sharding_multinode.py.)"""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ import torch
 from ray.cluster_utils import Cluster
 
 from metascale.algorithms.executor import meta_gradient
+from metascale.cluster import checkpoint
 from metascale.cluster.coordinator import Coordinator, aggregate
-from metascale.cluster.pool import RayPool, split_slots
-from metascale.cluster.worker import MetaWorker
+from metascale.cluster.estimators import items
+from metascale.cluster.pool import RayPool
+from metascale.cluster.replica import Replica
 from metascale.train import train
-from test_train import final_params, job
 
 
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory):
-    # conftest.py keeps Ray on 127.0.0.1; Cluster needs a temp dir for its address file (FIELD-NOTES).
+    # conftest.py keeps Ray on 127.0.0.1; Cluster needs a temp dir for its address file.
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -36,17 +38,17 @@ def three_nodes(tmp_path_factory):
         cluster.shutdown()  # ends the processes it started, by pid
 
 
-def test_aggregation_across_nodes_equals_single_process(three_nodes, tmp_path):
-    spec = job(tmp_path, outer__meta_batch=6, cluster__workers=3)
+def test_aggregation_across_nodes_equals_single_process(three_nodes, tmp_path, make_job):
+    spec = make_job(tmp_path, outer__meta_batch=6, cluster__workers=3)
     coord = Coordinator(spec)
     pool = RayPool(spec)
     try:
-        nodes = set(ray.get([a.node.remote() for a in pool.actors]))
+        nodes = set(ray.get([w.actor.node.remote() for w in pool.workers]))
         assert len(nodes) == 3, "one worker per node"
-        result = aggregate(pool.map("compute", split_slots(6, 3), 3, pool.put(coord.published())))
+        result = aggregate(pool.run(items("meta_gradient", 3, 6, 3), pool.put(coord.published())))
     finally:
         pool.shutdown()
-    worker = MetaWorker(spec)
+    worker = Replica(spec)
     reference = meta_gradient(worker.alg, coord.params, worker.source("train").batch(3, range(6)).to("cpu", torch.float64))
     for k, g in reference.grads.items():
         assert torch.allclose(result.grads[k], g / 6, rtol=0, atol=1e-10), k
@@ -59,34 +61,32 @@ def _node_of_worker(job_prefix: str, bundle: int) -> str | None:
     return None
 
 
-def test_removing_a_node_mid_run_ends_with_identical_parameters(three_nodes, tmp_path):
+def test_removing_a_node_mid_run_ends_with_identical_parameters(three_nodes, tmp_path, make_job, final_params):
     cluster, workers = three_nodes
-    clean = job(tmp_path / "clean", outer__steps=8, eval__every=0)
+    clean = make_job(tmp_path / "clean", outer__steps=8, eval__every=0, checkpoint__every=1)
     train(clean)
     reference = final_params(clean)
 
-    faulty = job(tmp_path / "faulty", outer__steps=8, eval__every=0)
-    removed: list[str] = []
+    faulty = make_job(tmp_path / "faulty", outer__steps=8, eval__every=0, checkpoint__every=1)
+    removed: list[tuple[str, list[int]]] = []
 
     def remove_node():
-        """Removes a (non-head) node that hosts one of the job's workers, once the run is under way."""
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            hosting = {_node_of_worker("metascale-t-", b) for b in (0, 1)}
-            victim = next((n for n in workers if n.node_id in hosting), None)
-            if victim is not None:
-                time.sleep(1.5)  # into the run: meta-steps are in flight
-                cluster.remove_node(victim)
-                removed.append(victim.node_id)
-                return
-            time.sleep(0.05)
+        """Removes a (non-head) node that hosts one of the job's workers once step 3's checkpoint exists."""
+        deadline = time.time() + 300
+        directory = faulty.path(faulty.checkpoint.dir)
+        while time.time() < deadline and 3 not in checkpoint.list_steps(directory):
+            time.sleep(0.02)
+        hosting = {_node_of_worker("metascale-t-", b) for b in (0, 1)}
+        victim = next(n for n in workers if n.node_id in hosting)
+        cluster.remove_node(victim)
+        removed.append((victim.node_id, checkpoint.list_steps(directory)))
 
     thread = threading.Thread(target=remove_node, daemon=True)
     thread.start()
     out = train(faulty)
     thread.join()
-    assert removed, "no worker node was removed"
-    assert out["status"] == "finished"
+    assert removed and max(removed[0][1]) < 8, f"the node was not removed mid-run: {removed}"
+    assert out["status"] == "finished" and out["worker_failures"] >= 1, out
     got = final_params(faulty)
     for k in reference:
         assert torch.equal(reference[k], got[k]), k

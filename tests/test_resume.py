@@ -15,11 +15,10 @@ import yaml
 
 from metascale.cluster import checkpoint
 from metascale.train import train
-from test_train import job
 from wandb_records import history, run_files, run_id
 
 
-def _spec_file(tmp_path, name, **kw):
+def _spec_file(job, tmp_path, name, **kw):
     settings = {"outer__steps": 8, "eval__every": 0, "checkpoint__every": 2, "cluster__workers": 1,
                 "logging__wandb": {"mode": "offline", "dir": str(tmp_path / name / "wb")}, **kw}
     spec = job(tmp_path / name, **settings)
@@ -47,13 +46,14 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(children, timeout=30)
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job):
     # The reference runs in this process without Ray: one worker computes the same slot group either way.
-    clean_spec, _ = _spec_file(tmp_path, "clean", cluster__address="inline", logging__wandb={"mode": "disabled"})
+    clean_spec, _ = _spec_file(make_job, tmp_path, "clean", cluster__address="inline",
+                               logging__wandb={"mode": "disabled"})
     train(clean_spec)
     reference = checkpoint.load_latest(clean_spec.path(clean_spec.checkpoint.dir))[1]["params"]
 
-    spec, path = _spec_file(tmp_path, "killed")
+    spec, path = _spec_file(make_job, tmp_path, "killed")
     ckpt_dir = spec.path(spec.checkpoint.dir)
     proc = _run(path)
     deadline = time.time() + 300
@@ -78,15 +78,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert set(range(killed_at + 1, 9)) <= steps_logged
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    _, path = _spec_file(tmp_path, "none")
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, make_job):
+    _, path = _spec_file(make_job, tmp_path, "none")
     proc = _run(path, "--resume")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "no readable checkpoint" in out and "Traceback" not in out
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-    spec, path = _spec_file(tmp_path, "term", outer__steps=400, checkpoint__every=0)
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, make_job):
+    spec, path = _spec_file(make_job, tmp_path, "term", outer__steps=400, checkpoint__every=0)
     proc = _run(path)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until meta-steps are running

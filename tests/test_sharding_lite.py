@@ -13,7 +13,7 @@ import torch
 
 from metascale.config import ViTSpec
 from metascale.models.vit import ViT
-from metascale.sharding.inner import per_example_loss
+from metascale.sharding.first_order import per_example_loss
 from metascale.sharding.lite import lite_outputs, lite_subset
 
 N, H = 6, 2

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pickle
 
-import pytest
 import ray
 import torch
 
 from metascale.algorithms import es
 from metascale.cluster.coordinator import Coordinator
 from metascale.cluster.estimators import es as es_estimator
-from metascale.cluster.pool import InlinePool, RayPool, split_slots
+from metascale.cluster.estimators import items
+from metascale.cluster.pool import InlinePool, RayPool
 from metascale.config import parse_spec
 
 
@@ -84,26 +84,18 @@ def _spec(workers, tmp_path):
     })
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def test_ray_es_step_sends_scalars_survives_a_lost_worker_and_equals_inline(local_ray, tmp_path):
     spec = _spec(2, tmp_path)
     coord = Coordinator(spec)
-    groups = split_slots(spec.outer.meta_batch, 2)
-    inline = InlinePool(_spec(1, tmp_path))
-    expected = es_estimator(inline, [sum(groups, [])], 4, coord.published())
+    inline_spec = _spec(1, tmp_path)
+    expected = es_estimator(inline_spec, InlinePool(inline_spec), 4, coord.published())
     pool = RayPool(spec)
     try:
         ref = pool.put(coord.published())
-        sent = pool.map("fitness", groups, 4, ref)
+        sent = pool.run(items("fitness", 4, spec.outer.meta_batch, 2), ref)
         assert max(len(pickle.dumps(r)) for r in sent) < 1024  # scalars only (the model has 1,761 parameters)
-        ray.kill(pool.actors[1], no_restart=False)  # its pairs must be re-run on the other worker
-        got = es_estimator(pool, groups, 4, ref)
+        ray.kill(pool.workers[1].actor, no_restart=False)  # its pairs must be re-run on the other worker
+        got = es_estimator(spec, pool, 4, ref)
         assert pool.failures >= 1
     finally:
         pool.shutdown()

@@ -30,10 +30,10 @@ def test_meta_weight_net_gives_flipped_labels_lower_weight_than_clean_ones():
     })
     coord, pool = Coordinator(spec), InlinePool(spec)
     for step in range(80):
-        coord.apply(backprop(pool, [[0]], step, coord.published()))
-    source = pool.worker.source("train")
+        coord.apply(backprop(spec, pool, step, coord.published()))
+    source = pool.replica.source("train")
     with torch.no_grad():
-        out = pool.worker.alg.f(coord.algorithm.model_params(coord.params), torch.from_numpy(source.train_x))
+        out = pool.replica.alg.f(coord.algorithm.model_params(coord.params), torch.from_numpy(source.train_x))
         losses = F.cross_entropy(out, torch.from_numpy(source.train_y).long(), reduction="none")
         weights = example_weights(coord.params, losses)
     flipped = torch.from_numpy(source.flipped)
@@ -52,19 +52,20 @@ def _online_spec():
 def test_ftml_scores_the_arriving_task_first_then_steps_on_it_and_the_earlier_stream():
     spec = _online_spec()
     coord, pool = Coordinator(spec), InlinePool(spec)
-    first = ftml(pool, [[0, 1, 2, 3]], 0, coord.published())
+    first = ftml(spec, pool, 0, coord.published())
     assert first.tasks == 1  # only task 0 has arrived
     coord.apply(first)
     coord.step = 6  # task 6 arrives: it, and 3 of tasks 0..5
-    result = ftml(pool, [[0, 1], [2, 3]], 6, coord.published())
+    result = ftml(spec, pool, 6, coord.published())
     assert result.tasks == 4
-    stream = pool.worker.source("train")
+    stream = pool.replica.source("train")
     with torch.no_grad():  # task t of the stream is episode (t, 0)
-        arriving = pool.worker.alg.task_objective(coord.params, stream.batch(6, [0]).to("cpu", torch.float64)[0])
+        arriving = pool.replica.alg.task_objective(coord.params, stream.batch(6, [0]).to("cpu", torch.float64)[0])
     assert result.metrics["online_loss"] == pytest.approx(float(arriving.metrics["loss"]), rel=1e-12)
     candidates = []  # the meta-gradient must be the mean over task 6 and 3 distinct earlier tasks
     for others in itertools.combinations(range(6), 3):
-        ref = meta_gradient(pool.worker.alg, coord.params, online_stream(stream, [*others, 6]).to("cpu", torch.float64))
+        batch = online_stream(stream, [*others, 6]).to("cpu", torch.float64)
+        ref = meta_gradient(pool.replica.alg, coord.params, batch)
         if all(torch.allclose(result.grads[k], g / 4, atol=1e-12) for k, g in ref.grads.items()):
             candidates.append(others)
     assert len(candidates) == 1

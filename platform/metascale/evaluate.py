@@ -21,29 +21,20 @@ def summarise(per_episode: list[dict[str, float]], prefix: str) -> dict[str, flo
     return out
 
 
-def evaluate(pool: Any, params_ref: Any, spec: JobSpec, episodes: int, prefix: str) -> dict[str, float]:
-    from metascale.cluster.pool import split_slots
+def evaluate(pool: Any, params: Any, spec: JobSpec, episodes: int, prefix: str) -> dict[str, float]:
+    from metascale.cluster.estimators import items
 
-    groups = split_slots(episodes, pool.size)
-    steps = spec.eval.inner_steps
-    results = pool.map("evaluate", groups, None, params_ref, spec.eval.split, steps)
-    return summarise([e for group in results for e in group], prefix)
+    todo = items("evaluate", None, episodes, pool.size, split=spec.eval.split, inner_steps=spec.eval.inner_steps)
+    return summarise([e for result in pool.run(todo, params) for e in result.episodes], prefix)
 
 
 def evaluate_checkpoint(spec: JobSpec, checkpoint: str | None, episodes: int | None) -> dict[str, Any]:
     """`metascale eval`: loads a checkpoint (default: the job's latest good one) and evaluates it."""
     from metascale.cluster import checkpoint as ckpt
     from metascale.cluster.pool import build_pool
-    from metascale.cluster.worker import to_numpy
+    from metascale.cluster.replica import to_numpy
     from metascale.errors import CheckpointError
 
-    if spec.sharding.engine == "deepspeed":  # per-rank shards, loaded by a rank group
-        from metascale.sharding.run import evaluate_sharded
-
-        if checkpoint:
-            raise CheckpointError("--checkpoint: a sharded job's checkpoint is one shard per rank; eval loads the "
-                                  "newest step every rank has from checkpoint.dir (set it with --set)")
-        return evaluate_sharded(spec, episodes or spec.eval.final_episodes)
     directory = spec.path(spec.checkpoint.dir)
     if checkpoint:
         step, state = None, ckpt.read(checkpoint)

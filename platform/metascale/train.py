@@ -1,8 +1,10 @@
-"""`metascale run`: job spec -> coordinator -> workers -> inner loops -> meta-gradient -> update, step after step.
+"""`metascale run`: job spec -> coordinator -> workers -> meta-gradient -> update, step after step.
 
-Each meta-step publishes the meta-parameters once (one object-store put), fans the meta-batch's slots out to the
-workers, aggregates their summed meta-gradients in slot order and steps the meta-optimiser. Checkpoints are written
-every `checkpoint.every` steps, at the end, and on SIGTERM; `--resume` continues from the newest good one.
+Every job runs this one loop, whatever its workers are (replicas, or DeepSpeed rank groups for large backbones:
+the pool hides which). Each meta-step publishes the meta-parameters once (one object-store put), sends the
+workers one WorkItem per slot group, aggregates their summed meta-gradients in slot order and steps the
+meta-optimiser, which lives here, on the coordinator, for every job. Checkpoints are written every
+`checkpoint.every` steps, at the end, and on SIGTERM; `--resume` continues from the newest good one.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import time
 from typing import Any
 
 from metascale.cluster import checkpoint
-from metascale.cluster.coordinator import Coordinator
-from metascale.cluster.optim import lr_at
+from metascale.cluster.coordinator import Coordinator, StepResult
 from metascale.cluster.estimators import pick as pick_estimator
-from metascale.cluster.pool import build_pool, split_slots
+from metascale.cluster.optim import lr_at
+from metascale.cluster.pool import build_pool
 from metascale.cluster.preemption import StopRequest
 from metascale.config import JobSpec, dump_spec
 from metascale.errors import CheckpointError
@@ -23,17 +25,12 @@ from metascale.monitor import Monitor
 
 
 def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
-    if spec.sharding.engine == "deepspeed":  # a rank group owns the meta-parameters (docs/sharding.md)
-        from metascale.sharding.run import train_sharded
-
-        return train_sharded(spec, resume)
     coord = Coordinator(spec)
     ckpt_dir = spec.path(spec.checkpoint.dir)
     run_id = _restore(coord, ckpt_dir, resume)
 
     pool = build_pool(spec)
     monitor = Monitor(spec, run_id, coord.step)
-    groups = split_slots(spec.outer.meta_batch, pool.size)
     estimate = pick_estimator(spec)
     stop = StopRequest()
     evals: dict[str, float] = {}
@@ -47,7 +44,7 @@ def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
         while coord.step < spec.outer.steps and not stop.requested:
             t0 = time.perf_counter()
             params = pool.put(coord.published())
-            result = estimate(pool, groups, coord.step, params)
+            result = estimate(pool, coord.step, params)
             coord.apply(result)
             elapsed = time.perf_counter() - t0
             metrics = {f"train/{k}": v for k, v in result.metrics.items()}
@@ -63,11 +60,12 @@ def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
             save()  # the last step's, unless the schedule has just written it
         if stop.requested:
             monitor.summary({"stopped_at_step": coord.step, "checkpoint": ckpt_dir})
-            return {"status": "stopped", "step": coord.step, "checkpoint_dir": ckpt_dir}
+            return {"status": "stopped", "step": coord.step, "checkpoint_dir": ckpt_dir,
+                    "worker_failures": pool.failures}
         final = evaluate(pool, pool.put(coord.published()), spec, spec.eval.final_episodes, "final")
         monitor.summary(final)
         return {"status": "finished", "step": coord.step, "skipped_steps": coord.skipped_steps,
-                "checkpoint_dir": ckpt_dir, "wandb_run_id": monitor.run_id, **final}
+                "worker_failures": pool.failures, "checkpoint_dir": ckpt_dir, "wandb_run_id": monitor.run_id, **final}
     finally:
         stop.restore()
         monitor.close()
@@ -90,7 +88,7 @@ def _restore(coord: Coordinator, ckpt_dir: str, resume: bool) -> str | None:
     return found[1].get("wandb_run_id")
 
 
-def _timing(result: Any, elapsed: float, failures: int) -> dict[str, float]:
+def _timing(result: StepResult, elapsed: float, failures: int) -> dict[str, float]:
     times = list(result.worker_s.values())
     return {
         "episodes_per_s": result.tasks / elapsed,
@@ -99,4 +97,5 @@ def _timing(result: Any, elapsed: float, failures: int) -> dict[str, float]:
         "data_wait_fraction": result.data_s / max(sum(times) + result.data_s, 1e-9),
         "worker_failures": float(failures),
         **{f"worker/{w}/compute_s": t for w, t in result.worker_s.items()},
+        **{f"worker/{w}/peak_mib": b / 2**20 for w, b in result.peak_bytes.items()},
     }

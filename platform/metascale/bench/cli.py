@@ -73,8 +73,18 @@ def scaling(
     sizes: str = typer.Option("0.1M,10M,100M", help="Model sizes to measure (comma-separated: 0.1M, 10M, 100M)."),
     tasks_per_worker: int = typer.Option(8, min=1, help="Tasks each worker runs per meta-step (weak scaling)."),
     steps: int = typer.Option(2, min=1, help="Measured steps per configuration (best of; after one warm-up step)."),
+    sharded: bool = typer.Option(False, "--sharded", help="Rank groups of DeepSpeed ranks on a 2-node local cluster: "
+                                 "agreement with the un-sharded path, the coordinator's share, a rank lost mid-run."),
+    groups: int = typer.Option(2, min=1, help="--sharded: rank groups (one node each)."),
+    ranks: int = typer.Option(2, min=1, help="--sharded: ranks per group."),
 ) -> None:
-    """Weak scaling 1 -> 2 workers and the coordinator's share of a meta-step, coordinator vs all-reduce aggregation."""
+    """Weak scaling 1 -> 2 workers and the coordinator's share of a meta-step, coordinator vs all-reduce aggregation;
+    with --sharded, the same runtime with DeepSpeed rank groups across nodes."""
+    if sharded:
+        from metascale.bench.sharded import run as run_sharded
+
+        emit(run_sharded(groups, ranks, steps))
+        return
     from metascale.bench.scaling import SIZES, run
 
     chosen = [s.strip() for s in sizes.split(",") if s.strip()]
@@ -86,10 +96,12 @@ def scaling(
 
 @bench_app.command(name="memory")
 def memory(
-    budget_mib: float = typer.Option(1024.0, min=64, help="Per-rank memory budget for the largest ViT (CPU)."),
+    budget_mib: float = typer.Option(1024.0, min=64, help="Per-process memory budget for the largest ViT (CPU)."),
+    coordinator_params: int = typer.Option(1_000_000_000, min=0, help="Model size for the coordinator's memory "
+                                           "(~16 bytes a parameter: needs ~17 GB at the default; 0 skips it)."),
     device: Device = typer.Option(Device.cpu, help="cuda: the largest ViT meta-trainable on this one GPU."),
 ) -> None:
-    """ZeRO-3 per-rank parameter+optimiser memory (2 ranks / 1), and the largest ViT meta-trainable under a budget."""
+    """ZeRO-3 per-rank memory (2 ranks / 1), the largest ViT meta-trainable under a budget, the coordinator's bytes."""
     if device is Device.cuda:
         from metascale.bench.gpu_memory import run as run_gpu
 
@@ -98,4 +110,4 @@ def memory(
     else:
         from metascale.bench.memory import run
 
-        emit(run(budget_mib))
+        emit(run(budget_mib, coordinator_params))

@@ -24,7 +24,8 @@ WORKLOAD = {  # the memory workload: Conv-4 on 84x84 images, 5-way 1-shot, 5 que
 
 def _bytes(pairs_per_worker: int) -> dict[str, Any]:
     from metascale.cluster.coordinator import Coordinator
-    from metascale.cluster.worker import MetaWorker
+    from metascale.cluster.messages import WorkItem
+    from metascale.cluster.replica import Replica
     from metascale.config import parse_spec
     from metascale.models import build_model, count_params
 
@@ -32,11 +33,11 @@ def _bytes(pairs_per_worker: int) -> dict[str, Any]:
            "outer": {"estimator": "es", "es": {"tasks": 1}}, "cluster": {"address": "inline"}}
     spec = parse_spec(raw)
     params = Coordinator(spec).published()
-    worker = MetaWorker(spec)
+    worker = Replica(spec)
     t0 = time.perf_counter()
-    es_result = worker.fitness(0, list(range(pairs_per_worker)), params)
+    es_result = worker.run(WorkItem("fitness", 0, tuple(range(pairs_per_worker))), params)
     es_s = time.perf_counter() - t0
-    bp_result = worker.compute(0, [0], params)
+    bp_result = worker.run(WorkItem("meta_gradient", 0, (0,)), params)
     return {
         "model_params": count_params(build_model(spec.model, 1)),
         "es_pairs_per_worker": pairs_per_worker,

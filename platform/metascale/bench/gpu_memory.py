@@ -3,7 +3,7 @@ without per-block activation checkpointing + bf16 autocast, and the meta-step th
 
 On one GPU there is no second rank to partition over, so ZeRO buys nothing; the meta-parameters and the Adam state
 live in the coordinator (host memory) in metascale's un-sharded runtime. The GPU holds what a worker holds
-(cluster/worker.py): the model, the published meta-parameters, the adapted copy, gradients and activations, and that
+(cluster/replica.py): the model, the published meta-parameters, the adapted copy, gradients and activations, and that
 is what is measured: the worker's computation for one 5-way 5-shot 15-query episode of 224x224x3 images, the
 ViT-L/16 width (dim 1024, 16 heads, 197 tokens) at growing depth, peak = the CUDA allocator's high-water mark.
 Peak memory is linear in depth, so a line through three measured depths predicts the largest depth under the card's

@@ -115,7 +115,7 @@ def thread_budget(meta_batch: int, steps: int, repeats: int, threads: int) -> di
     (publish params, fan out, aggregate), the baseline as one process with `threads` torch threads."""
     from metascale.cluster.coordinator import Coordinator
     from metascale.cluster.estimators import backprop
-    from metascale.cluster.pool import RayPool, split_slots
+    from metascale.cluster.pool import RayPool
     from metascale.config import parse_spec
 
     spec = parse_spec({
@@ -126,13 +126,12 @@ def thread_budget(meta_batch: int, steps: int, repeats: int, threads: int) -> di
     })
     coord = Coordinator(spec)
     pool = RayPool(spec)
-    groups = split_slots(meta_batch, threads)
     torch.set_num_threads(threads)
     model, _, _ = _maml(steps)
     batch = _tasks(5, 1, 15, meta_batch)
     try:
         best = _best_interleaved({
-            "ours": lambda: backprop(pool, groups, 0, pool.put(coord.published())),
+            "ours": lambda: backprop(spec, pool, 0, pool.put(coord.published())),
             "base": lambda: baseline_step(model, batch, steps, 0.4),
         }, repeats)
     finally:

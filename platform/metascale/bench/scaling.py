@@ -53,20 +53,21 @@ class Setup:
     def __init__(self, params: int, workers: int, tasks_per_worker: int, aggregation: str):
         from metascale.cluster.allreduce import AllReduce
         from metascale.cluster.coordinator import Coordinator
-        from metascale.cluster.pool import RayPool, split_slots
+        from metascale.cluster.estimators import items
+        from metascale.cluster.pool import RayPool
 
         self.spec = job(params, workers, tasks_per_worker, aggregation)
         self.coord = Coordinator(self.spec)
         self.pool = RayPool(self.spec)
-        self.groups = split_slots(self.spec.outer.meta_batch, workers)
-        self.method = "compute"
+        self.items = lambda step: items("meta_gradient", step, self.spec.outer.meta_batch, workers)
+        self.reduced = False
         self.form_s = 0.0
         if aggregation == "allreduce" and workers > 1:
             t0 = time.perf_counter()
             if not AllReduce()._form(self.pool, workers):
                 raise RuntimeError("could not form the all-reduce group")
             self.form_s = time.perf_counter() - t0  # what a re-formed group costs after a fault
-            self.method = "compute_reduced"
+            self.reduced = True
         self.params = sum(p.numel() for p in self.coord.params.values())
         self.best: dict[str, float] | None = None
         self.reduce_s: float | None = None
@@ -79,15 +80,16 @@ class Setup:
         t0 = time.perf_counter()
         ref = self.pool.put(self.coord.published())
         t1 = time.perf_counter()
-        refs = [getattr(self.pool.actors[i], self.method).remote(self.coord.step, g, ref)
-                for i, g in enumerate(self.groups)]
+        actors = [w.actor for w in self.pool.workers]
+        refs = [(a.run_reduced if self.reduced else a.run).remote(item, ref)
+                for a, item in zip(actors, self.items(self.coord.step))]
         ray.wait(refs, num_returns=len(refs))
         t2 = time.perf_counter()
         results = ray.get(refs)
         t3 = time.perf_counter()
-        worker_s = max(r["data_s"] + r["compute_s"] for r in results)
+        worker_s = max(r.data_s + r.compute_s for r in results)
         # the collective itself: the rank that arrives last waits for nobody
-        reduce_s = min((r["reduce_s"] for r in results if "reduce_s" in r), default=0.0)
+        reduce_s = min((r.reduce_s for r in results if r.reduce_s is not None), default=0.0)
         result = aggregate(results)
         t4 = time.perf_counter()
         self.coord.apply(result)
@@ -119,7 +121,7 @@ def run(sizes: list[str], tasks_per_worker: int = 8, steps: int = 3) -> dict[str
     """Per size: 1 worker, 2 workers with coordinator aggregation, 2 workers with all-reduce, interleaved."""
     import ray
 
-    from metascale.cluster.worker import ALLOCATOR_ENV
+    from metascale.cluster.replica import ALLOCATOR_ENV
 
     load_before = os.getloadavg()[0]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

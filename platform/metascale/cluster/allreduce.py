@@ -3,10 +3,10 @@ in a torch.distributed process group (gloo on CPU, NCCL when the workers have GP
 gradient travels to the coordinator, so the coordinator's inbound traffic is one model-size message however many
 workers there are (docs/distributed.md has the cost model).
 
-Worker side (`join`, `reduced_compute`, called by MetaWorker): worker 0 binds a listening socket on the rendezvous
-address (127.0.0.1 when every worker is on one node, else worker 0's node address) and the group's TCPStore is built
-on that socket, so no port is guessed and no server listens on other interfaces. Each rank computes the summed
-meta-gradient of its slot group, flattens it into one contiguous buffer, and all-reduces (sums) it.
+Worker side (`endpoint`, `join`, `reduced`, called by the replicas): the group forms as every group of actors here
+does (cluster/rendezvous.py: replica 0 serves the store on a socket it bound, on loopback when every replica shares a
+node). Each rank computes the summed meta-gradient of its slot group, flattens it into one contiguous buffer, and
+all-reduces (sums) it.
 
 Driver side (`AllReduce`): a dead worker breaks the group (gloo reports "connection closed by peer" at once). That
 step falls back to coordinator aggregation: survivors whose all-reduce failed return their local sums, lost groups
@@ -28,58 +28,47 @@ from typing import Any, Sequence
 
 import torch
 
+from metascale.cluster import rendezvous
+from metascale.cluster.messages import WorkItem, WorkResult
+
 log = logging.getLogger(__name__)
 
-# Every member answered a ping just before joining, so the rendezvous is quick; a member that dies in between
-# leaves the others waiting this long (and their next calls queued behind) before the group is tried again.
-RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=30)
-# A collective waits this long for the slowest rank's compute; a peer that dies is reported at once, not after it.
+# A collective waits this long for the slowest rank's compute; a peer that dies is reported at once, not after it,
+# and a peer that hangs is found sooner by the driver's own limit (cluster.timeout), which then ends it.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
-_listening: socket.socket | None = None  # worker 0's rendezvous socket, between `endpoint` and `join`
+_listening: socket.socket | None = None  # replica 0's rendezvous socket, between `endpoint` and `join`
 
 
 # ------------------------------------------------------------------------------------------------ worker side
 def endpoint(loopback: bool) -> tuple[str, int]:
-    """Worker 0: binds the rendezvous socket (an OS-chosen free port) and says where the others should connect."""
+    """Replica 0: binds the rendezvous socket (an OS-chosen free port) and says where the others should connect."""
     global _listening
-    address = "127.0.0.1" if loopback else _node_address()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((address, 0))
-    sock.listen(128)
     if _listening is not None:
         _listening.close()
-    _listening = sock
-    return address, sock.getsockname()[1]
+    _listening, address, port = rendezvous.bind(loopback)
+    return address, port
 
 
 def join(address: str, port: int, rank: int, world: int, device: torch.device) -> None:
     """Leaves any previous (possibly broken) group and joins generation (address, port) as `rank` of `world`."""
     global _listening
-    import os
-
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    own = address if address == "127.0.0.1" else _node_address()
-    os.environ["GLOO_SOCKET_IFNAME"] = _interface(own)  # gloo's pairs bind to this rank's own interface
+    listening = None
     if rank == 0:
-        if _listening is None:
-            raise RuntimeError("join as rank 0 without a rendezvous socket (call endpoint first)")
-        fd, _listening = _listening.detach(), None  # the store owns the socket from here on
-        store = dist.TCPStore(address, port, world, True, RENDEZVOUS_TIMEOUT, master_listen_fd=fd)
-    else:
-        store = dist.TCPStore(address, port, world, False, RENDEZVOUS_TIMEOUT)
+        listening, _listening = _listening, None  # the store owns the socket from here on
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    rendezvous.join(address, port, rank, world, listening, backend, COLLECTIVE_TIMEOUT,
+                    device=device if device.type == "cuda" else None)
 
 
-def reduced_compute(out: dict[str, Any], grads: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """All-reduces this rank's summed meta-gradient `grads` (from `out`, a MetaWorker.compute result); rank 0 returns
-    the reduced sum, the others return only their report (tasks, metrics, timing). If the collective fails (a peer
-    died), the rank returns its own local sum instead, for the coordinator fallback."""
+def reduced(out: WorkResult, grads: dict[str, torch.Tensor]) -> WorkResult:
+    """All-reduces this rank's summed meta-gradient `grads` (the rest of its result in `out`): rank 0 returns the
+    reduced sum, the others only their report (tasks, metrics, timing). If the collective fails (a peer died), the
+    rank returns its own local sum instead, with `reduce_s` None, for the coordinator's fallback."""
     import torch.distributed as dist
 
     t0 = time.perf_counter()
@@ -88,42 +77,25 @@ def reduced_compute(out: dict[str, Any], grads: dict[str, torch.Tensor]) -> dict
     try:
         dist.all_reduce(flat)
     except Exception as e:  # gloo/NCCL raise RuntimeError subclasses whose types vary by version and backend
-        return {**out, "grads": _numpy(grads), "reduced": False, "error": str(e).splitlines()[0][:300]}
-    reduce_s = time.perf_counter() - t0
+        log.warning("worker %d: the all-reduce failed (%s); sending the local sum", out.worker,
+                    str(e).splitlines()[0][:300])
+        out.grads = {k: v.detach().cpu().numpy() for k, v in grads.items()}
+        return out
+    out.reduce_s = time.perf_counter() - t0
     if dist.get_rank() != 0:
-        return {**out, "grads": {}, "reduced": True, "reduce_s": reduce_s}
+        return out
     host = flat.cpu()
-    views, offset = {}, 0
+    offset = 0
     for k in names:
         n = grads[k].numel()
-        views[k] = host[offset : offset + n].view(grads[k].shape).numpy()
+        out.grads[k] = host[offset : offset + n].view(grads[k].shape).numpy()
         offset += n
-    return {**out, "grads": views, "reduced": True, "reduce_s": reduce_s}
-
-
-def _numpy(grads: dict[str, torch.Tensor]) -> dict[str, Any]:
-    return {k: v.detach().cpu().numpy() for k, v in grads.items()}
-
-
-def _node_address() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()
-
-
-def _interface(address: str) -> str:
-    """The network interface that carries `address` (gloo binds its pairs there)."""
-    import psutil
-
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == address for a in addrs):
-            return name
-    raise RuntimeError(f"no network interface has address {address}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ driver side
 class AllReduce:
-    """The driver's view of the group over a RayPool's first `world` actors: forms it, runs a step, falls back.
+    """The driver's view of the group over a RayPool's first `world` replicas: forms it, runs a step, falls back.
     It holds no reference to the pool (the estimator keeps one AllReduce per pool, weakly keyed)."""
 
     def __init__(self) -> None:
@@ -131,38 +103,43 @@ class AllReduce:
         self.formed = 0  # how many times a group was formed (re-forms after faults)
         self.fallbacks = 0  # steps aggregated by the coordinator because the group broke
 
-    def step(self, pool: Any, groups: Sequence[Sequence[int]], step: int, params_ref: Any) -> list[dict[str, Any]]:
-        """Results in group order, for `coordinator.aggregate`: rank 0's carries the reduced sum, the others none."""
-        if len(groups) == 1:
-            return pool.map("compute", groups, step, params_ref)  # nothing to reduce
-        if self.world != len(groups) and not self._form(pool, len(groups)):
-            return self._fallback(pool, groups, step, params_ref, [None] * len(groups))
+    def step(self, pool: Any, items: Sequence[WorkItem], params: Any) -> list[WorkResult]:
+        """Results in item order, for `coordinator.aggregate`: rank 0's carries the reduced sum, the others none."""
+        if len(items) == 1:
+            return pool.run(items, params)  # nothing to reduce
+        if self.world != len(items) and not self._form(pool, len(items)):
+            return self._fallback(pool, items, params, [None] * len(items))
         ray = pool.ray
-        refs = [pool.actors[i].compute_reduced.remote(step, list(g), params_ref) for i, g in enumerate(groups)]
-        outcomes: list[dict[str, Any] | None] = []
-        for ref in refs:
+        replicas = pool.workers[: len(items)]
+        refs = [w.actor.run_reduced.remote(item, params) for w, item in zip(replicas, items)]
+        limit = max(pool.limit(item, w) for w, item in zip(replicas, items))
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=limit)
+        outcomes: list[WorkResult | None] = []
+        for w, ref in zip(replicas, refs):
             try:
-                outcomes.append(ray.get(ref))
+                outcomes.append(ray.get(ref) if ref in done else None)
             except _lost_errors():
                 outcomes.append(None)
-        if all(o is not None and o["reduced"] for o in outcomes):
+            if ref not in done:
+                w.restart(hung=True)  # no answer within its limit: ended, and started again by Ray
+        if all(o is not None and o.reduce_s is not None for o in outcomes):
             return outcomes  # type: ignore[return-value]
         lost = sum(o is None for o in outcomes)
         pool.failures += lost
-        errors = sorted({o["error"] for o in outcomes if o is not None and not o["reduced"]})
-        log.warning("step %d: the all-reduce failed (%d worker(s) lost%s); the coordinator aggregates this step and "
-                    "the group is formed again at the next", step, lost, f"; {errors[0]}" if errors else "")
-        return self._fallback(pool, groups, step, params_ref, outcomes)
+        log.warning("step %s: the all-reduce failed (%d worker(s) lost); the coordinator aggregates this step and "
+                    "the group is formed again at the next", items[0].step, lost)
+        return self._fallback(pool, items, params, outcomes)
 
     def _form(self, pool: Any, world: int) -> bool:
         ray = pool.ray
-        actors = pool.actors[:world]
+        actors = [w.actor for w in pool.workers[:world]]
+        limit = pool.spec.cluster.timeout.startup_s
         try:
-            ray.get([a.ping.remote() for a in actors])  # a restarting worker answers at once that it is restarting
+            ray.get([a.ping.remote() for a in actors], timeout=limit)  # a restarting worker answers when it is back
             nodes = set(ray.util.placement_group_table(pool.pg)["bundles_to_node_id"].values())
-            address, port = ray.get(actors[0].group_endpoint.remote(len(nodes) == 1))
-            ray.get([a.group_join.remote(address, port, rank, world) for rank, a in enumerate(actors)])
-        except _lost_errors() + (ray.exceptions.RayTaskError,) as e:
+            address, port = ray.get(actors[0].group_endpoint.remote(len(nodes) == 1), timeout=limit)
+            ray.get([a.group_join.remote(address, port, rank, world) for rank, a in enumerate(actors)], timeout=limit)
+        except _lost_errors() + (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
             log.warning("could not form the all-reduce group of %d workers (%s); the coordinator aggregates this "
                         "step and the group is formed again at the next", world, str(e).splitlines()[0][:200])
             self.world = 0
@@ -171,14 +148,14 @@ class AllReduce:
         log.info("all-reduce group of %d workers formed on %s:%d", world, address, port)
         return True
 
-    def _fallback(self, pool: Any, groups: Sequence[Sequence[int]], step: int, params_ref: Any,
-                  outcomes: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    def _fallback(self, pool: Any, items: Sequence[WorkItem], params: Any,
+                  outcomes: list[WorkResult | None]) -> list[WorkResult]:
         """Coordinator aggregation for this step: keep the local sums of ranks whose collective failed, recompute the
-        rest (lost workers' groups, and ranks that finished a collective others did not) through the pool."""
+        rest (lost workers' items, and ranks that finished a collective others did not) through the pool."""
         self.world, self.fallbacks = 0, self.fallbacks + 1
-        keep = [o if o is not None and not o["reduced"] else None for o in outcomes]
+        keep = [o if o is not None and o.reduce_s is None else None for o in outcomes]
         redo = [i for i, o in enumerate(keep) if o is None]
-        for i, result in zip(redo, pool.map("compute", [groups[i] for i in redo], step, params_ref)):
+        for i, result in zip(redo, pool.run([items[i] for i in redo], params)):
             keep[i] = result
         return keep  # type: ignore[return-value]
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from metascale.algorithms import build_algorithm
-from metascale.cluster.worker import NumpyParams, to_numpy
+from metascale.cluster.messages import NumpyParams, WorkResult
+from metascale.cluster.replica import to_numpy
 from metascale.cluster.optim import lr_at, make_optimizer, set_lr
 from metascale.config import JobSpec
 from metascale.data import output_dim
@@ -37,19 +38,20 @@ class StepResult:
     worker_s: dict[int, float]  # per-worker compute seconds (stragglers)
     data_s: float  # total seconds workers waited for task data
     nonfinite: list[tuple[int, int]] = field(default_factory=list)  # (slot, worker)
+    peak_bytes: dict[int, int] = field(default_factory=dict)  # per-worker rise of peak resident memory
 
 
-def aggregate(results: list[dict[str, Any]]) -> StepResult:
-    """Sum in group order, then divide by the total task count (a weighted mean when groups differ in size).
+def aggregate(results: list[WorkResult]) -> StepResult:
+    """Sum in item order, then divide by the total task count (a weighted mean when slot groups differ in size).
 
-    The inputs are read-only object-store views (or a worker's live tensors, inline): the first sum or the division
+    The inputs are read-only object-store views (or a worker's live arrays, inline): the first sum or the division
     writes a new buffer and later steps work in place on it, one pass per input and no copies (bench scaling)."""
-    tasks = sum(r["tasks"] for r in results)
+    tasks = sum(r.tasks for r in results)
     sums: dict[str, np.ndarray] = {}
     owned: set[str] = set()
     metrics: dict[str, float] = {}
     for r in results:
-        for k, g in r["grads"].items():
+        for k, g in r.grads.items():
             if k not in sums:
                 sums[k] = g
             elif k in owned:
@@ -57,7 +59,7 @@ def aggregate(results: list[dict[str, Any]]) -> StepResult:
             else:
                 sums[k] = np.asarray(np.add(sums[k], g))  # asarray: numpy makes 0-d sums scalars (learned rates)
                 owned.add(k)
-        for k, v in r["metrics"].items():
+        for k, v in r.metrics.items():
             metrics[k] = metrics.get(k, 0.0) + v
     denom = max(tasks, 1)
     for k, s in sums.items():
@@ -66,9 +68,10 @@ def aggregate(results: list[dict[str, Any]]) -> StepResult:
         grads={k: torch.from_numpy(s) for k, s in sums.items()},
         tasks=tasks,
         metrics={k: v / denom for k, v in metrics.items()},
-        worker_s={r["worker"]: r["compute_s"] for r in results},
-        data_s=sum(r["data_s"] for r in results),
-        nonfinite=[(s, r["worker"]) for r in results for s in r["nonfinite_slots"]],
+        worker_s={r.worker: r.compute_s for r in results},
+        data_s=sum(r.data_s for r in results),
+        nonfinite=[(s, r.worker) for r in results for s in r.nonfinite_slots],
+        peak_bytes={r.worker: r.peak_bytes for r in results if r.peak_bytes is not None},
     )
 
 

@@ -47,23 +47,17 @@ def sharding_problem(job: "JobSpec") -> str | None:
     if not second_order and s.ranks > min(support, query):
         return (f"sharding.ranks ({s.ranks}) exceeds the examples a task splits over ranks (support {support}, query "
                 f"{query}); lower ranks or raise shots/queries")
-    if second_order and job.outer.meta_batch % s.ranks:
-        return (f"outer.meta_batch ({job.outer.meta_batch}) must be a multiple of sharding.ranks ({s.ranks}): "
-                "second order splits the tasks evenly over the ranks")
     if s.activation_checkpointing and job.model.name not in ("vit", "resnet12"):
         return f"sharding.activation_checkpointing needs model vit or resnet12 (blocks to recompute), not '{job.model.name}'"
-    if second_order and job.executor.nonfinite == "skip_step":
-        return ("executor.nonfinite skip_step cannot be honoured by second-order sharded runs (the ZeRO optimiser "
-                "steps inside the engine at the accumulation boundary); use skip_task or stop")
     if job.executor.dtype != "float32":
         return "sharding.engine deepspeed keeps float32 master weights: set executor.dtype float32 (precision sets bf16)"
     inner = job.algorithm.inner
     if inner.checkpoint != "none" or inner.query_chunk is not None or inner.autocast != "none":
         return ("algorithm.inner.checkpoint/query_chunk/autocast are the un-sharded knobs; with sharding.engine deepspeed use "
                 "sharding.activation_checkpointing and sharding.precision")
-    if job.cluster.workers != 1 or job.cluster.address not in ("local", "inline"):
-        return ("sharding.engine deepspeed runs one rank group beside the driver: set cluster.workers 1 and "
-                "cluster.address local or inline (scale with sharding.ranks)")
+    if job.cluster.address == "inline":
+        return ("sharding.engine deepspeed runs rank groups as Ray actors: set cluster.address local (or a cluster's "
+                "address); 'inline' runs one un-sharded worker in the driver")
     return None
 
 

@@ -291,16 +291,27 @@ class ExecutorSpec(Spec):
     nonfinite: Literal["skip_task", "skip_step", "stop"] = "skip_task"
 
 
+class TimeoutSpec(Spec):
+    """How long the coordinator waits for a worker before treating it as lost (cluster/pool.py): a lost worker is
+    ended and started again, and its slots are recomputed, so a hung process costs time, never the run."""
+
+    startup_s: PositiveFloat = 600.0  # a (re)started worker's first call: imports, DeepSpeed engine, data
+    min_s: PositiveFloat = 120.0  # a call's limit is never shorter than this...
+    factor: PositiveFloat = 10.0  # ...and otherwise `factor` x the slowest call of the same kind so far
+
+
 class ClusterSpec(Spec):
     address: str = "local"  # 'local': embedded Ray; 'auto', 'HOST:PORT' or 'ray://HOST:PORT' to join a cluster
-    workers: PositiveInt = 1
-    cpus_per_worker: PositiveFloat = 1
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    workers: PositiveInt = 1  # replicas, or rank groups of sharding.ranks processes each
+    cpus_per_process: PositiveFloat = 1  # per worker process: a replica, or one rank of a rank group
+    gpus_per_process: Annotated[float, Field(ge=0)] = 0
     aggregation: Literal["coordinator", "allreduce"] = "coordinator"
+    timeout: TimeoutSpec = TimeoutSpec()
 
 
 class ShardingSpec(Spec):
-    """Large backbones: the worker is a group of `ranks` processes running a DeepSpeed engine (docs/sharding.md)."""
+    """Large backbones: each worker is a rank group, `ranks` Ray actors running one DeepSpeed engine together
+    (docs/sharding.md)."""
 
     engine: Literal["none", "deepspeed"] = "none"
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
@@ -308,6 +319,9 @@ class ShardingSpec(Spec):
     activation_checkpointing: bool = False  # recompute each transformer block / residual stage in the backward pass
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ranks: PositiveInt = 1  # processes in the group (one per GPU; gloo on CPU)
+    # A group's ranks share one node (STRICT_PACK placement) unless a group is bigger than a node: then PACK, which
+    # fills nodes in turn and lets the group's collectives cross the network.
+    span_nodes: bool = False
     # LITE (Bronskill et al. 2021): forward the whole support set, back-propagate a random subset of H examples.
     support_backprop_subset: PositiveInt | None = None
 
@@ -315,7 +329,7 @@ class ShardingSpec(Spec):
     def _engine(self) -> "ShardingSpec":
         if self.engine == "none":
             knobs = {"zero_stage": 0, "offload": "none", "activation_checkpointing": False, "precision": "fp32",
-                     "ranks": 1, "support_backprop_subset": None}
+                     "ranks": 1, "span_nodes": False, "support_backprop_subset": None}
             for key, default in knobs.items():
                 if getattr(self, key) != default:
                     raise ValueError(f"{key} needs engine: deepspeed (engine is 'none')")

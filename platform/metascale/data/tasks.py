@@ -7,11 +7,14 @@ Everything that produces tasks (synthetic families, shard samplers) returns thes
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from metascale.config import DataSpec
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,18 @@ def online_stream(source: TaskSource, tasks: Sequence[int]) -> TaskBatch:
 def episode_rng(seed: int, split: Split, step: int, slot: int) -> np.random.Generator:
     """The random stream of one episode; independent across (seed, split, step, slot)."""
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), step, slot]))
+
+
+class TaskSources:
+    """A worker's task sources, one per split, built on first use (building one can decode a whole split)."""
+
+    def __init__(self, data: "DataSpec", seed: int):
+        self.data, self.seed = data, seed
+        self._built: dict[Split, TaskSource] = {}
+
+    def __call__(self, split: Split) -> TaskSource:
+        if split not in self._built:
+            from metascale.data import build_task_source
+
+            self._built[split] = build_task_source(self.data, split, self.seed)
+        return self._built[split]

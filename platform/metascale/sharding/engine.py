@@ -1,16 +1,18 @@
-"""The DeepSpeed side of a rank: the process group, the engine's config from the job spec, and a ZeRO-stage-
-independent view of what this rank owns (its *local* parameters and gradients).
+"""The DeepSpeed side of a rank: the engine's config from the job spec, and a ZeRO-stage-independent view of what
+this rank owns (its *local* parameters and gradients).
 
 Local means: under ZeRO-3 the rank's flat partition of each parameter (`ceil(numel / world)` elements, the last
 rank's zero-padded), so nothing here ever gathers a whole model; under stages 0-2 the whole tensor, which every rank
-holds anyway. Meta-parameters, meta-gradients and meta-optimiser state are kept in this same layout (sharding/inner.py).
+holds anyway. The published meta-parameters are cut to this layout on arrival, and a ZeRO-3 group's meta-gradient
+travels to the coordinator in it, one partition per rank (`assemble` puts the whole back together there).
 """
 
 from __future__ import annotations
 
-import os
+import datetime
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -19,45 +21,45 @@ from metascale.config import ShardingSpec
 Params = dict[str, Tensor]
 
 
-def init_process_group(rank: int, world: int, port: int, backend: str = "gloo") -> None:
-    """Joins the group on 127.0.0.1:`port`. DeepSpeed's shared-memory collective (a C++ op that JIT-compiles for
-    ~60 s on first use, FIELD-NOTES) is switched off: gloo carries every collective, with nothing to build."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+def use_group(backend: str, timeout: datetime.timedelta) -> None:
+    """Hands the rank group's torch.distributed group (cluster/rendezvous.py) to DeepSpeed. Its shared-memory
+    collective (a C++ op that JIT-compiles for ~60 s on first use) is switched off: gloo or NCCL carry every
+    collective, with nothing to build."""
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
 
 
-def ds_config(s: ShardingSpec, grad_clip: float | None = None, accumulation: int = 1) -> dict[str, Any]:
+def ds_config(s: ShardingSpec) -> dict[str, Any]:
     """The engine's config. Every parameter is partitioned under ZeRO-3 (persistence threshold 0: the default keeps
-    parameters under 100k elements whole on every rank); optimisers are the client's torch ones (no compiled ops)."""
+    parameters under 100k elements whole on every rank); optimisers are the client's torch ones (no compiled ops).
+    Gradient clipping is 0: DeepSpeed's default, 1.0, silently clipped every inner step (the first sharded FOMAML
+    was 5x off), and the meta-gradient is clipped by the coordinator. One micro-batch per step: a work item's tasks
+    are summed by the learners themselves, so the engine's accumulation count never spans two items."""
     zero: dict[str, Any] = {"stage": s.zero_stage}
     if s.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     if s.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
-    cfg: dict[str, Any] = {
+    return {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": accumulation,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
         "steps_per_print": 2**31 - 1,
         "zero_optimization": zero,
         "bf16": {"enabled": s.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
-    cfg["gradient_clipping"] = grad_clip or 0.0  # DeepSpeed's default, 1.0, would silently clip every inner step
-    return cfg
 
 
-def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any, **config: Any) -> Any:
+def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any) -> Any:
     """`make_model()` under `zero.Init` at stage 3 (each rank materialises only its partitions, never the whole
     model), then `deepspeed.initialize` with `make_optimizer(model)` as the client optimiser."""
     import deepspeed
 
-    cfg = ds_config(s, **config)
+    cfg = ds_config(s)
     if s.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=cfg):
             model = make_model()
@@ -71,7 +73,7 @@ def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any, **config
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Turns on the backbone's own per-block recomputation (torch's non-reentrant checkpoint: DeepSpeed's reentrant
-    one silently gives zero gradients when a block's input does not require grad, FIELD-NOTES)."""
+    one silently gives zero gradients to a block's parameters when the block's input does not require grad)."""
     for module in model.modules():
         if hasattr(module, "checkpoint_blocks"):
             module.checkpoint_blocks = True
@@ -83,12 +85,20 @@ def is_partitioned(p: Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def partition_of(full: Tensor, rank: int, world: int) -> Tensor:
-    """This rank's ZeRO-3 partition of a whole tensor: flat, `ceil(numel / world)` elements, zero-padded."""
-    size = -(-full.numel() // world)
-    flat = torch.zeros(size * world, dtype=full.dtype, device=full.device)
-    flat[: full.numel()] = full.reshape(-1)
-    return flat[rank * size : (rank + 1) * size].clone()
+def partition_of(whole: np.ndarray, rank: int, world: int) -> Tensor:
+    """This rank's ZeRO-3 partition of a whole (published) tensor: flat, `ceil(numel / world)` elements, the last
+    rank's zero-padded. Only the partition is copied: the whole array stays where it is (the object store)."""
+    size = -(-whole.size // world)
+    piece = whole.reshape(-1)[rank * size : (rank + 1) * size]
+    out = torch.zeros(size, dtype=torch.float32)
+    out[: piece.size] = torch.from_numpy(np.array(piece, dtype=np.float32, copy=True))
+    return out
+
+
+def assemble(partitions: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The whole tensor from the ranks' partitions (rank order): what the coordinator receives from a ZeRO-3 group."""
+    numel = int(np.prod(shape, dtype=np.int64))
+    return np.concatenate([p.reshape(-1) for p in partitions])[:numel].reshape(shape)
 
 
 def local_params(engine: Any) -> Params:

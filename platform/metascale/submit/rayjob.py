@@ -46,8 +46,8 @@ def spec_configmap(job: PreparedJob, namespace: str, owner_uid: str | None) -> d
 
 def rayjob(job: PreparedJob, namespace: str, shape: ClusterShape = ClusterShape()) -> dict[str, Any]:
     c = job.spec.cluster
-    gpus = math.ceil(c.gpus_per_worker)
-    worker_resources = _resources(cpu=str(c.cpus_per_worker), memory=shape.worker_memory, gpus=gpus)
+    gpus = math.ceil(c.gpus_per_process)
+    worker_resources = _resources(cpu=str(c.cpus_per_process), memory=shape.worker_memory, gpus=gpus)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "RayJob",

@@ -1,13 +1,14 @@
-"""First-order meta-learning (FOMAML, Reptile) with the inner loop run by a DeepSpeed engine, at any ZeRO stage.
+"""First-order meta-learning (FOMAML, Reptile, first-order ANIL) with the inner loop run by a DeepSpeed engine, at
+any ZeRO stage.
 
 Tasks run one after another; each task's examples are split over the ranks (data parallel within the task), so the
 engine's gradient averaging gives the whole-task gradient. Per task:
-  reset   copy the meta-parameters (kept here in the engine's local layout) into the engine's partitions;
+  reset   copy the published meta-parameters (cut to this rank's layout on arrival) into the engine's partitions;
   adapt   `inner.steps` SGD steps through the engine (engine.backward + engine.step, SGD at the inner lr);
-  meta    FOMAML: one more backward on the query loss, whose reduce-scattered gradient partition is this rank's
-          share of the task's meta-gradient; Reptile: meta - adapted, partition by partition.
-The meta-gradient is summed partition-wise and the meta-optimiser (Adam/SGD: elementwise, so partition-wise Adam is
-whole-model Adam) steps each rank's partitions; no rank and no coordinator ever holds the whole model.
+  direct  FOMAML: one more backward on the query loss, whose reduce-scattered gradient partition is this rank's share
+          of the task's meta-gradient; Reptile: meta - adapted, partition by partition.
+The directions of the item's finite tasks are summed partition-wise and go back to the coordinator, which owns the
+meta-optimiser; under ZeRO-3 no rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from metascale.cluster.coordinator import NonFiniteError
-from metascale.cluster.optim import lr_at, make_optimizer, set_lr
+from metascale.algorithms.executor import MetaGradient
+from metascale.cluster.messages import NumpyParams
 from metascale.config import JobSpec
 from metascale.data.tasks import Task
-from metascale.sharding.engine import Params, build_engine, is_partitioned, local_grads, local_params, set_local_params
+from metascale.sharding.engine import (
+    Params, build_engine, is_partitioned, local_grads, local_params, partition_of, set_local_params,
+)
 from metascale.sharding.lite import lite_outputs, lite_subset
 
 
@@ -41,15 +44,14 @@ def chunk(n: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-class ShardedFirstOrder:
+class FirstOrderLearner:
     def __init__(self, spec: JobSpec, make_model: Any, rank: int, world: int):
         self.spec, self.rank, self.world = spec, rank, world
         self.reptile = spec.algorithm.name == "reptile"
         self.engine = build_engine(make_model, spec.sharding, self._inner_optimizer)
         self.dtype = next(iter(self.engine.module.parameters())).dtype
-        self.meta = {k: v.requires_grad_(True) for k, v in local_params(self.engine).items()}
-        self.optimizer = make_optimizer(spec.outer, list(self.meta.values()))
         self.partitioned = any(is_partitioned(p) for p in self.engine.module.parameters())
+        self.meta: Params = {}
 
     def _inner_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """The inner loop's SGD. First-order ANIL adapts the head only: the body's group has learning rate 0, so it
@@ -62,18 +64,16 @@ class ShardedFirstOrder:
         body = [p for n, p in named if not n.startswith(alg.head_prefix)]
         return torch.optim.SGD([{"params": head, "lr": lr}, {"params": body, "lr": 0.0}], lr=lr)
 
-    # ------------------------------------------------------------------------------------------ state
-    def load_full(self, full: Params) -> None:
-        """Sets the meta-parameters from whole tensors (tests and warm starts): each rank keeps its partition."""
-        from metascale.sharding.engine import partition_of
-
-        with torch.no_grad():
-            for k, p in self.meta.items():
-                v = full[k].float()
-                p.copy_(partition_of(v, self.rank, self.world) if p.shape != v.shape else v)
+    def load(self, params: NumpyParams) -> None:
+        """The published meta-parameters, kept in this rank's layout: its ZeRO-3 partition, or whole."""
+        device = self.engine.device
+        if self.partitioned:
+            self.meta = {k: partition_of(v, self.rank, self.world).to(device) for k, v in params.items()}
+        else:
+            self.meta = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in params.items()}
 
     def reset(self) -> None:
-        set_local_params(self.engine, {k: v.detach() for k, v in self.meta.items()})
+        set_local_params(self.engine, self.meta)
 
     # ------------------------------------------------------------------------------------ one task
     def _loss(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,61 +99,53 @@ class ShardedFirstOrder:
             self.engine.backward(loss)
             self.engine.step()
 
-    def task_direction(self, task: Task, generator: torch.Generator | None = None) -> tuple[Params, Tensor]:
-        """This rank's partition of the task's meta-gradient (FOMAML) or Reptile delta, and the task's
-        [query loss sum, correct, count] summed over ranks."""
+    def _query_metrics(self, task: Task, stats: Tensor) -> dict[str, float]:
+        """The task's mean query loss and accuracy from its [loss sum, correct] over all ranks."""
+        n = len(task.query_y)
+        metrics = {"loss": float(stats[0]) / n}
+        if task.query_y.dtype == torch.int64:
+            metrics["accuracy"] = float(stats[1]) / n
+        return metrics
+
+    def task_direction(self, task: Task, generator: torch.Generator | None = None) -> tuple[Params, dict[str, float]]:
+        """This rank's partition of the task's meta-gradient (FOMAML) or Reptile delta, and the task's metrics."""
         self.reset()
         self.adapt(task, self.spec.algorithm.inner.steps, generator)
         if self.reptile:
             with torch.no_grad():
                 _, loss_sum, correct = self._loss(task.query_x, task.query_y)
             adapted = local_params(self.engine)
-            direction = {k: self.meta[k].detach() - adapted[k] for k in self.meta}
+            direction = {k: self.meta[k] - adapted[k] for k in self.meta}
         else:
             loss, loss_sum, correct = self._loss(task.query_x, task.query_y)
             self.engine.backward(loss)
             direction = local_grads(self.engine)
             self.engine.step()  # clears the engine's gradient state; its parameters are reset before the next use
-        stats = torch.stack([loss_sum, correct, torch.tensor(float(len(task.query_y)))])
-        dist.all_reduce(stats[:2])
-        return direction, stats
+        stats = torch.stack([loss_sum, correct])
+        dist.all_reduce(stats)
+        return direction, self._query_metrics(task, stats)
 
-    # ------------------------------------------------------------------------------------ meta-step
-    def meta_step(self, step: int, tasks: list[Task], generators: list[torch.Generator | None]) -> dict[str, Any]:
+    # ------------------------------------------------------------------------------------ work items
+    def meta_gradient(self, tasks: list[Task], generators: list[torch.Generator | None],
+                      slots: list[int]) -> MetaGradient:
+        """The summed direction of the finite tasks, in this rank's layout. A task's finiteness is all-reduced, so
+        every rank leaves out the same tasks."""
         total = {k: torch.zeros_like(v) for k, v in self.meta.items()}
-        sums, bad, count = torch.zeros(3), [], 0
-        for i, (task, gen) in enumerate(zip(tasks, generators)):
-            direction, stats = self.task_direction(task, gen)
+        metrics: dict[str, float] = {}
+        bad, count = [], 0
+        for slot, task, gen in zip(slots, tasks, generators):
+            direction, task_metrics = self.task_direction(task, gen)
             finite = torch.tensor([float(all(torch.isfinite(d).all() for d in direction.values()))])
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite.item():
-                stop_if_asked(self.spec, step_slots=i)
-                bad.append(i)
+                bad.append(slot)
                 continue
             for k, d in direction.items():
                 total[k].add_(d)
-            sums += stats
+            for k, v in task_metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v
             count += 1
-        if bad and self.spec.executor.nonfinite == "skip_step":
-            count, sums = 0, torch.zeros(3)
-        if count:
-            for k, p in self.meta.items():
-                p.grad = total[k] / count
-            if self.spec.outer.grad_clip:
-                self._clip(self.spec.outer.grad_clip)
-            set_lr(self.optimizer, lr_at(self.spec.outer, step))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return {"tasks": count, "nonfinite": bad, **_metrics(sums, count, tasks)}
-
-    def _clip(self, max_norm: float) -> None:
-        """Global-norm clipping over the partitions (their squared norms summed over ranks under ZeRO-3)."""
-        sq = torch.stack([p.grad.pow(2).sum() for p in self.meta.values()]).sum()
-        if self.partitioned:
-            dist.all_reduce(sq)
-        scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        for p in self.meta.values():
-            p.grad.mul_(scale)
+        return MetaGradient(total, count, metrics, bad)
 
     def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
         out = []
@@ -164,32 +156,5 @@ class ShardedFirstOrder:
                 _, loss_sum, correct = self._loss(task.query_x, task.query_y)
             stats = torch.stack([loss_sum, correct])
             dist.all_reduce(stats)
-            out.append(_metrics(torch.cat([stats, torch.tensor([float(len(task.query_y))])]), 1, [task]))
+            out.append(self._query_metrics(task, stats))
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"meta": {k: v.detach().clone() for k, v in self.meta.items()}, "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for k, p in self.meta.items():
-                p.copy_(state["meta"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
-def stop_if_asked(spec: JobSpec, step_slots: int | list[int]) -> None:
-    """executor.nonfinite=stop: every rank saw the same all-reduced flag, so all raise here together, before
-    anything of the step is applied (the driver reports the first rank's error and ends the group)."""
-    if spec.executor.nonfinite == "stop":
-        raise NonFiniteError(f"non-finite meta-gradient in slot(s) {step_slots} (executor.nonfinite=stop)")
-
-
-def _metrics(sums: Tensor, count: int, tasks: list[Task]) -> dict[str, float]:
-    """Mean query loss per example and accuracy, as the un-sharded path reports them (per task, then over tasks)."""
-    if not count:
-        return {}
-    per_task = sums[2] / max(count, 1)  # examples per task (tasks share shapes)
-    m = {"loss": float(sums[0] / count / per_task)}
-    if tasks[0].query_y.dtype == torch.int64:
-        m["accuracy"] = float(sums[1] / count / per_task)
-    return m

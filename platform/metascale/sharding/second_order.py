@@ -1,0 +1,145 @@
+"""Second-order meta-learning (MAML, Meta-SGD, ANIL) through a DeepSpeed engine at ZeRO stages 0-2.
+
+The engine's module holds the published meta-parameters (the model plus, for Meta-SGD, the per-weight learning
+rates), whole on every rank: torch.func needs whole parameters, which is why ZeRO-3 is refused by the job spec.
+Tasks are dealt to the ranks in rounds (rank r takes tasks r, r + world, ...); in each round every rank runs the
+algorithm's own `task_objective` on its task (functional_call on the module's parameters, inner gradients with
+create_graph) and calls `engine.backward` once, so the engine's reduction sums the round's meta-gradients over the
+ranks (stage 2: reduce-scattered into partitions, then gathered whole for the coordinator). The coordinator owns
+the meta-optimiser; the engine's own optimiser is SGD at rate 0, stepped only to clear the reduced gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from metascale.algorithms import build_algorithm
+from metascale.algorithms.executor import MetaGradient
+from metascale.cluster.messages import NumpyParams
+from metascale.config import JobSpec
+from metascale.data.tasks import Task
+from metascale.sharding.engine import build_engine
+
+SEP = "/"  # module attribute names cannot hold '.', so extra meta-parameter names (e.g. 'lr.head.weight') use '/'
+
+
+class MetaParameters(nn.Module):
+    """The model plus the algorithm's extra meta-parameters (Meta-SGD's learning rates) as one module."""
+
+    def __init__(self, model: nn.Module, extra: dict[str, Tensor]):
+        super().__init__()
+        self.model = model
+        self.extra = nn.ParameterDict({k.replace(".", SEP): nn.Parameter(v.detach().clone()) for k, v in extra.items()})
+
+    def meta_params(self) -> dict[str, Tensor]:
+        return {**dict(self.model.named_parameters()), **{k.replace(SEP, "."): v for k, v in self.extra.items()}}
+
+
+class SecondOrderLearner:
+    def __init__(self, spec: JobSpec, make_model: Any, rank: int, world: int):
+        self.spec, self.rank, self.world = spec, rank, world
+
+        def make() -> nn.Module:
+            model = make_model()
+            alg = build_algorithm(spec.algorithm, model)
+            own = dict(model.named_parameters())
+            return MetaParameters(model, {k: v for k, v in alg.init(own).items() if k not in own})
+
+        self.engine = build_engine(make, spec.sharding, lambda module: torch.optim.SGD(module.parameters(), lr=0.0))
+        self.alg = build_algorithm(spec.algorithm, self.engine.module.model)
+        self.dtype = next(iter(self.engine.module.parameters())).dtype
+
+    def params(self) -> dict[str, Tensor]:
+        return self.engine.module.meta_params()
+
+    @torch.no_grad()
+    def load(self, params: NumpyParams) -> None:
+        """The published meta-parameters, whole: the compute copy and the ZeRO optimiser's fp32 master copy."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for k, p in self.params().items():
+            whole = torch.tensor(params[k], dtype=torch.float32, device=p.device)
+            p.copy_(whole)
+            safe_set_full_fp32_param(p, whole)
+
+    def meta_gradient(self, tasks: list[Task], generators: list[Any], slots: list[int]) -> MetaGradient:
+        """The summed meta-gradient of the finite tasks (whole, identical on every rank after the reduction).
+
+        A task whose objective is not finite is found with one all-gather per round, before backward; its rank
+        back-propagates zero times the same computation on a blank task instead (the engine's collectives and
+        gradient buckets must stay aligned: ZeRO-2 buckets gradients in the order they arrive), as does a rank with
+        no task in the last round. A round whose reduced gradient is not finite although every objective was is
+        left out whole, its tasks reported: which task broke it cannot be told apart after the reduction."""
+        total = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in self.params().items()}
+        metrics: dict[str, float] = {}
+        bad: list[int] = []
+        for start in range(0, len(tasks), self.world):
+            mine = start + self.rank
+            out = self.alg.task_objective(self.params(), _cast(tasks[mine], self.dtype)) if mine < len(tasks) else None
+            finite = out is not None and bool(torch.isfinite(out.objective).all())
+            flags = [torch.zeros(2) for _ in range(self.world)]
+            dist.all_gather(flags, torch.tensor([float(out is not None), float(finite)]))
+            round_slots = [slots[start + r] for r, f in enumerate(flags) if f[0] and f[1]]
+            bad += [slots[start + r] for r, f in enumerate(flags) if f[0] and not f[1]]
+            if finite:
+                objective = out.objective.float()
+            else:
+                objective = self._blank_objective(tasks[min(mine, len(tasks) - 1)])
+            self.engine.backward(objective * self.world)  # the engine averages over ranks: world x mean = sum
+            grads = self._reduced_grads()
+            self.engine.step()  # clears the reduced gradients (the optimiser's rate is 0)
+            if not all(torch.isfinite(g).all() for g in grads.values()):
+                bad += round_slots
+                continue
+            for k, g in grads.items():
+                total[k].add_(g)
+            if finite:
+                for k, v in out.metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v)
+        return MetaGradient(total, len(tasks) - len(bad), _sum_over_ranks(metrics), sorted(bad))
+
+    def _reduced_grads(self) -> dict[str, Tensor]:
+        """The whole gradient the last `engine.backward` reduced, keyed by meta-parameter name (stages 1-2: gathered
+        from the ranks' partitions; every rank calls this)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for k, p in self.params().items():
+            g = safe_get_full_grad(p)
+            out[k] = torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float().clone()
+        return out
+
+    def _blank_objective(self, task: Task) -> Tensor:
+        """Zero times the objective of `task` with zeroed inputs: the same graph, every gradient exactly zero."""
+        blank = dataclasses.replace(task, support_x=torch.zeros_like(task.support_x),
+                                    query_x=torch.zeros_like(task.query_x))
+        return self.alg.task_objective(self.params(), _cast(blank, self.dtype)).objective.float() * 0.0
+
+    def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
+        mine = []
+        with torch.no_grad():
+            for task in tasks[self.rank :: self.world]:
+                out = self.alg.task_objective(self.params(), _cast(task, self.dtype), steps=steps)
+                mine.append({k: float(v) for k, v in out.metrics.items()})
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        return [everyone[i % self.world][i // self.world] for i in range(len(tasks))]
+
+
+def _sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, metrics)
+    total: dict[str, float] = {}
+    for m in everyone:
+        for k, v in m.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _cast(task: Task, dtype: torch.dtype) -> Task:
+    return task.to(task.support_x.device, dtype)
