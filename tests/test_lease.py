@@ -150,8 +150,11 @@ def test_a_stale_foreign_lease_is_taken_over_after_its_ttl(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="in use by run alice@elsewhere.example pid 4242"):
         Lease.acquire(str(tmp_path / "new"))
     t0 = time.monotonic()
-    Lease.acquire(str(tmp_path / "new"), wait_s=5).release()
+    with caplog.at_level(logging.WARNING, "metascale.cluster.lease"):
+        Lease.acquire(str(tmp_path / "new"), wait_s=5).release()
     assert 0.5 < time.monotonic() - t0 < 4
+    assert "new is in use by run alice@elsewhere.example pid 4242 (renewed 0 s ago; taken over if not renewed for 1 s)" \
+           "; waiting up to 5 s for it to end or go stale" in caplog.text
 
 
 def test_a_live_foreign_lease_is_refused_even_if_its_pid_is_dead_here(tmp_path):

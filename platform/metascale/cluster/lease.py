@@ -296,6 +296,7 @@ class Lease:
 
     def _take(self, store: _Store, machine: dict[str, Any], deadline: float) -> Lease:
         races = 0  # rounds that found the lease changing under us (each one means another run made progress)
+        told = False
         while races < _ATTEMPTS:
             if store.create(NAME, self._payload(machine)):
                 if self._confirmed(store):
@@ -311,6 +312,10 @@ class Lease:
             if stale is None:
                 if time.monotonic() >= deadline:
                     raise CheckpointError(self._refusal(self.directory, seen, self.ttl_s))
+                if not told:
+                    told = True
+                    log.warning("%s; waiting up to %s for it to end or go stale",
+                                self._refusal(self.directory, seen, self.ttl_s, how=""), _ago(deadline - time.monotonic()))
                 time.sleep(min(1.0, self.heartbeat_s, max(deadline - time.monotonic(), 0.0)))
                 continue
             outcome = self._take_over(store, machine, seen)
@@ -393,16 +398,17 @@ class Lease:
         return None
 
     @staticmethod
-    def _refusal(directory: str, seen: _Seen, ttl_s: float) -> str:
-        how = "wait for it to end, or set checkpoint.dir (or the job name) for a new run"
+    def _refusal(directory: str, seen: _Seen, ttl_s: float,
+                 how: str = "; wait for it to end, or set checkpoint.dir (or the job name) for a new run") -> str:
         if seen.info is None:
-            return (f"{directory} holds an unreadable lease file {NAME} written in the last {_ago(ttl_s)} by a run "
-                    f"that is starting or died; {how}, or delete {NAME} if no run uses the directory")
+            return (f"{directory} holds an unreadable lease file {NAME} (being written by a run that is starting, or "
+                    f"left by one that died; taken over once {_ago(ttl_s)} old where the store tells its age){how}"
+                    + (f", or delete {NAME} if no run uses the directory" if how else ""))
         info = seen.info
         age = time.time() - float(info.get("renewed", 0))
         ttl = float(info.get("ttl_s", ttl_s))
         return (f"{directory} is in use by run {info.get('owner', '?')} (renewed {_ago(age)} ago; taken over if not "
-                f"renewed for {_ago(ttl)}); {how}")
+                f"renewed for {_ago(ttl)}){how}")
 
     # -- holding -----------------------------------------------------------------------------------------------
 
