@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Before anything imports ray (it reads this at import): keep every Ray component on 127.0.0.1 (FIELD-NOTES).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -47,3 +48,25 @@ def http_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def cli(capsys):
+    """Runs `metascale ARGS` in-process through main(), as the console script does: cli(*args) -> (exit code,
+    stdout, stderr)."""
+    from metascale.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        argv = sys.argv
+        sys.argv = ["metascale", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.argv = argv
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
