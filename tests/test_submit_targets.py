@@ -7,8 +7,10 @@ import re
 import shlex
 
 import pytest
+import yaml
 from k8s_emulator import REPO, rule_violations, schema_errors
 
+from metascale.errors import OptInError
 from metascale.submit import state
 from metascale.submit.package import prepare
 from metascale.submit.rayjob import rayjob
@@ -72,3 +74,21 @@ def test_every_example_job_makes_a_valid_rayjob(spec):
     assert schema_errors(obj) == [] and rule_violations(obj) == []
     assert shlex.split(obj["spec"]["entrypoint"]) == ["metascale", "run", "/etc/metascale/metascale-job.yaml"]
     assert job.spec.cluster.address != "local"
+
+
+def test_a_pipe_data_url_is_submitted_only_with_allow_pipe(tmp_path, monkeypatch, cli):
+    """A pipe: URL is a command every worker would run: `submit` refuses it, before any request, unless opted in."""
+    monkeypatch.setenv("METASCALE_STATE_DIR", str(tmp_path / "state"))
+    spec = tmp_path / "piped.yaml"
+    spec.write_text("name: piped\nmodel: {name: conv4}\n"
+                    "data: {source: shards, url: 'pipe:aws s3 cp s3://bucket/set/{name} -'}\n")
+    code, out, err = cli("submit", str(spec), "--to", "http://127.0.0.1:1", "--dry-run")
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {spec}: data.url is a pipe: command") and "pass --allow-pipe" in err
+    with pytest.raises(OptInError):
+        prepare(spec)
+    job = prepare(spec, allow_pipe=True)
+    assert yaml.safe_load(job.spec_yaml)["data"]["url"] == "pipe:aws s3 cp s3://bucket/set/{name} -"
+    # Opted in, the spec goes on to the cluster (here a port nothing listens on: the next error is the network's).
+    code, _, err = cli("submit", str(spec), "--to", "http://127.0.0.1:1", "--allow-pipe")
+    assert code == 1 and err.startswith("error: cannot reach the Ray cluster at http://127.0.0.1:1")
