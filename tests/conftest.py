@@ -24,6 +24,14 @@ def float64():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture(params=[0o022, 0o077], ids=lambda m: f"umask{m:03o}")
+def umask(request) -> int:
+    """The process umask set to each common value for the test, restored after it."""
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
 @pytest.fixture
 def http_server():
     """Serves a directory over real HTTP on 127.0.0.1 (object stores' https:// endpoints read the same way through

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import stat
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -111,6 +113,18 @@ def test_a_failed_pack_leaves_nothing_a_reader_accepts(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no OUT, no .partial-* left behind
     with pytest.raises(DataError, match="no index"):
         load_index(str(tmp_path / "out"))
+
+
+def test_a_packed_set_gets_the_umask_modes(tmp_path, umask):
+    """Shared volumes: pods running as another user read the set when the umask lets them (it was 0700/0600)."""
+    classes = [SourceClass(f"k{c}", f"k{c}", SPLITS[c % 3], list(_images(c, 3))) for c in range(6)]
+    for _ in range(2):  # the second pack replaces the first (--overwrite): same modes
+        pack(classes, tmp_path / "out", progress=False, max_classes_per_shard=1, overwrite=True)
+    out = tmp_path / "out"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert len(modes) == 8 and modes.pop("out") == 0o777 & ~umask  # OUT, index.json and 6 shards
+    assert set(modes.values()) == {0o666 & ~umask}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_pack_refuses_mixed_shapes_and_existing_output(tmp_path):

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -24,7 +23,7 @@ from PIL import Image
 from metascale.data.index import INDEX_NAME, ClassEntry, ShardEntry, ShardIndex, sample_key
 from metascale.data.tasks import SPLITS, Split
 from metascale.errors import DataError
-from metascale.files import atomic_write, fsync_path
+from metascale.files import atomic_write, fsync_path, make_temp_dir
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def pack(
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f"{out.name}.partial-")
     try:
         index = _write_shards(classes, tmp, source or {}, max_classes_per_shard, max_shard_bytes, progress, total)
         atomic_write(tmp / INDEX_NAME, index.to_json().encode())
@@ -165,7 +164,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     """Moves the finished set into place; an existing OUT (only with overwrite) is moved aside first."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        old = make_temp_dir(out.parent, f"{out.name}.old-")
         os.replace(out, old / out.name)
     os.replace(tmp, out)
     fsync_path(out.parent)
