@@ -95,20 +95,34 @@ def pack(
     progress: bool = True,
     total: int | None = None,
 ) -> ShardIndex:
-    """Packs `classes` into OUT; returns the index. Raises DataError on inconsistent input."""
+    """Packs `classes` into OUT; returns the index. Raises DataError on inconsistent input, and on an OUT that
+    cannot be written."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f"{out.name}.partial-")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out.parent, f"{out.name}.partial-")
+    except OSError as e:
+        raise cannot_create(out, "the packed set", e) from None
     try:
         index = _write_shards(classes, tmp, source or {}, max_classes_per_shard, max_shard_bytes, progress, total)
         atomic_write(tmp / INDEX_NAME, index.to_json().encode())
         _replace_dir(tmp, out)
         return index
+    except OSError as e:  # a full disk, or a source folder that cannot be listed: one line, not a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out}: packing failed ({e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cannot_create(path: Path, what: str, e: OSError) -> DataError:
+    """The one-line error for a folder that cannot be made: names the path in the way when it is a file."""
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is a file, not a folder" if blocker else f"{e.strerror or e}: {e.filename}"
+    return DataError(f"{path}: cannot create {what} there ({why})")
 
 
 def _write_shards(classes, tmp, source, max_classes, max_bytes, progress, total) -> ShardIndex:
