@@ -58,6 +58,19 @@ def http_server():
         server.server_close()
 
 
+@pytest.fixture(scope="session")
+def kuberay_crds():
+    """The folder of KubeRay's CRD files (tests/k8s_emulator.py: crd_dir), for tests that validate ray.io objects
+    against their schema; skips the test where no copy is found (a fresh clone without network)."""
+    from k8s_emulator import CRD_ENV, crd_dir
+
+    found = crd_dir()
+    if found is None:
+        pytest.skip(f"KubeRay's CRD schemas not found: set ${CRD_ENV}, or run scripts/fetch-kuberay-crds.sh "
+                    f"with network access")
+    return found
+
+
 @pytest.fixture
 def cli(capsys):
     """Runs `metascale ARGS` in-process through main(), as the console script does: cli(*args) -> (exit code,

@@ -1,6 +1,8 @@
 """The Kubernetes path: the real `kubernetes` client and metascale's CLI against the API-server emulator on loopback.
 
-No kube-apiserver can run here; tests/k8s_emulator.py says what it emulates (and that it fakes the operator).
+No kube-apiserver can run here; tests/k8s_emulator.py says what it emulates (and that it fakes the operator). The
+emulator validates every ray.io object it is sent against KubeRay's CRD schema, so the tests that send one take the
+kuberay_crds fixture (they skip where no copy of the CRDs is found); the others run everywhere.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def spec(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 def test_submit_status_logs_list_cancel(env, emu, spec, cli):
     code, out, err = cli("submit", str(spec), "--to", f"k8s://emu/{NS}", "--set", "seed=7")
     assert code == 0, err
@@ -77,6 +80,7 @@ def test_submit_status_logs_list_cancel(env, emu, spec, cli):
     assert code == 1 and err.strip() == f"error: no RayJob {job_id} in namespace {NS}"
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 def test_duplicate_is_a_clear_409(env, emu, spec):
     backend = KubeRayJobs(K8sTarget(NS, "emu"))
     job = prepare(spec)
@@ -86,6 +90,7 @@ def test_duplicate_is_a_clear_409(env, emu, spec):
     backend.cancel(job.job_id)
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 def test_invalid_object_is_a_clear_422_and_leaves_nothing(env, emu, spec):
     backend = KubeRayJobs(K8sTarget(NS), ClusterShape(head_memory="four gigs"))
     job = prepare(spec)
@@ -94,6 +99,7 @@ def test_invalid_object_is_a_clear_422_and_leaves_nothing(env, emu, spec):
     assert not [k for k in emu.objects if job.job_id in k[2]]
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 def test_unknown_field_is_rejected_by_strict_field_validation(env, emu, spec, monkeypatch):
     import metascale.submit.kuberay as kuberay
 
@@ -108,6 +114,7 @@ def test_unknown_field_is_rejected_by_strict_field_validation(env, emu, spec, mo
         KubeRayJobs(K8sTarget(NS)).submit(prepare(spec))
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 def test_dry_run_creates_nothing(env, emu, spec, cli):
     code, out, err = cli("submit", str(spec), "--to", f"k8s://{NS}", "--dry-run")
     assert code == 0 and "nothing was created" in err and out == ""
@@ -152,12 +159,16 @@ def test_invalid_spec_sends_nothing(env, emu, tmp_path, cli):
     assert emu.requests == []
 
 
-def test_no_injection_through_names_paths_or_values(env, emu, tmp_path, cli):
+def test_no_injection_through_the_job_name(env, emu, tmp_path, cli):
     evil_name = tmp_path / "x'; touch pwned; echo '.yaml"
     evil_name.write_text("name: 'e2e; rm -rf /'\n")
     code, _, err = cli("submit", str(evil_name), "--to", f"k8s://{NS}")
     assert code == 2 and "name: String should match pattern" in err and emu.requests == []
 
+
+@pytest.mark.usefixtures("kuberay_crds")
+def test_no_injection_through_paths_or_values(env, emu, tmp_path, cli):
+    evil_name = tmp_path / "x'; touch pwned; echo '.yaml"
     evil_name.write_text("name: e2e\nouter: {steps: 3}\n")
     code, out, err = cli(
         "submit", str(evil_name), "--to", f"k8s://{NS}", "--set", "logging.wandb.project=$(touch pwned); x`id`"
@@ -170,6 +181,7 @@ def test_no_injection_through_names_paths_or_values(env, emu, tmp_path, cli):
     assert "pwned" not in yaml.safe_dump(job)
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 def test_wandb_key_is_a_secret_reference(env, emu, spec):
     job = prepare(spec)
     KubeRayJobs(K8sTarget(NS), ClusterShape(wandb_secret="team-wandb")).submit(job)

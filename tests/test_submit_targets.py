@@ -67,6 +67,7 @@ def test_state_remembers_where_each_job_went(tmp_path, monkeypatch, cli):
     assert code == 2 and "was not submitted from this machine: pass --to URL" in err
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 @pytest.mark.parametrize("spec", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_job_makes_a_valid_rayjob(spec):
     job = prepare(spec)
