@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Before anything imports ray (it reads this at import): keep every Ray component on 127.0.0.1 (FIELD-NOTES).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -21,6 +22,14 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=lambda m: f"umask{m:03o}")
+def umask(request) -> int:
+    """The process umask set to each common value for the test, restored after it."""
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
 
 
 @pytest.fixture
@@ -119,3 +128,38 @@ def drill(monkeypatch, tmp_path):
         return marker
 
     return arm
+
+
+@pytest.fixture(scope="session")
+def kuberay_crds():
+    """The folder of KubeRay's CRD files (tests/k8s_emulator.py: crd_dir), for tests that validate ray.io objects
+    against their schema; skips the test where no copy is found (a fresh clone without network)."""
+    from k8s_emulator import CRD_ENV, crd_dir
+
+    found = crd_dir()
+    if found is None:
+        pytest.skip(f"KubeRay's CRD schemas not found: set ${CRD_ENV}, or run scripts/fetch-kuberay-crds.sh "
+                    f"with network access")
+    return found
+
+
+@pytest.fixture
+def cli(capsys):
+    """Runs `metascale ARGS` in-process through main(), as the console script does: cli(*args) -> (exit code,
+    stdout, stderr)."""
+    from metascale.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        argv = sys.argv
+        sys.argv = ["metascale", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.argv = argv
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -15,6 +15,7 @@ from metascale.config import ShardsData
 from metascale.data.episodes import ShardTasks
 from metascale.data.index import load_index
 from metascale.data.pack import SourceClass, encode_png, pack
+from metascale.data.urls import join, read_bytes
 from metascale.errors import DataError
 
 pytestmark = pytest.mark.timeout(60)
@@ -153,3 +154,35 @@ def test_missing_shard_on_a_remote_root_is_the_same_clear_error(packed, http_ser
     (packed / "train-00001.tar").unlink()
     with pytest.raises(DataError, match=r"train-00001\.tar: cannot be opened"):
         _source(root).batch(0, [0])
+
+
+def test_a_shard_name_from_the_index_never_reaches_a_shell(packed, tmp_path):
+    marker = tmp_path / "pwned"
+    doc = json.loads((packed / "index.json").read_text())
+    doc["shards"][0]["name"] = f"train-00000.tar; touch {marker}"
+    (packed / "index.json").write_text(json.dumps(doc))
+    root = f"pipe:cat {packed}/{{name}}"
+    with pytest.raises(DataError, match=rf"^pipe:cat {packed}/index\.json: shard 0 is named 'train-00000\.tar; touch "
+                                        rf".*pwned', not a plain file name"):
+        _source(root).batch(0, [0])
+    assert not marker.exists()
+    with pytest.raises(DataError, match="not a plain file name"):
+        _source(packed).batch(0, [0])  # the same index read locally: '/' or '..' would leave the set's folder
+
+
+def test_pipe_commands_run_from_an_argument_vector_without_a_shell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a shell would have run `touch pwned`
+    marker = tmp_path / "pwned"
+    odd = tmp_path / "a b; touch pwned $(id).tar"  # were it pasted into a shell, this would run touch
+    odd.write_bytes(b"shard bytes")
+    root = f"pipe:cat {tmp_path}/{{name}}"
+    assert read_bytes(join(root, odd.name)) == b"shard bytes"
+    with pytest.raises(OSError, match="'cat' exited with status 1"):
+        read_bytes(join(root, f"x; touch {marker}"))
+    assert not marker.exists()
+    with pytest.raises(DataError, match=r"index\.json: the index cannot be read \('sh' exited with status 3\)"):
+        load_index("pipe:sh -c 'exit 3' sh {name}")
+    with pytest.raises(DataError, match=r"cannot be read \(cannot run 'no-such-program': No such file"):
+        load_index("pipe:no-such-program {name}")
+    with pytest.raises(DataError, match=r"needs a '\{name\}' placeholder"):
+        load_index("pipe:cat /sets/omniglot/index.json")

@@ -133,5 +133,6 @@ def test_parallel_cache_load_and_loader_workers_agree(shards):
 def test_pipe_fsspec_and_http_sources_read_the_same_episodes(shards, http_server):
     spec = ShardsData(url=shards, ways=3, shots=1, queries=2)
     local = ShardTasks(spec, "train", 0, shards).batch(4, range(3))
-    for root in (f"pipe:cat {shards}/{{name}}", f"file://{shards}", http_server(shards)):
+    shell = f"pipe:sh -c 'cat \"$1\"' sh {shards}/{{name}}"  # a template that needs a shell passes the name as $1
+    for root in (f"pipe:cat {shards}/{{name}}", shell, f"file://{shards}", http_server(shards)):
         assert _digest(ShardTasks(spec, "train", 0, root).batch(4, range(3))) == _digest(local)

@@ -8,6 +8,7 @@ import multiprocessing
 from collections import Counter
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from metascale.cli import app
@@ -16,6 +17,7 @@ from metascale.data import build_task_source
 from metascale.data.glyphs import GlyphSetSpec, catalog, class_rng, prepare_glyphs, render
 from metascale.data.index import load_index
 from metascale.data.strokes import hershey_glyphs, kanjivg_glyphs
+from metascale.errors import DataError
 
 # sha256 of 3 instances at 28 and 84 px of 5 glyphs (Hershey Latin 'A', Greek 'G', two hiragana, one katakana),
 # seed 0, rendering v2. A change here changes the published set: bump RENDER_VERSION and this pin together.
@@ -90,3 +92,12 @@ def test_cli_pack_glyphs_info_and_errors(tmp_path):
     assert json.loads(r.stdout)["image"] == {"channels": 1, "height": 28, "width": 28}
     r = runner.invoke(app, ["data", "pack", str(tmp_path / "nope"), str(tmp_path / "q"), "--format", "imagefolder"])
     assert r.exit_code != 0 and "does not exist" in str(r.exception)
+
+
+def test_an_unwritable_glyph_root_is_a_one_line_data_error(tmp_path):
+    (tmp_path / "file").write_text("a regular file: nothing can be created below it, not even by root")
+    root = tmp_path / "file" / "glyphs"
+    with pytest.raises(DataError) as e:
+        build_task_source(GlyphsData(root=str(root), classes=5, instances=2), "train", 0)
+    assert str(e.value) == (f"{root}: cannot create the glyph set (data.root) there "
+                            f"({tmp_path}/file is a file, not a folder)")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -113,6 +118,28 @@ def test_a_failed_pack_leaves_nothing_a_reader_accepts(tmp_path):
         load_index(str(tmp_path / "out"))
 
 
+def test_a_packed_set_gets_the_umask_modes(tmp_path, umask):
+    """Shared volumes: pods running as another user read the set when the umask lets them (it was 0700/0600)."""
+    classes = [SourceClass(f"k{c}", f"k{c}", SPLITS[c % 3], list(_images(c, 3))) for c in range(6)]
+    for _ in range(2):  # the second pack replaces the first (--overwrite): same modes
+        pack(classes, tmp_path / "out", progress=False, max_classes_per_shard=1, overwrite=True)
+    out = tmp_path / "out"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert len(modes) == 8 and modes.pop("out") == 0o777 & ~umask  # OUT, index.json and 6 shards
+    assert set(modes.values()) == {0o666 & ~umask}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_write_that_fails_midway_is_one_data_error_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("metascale.data.pack.atomic_write", full)
+    with pytest.raises(DataError, match=r"out: packing failed \(\[Errno 28\] No space left on device\)$"):
+        pack([SourceClass("a", "a", "train", list(_images(0, 2)))], tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pack_refuses_mixed_shapes_and_existing_output(tmp_path):
     bad = [SourceClass("a", "a", "train", [np.zeros((4, 4), np.uint8), np.zeros((5, 5), np.uint8)])]
     with pytest.raises(DataError, match="differs"):
@@ -127,3 +154,35 @@ def test_digits_are_real_handwriting_held_out_for_test(tmp_path):
     index = pack(source.classes, tmp_path / "d", progress=False)
     assert len(index.classes) == 10 and {c.split for c in index.classes} == {"test"}
     assert sum(c.count for c in index.classes) == 1797 and index.shape == (1, 28, 28)
+
+
+def _pack_cli(*args: str) -> subprocess.CompletedProcess:
+    """`metascale data pack ARGS` as a user runs it: a new process, through the real entry point."""
+    return subprocess.run([sys.executable, "-m", "metascale", "data", "pack", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # above it only the progress bar
+    assert last.startswith("error: ") and message in last, result.stderr
+
+
+def test_pack_cli_a_first_image_that_is_not_an_image_is_one_line(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "00.png").write_text("not an image, whatever the name says")
+    _write_pngs(tmp_path / "src" / "b", _images(0, 2))
+    result = _pack_cli(str(tmp_path / "src"), str(tmp_path / "out"), "--format", "imagefolder")
+    _assert_one_line_error(result, f"{tmp_path}/src/a/00.png: image does not decode (cannot identify image file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing half-packed left
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "under-proc"])
+def test_pack_cli_an_unwritable_output_is_one_line(tmp_path, where):
+    """Both fail for root too (chmod would not stop root): a path below a regular file, and a new folder in /proc."""
+    np.savez(tmp_path / "set.npz", images=_images(0, 12), labels=np.repeat(np.arange(6), 2))
+    (tmp_path / "file").write_text("a regular file")
+    out = tmp_path / "file" / "out" if where == "under-a-file" else Path("/proc/metascale-test/out")
+    result = _pack_cli(str(tmp_path / "set.npz"), str(out), "--format", "numpy")
+    why = f"{tmp_path}/file is a file, not a folder" if where == "under-a-file" else "No such file or directory"
+    _assert_one_line_error(result, f"{out}: cannot create the packed set there ({why}")

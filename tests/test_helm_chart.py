@@ -1,6 +1,7 @@
 """The Helm chart: `helm lint --strict` and `helm template` over the CI values files; every rendered object validates
 against Kubernetes' schemas (kubernetes-validate, offline) and, for ray.io kinds, KubeRay's CRD schema with unknown
-fields rejected; plus the rules no schema holds. helm comes from scripts/install-helm.sh (scripts/test.sh runs it).
+fields rejected (those tests take the kuberay_crds fixture: they skip where no copy of the CRDs is found); plus the
+rules no schema holds. helm comes from scripts/install-helm.sh (scripts/test.sh runs it).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def test_lint_strict(name):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 @pytest.mark.parametrize("name", list(VALUES))
 def test_every_object_validates(rendered, name):
     objs = rendered[name]
@@ -162,6 +164,13 @@ def test_rule_checks_catch_what_they_guard(rendered):
     cases.append((bad, "runAsNonRoot"))
     for obj, needle in cases:
         assert any(needle in p for p in rule_violations(obj)), needle
+
+
+@pytest.mark.usefixtures("kuberay_crds")
+def test_schema_check_catches_an_unknown_field(rendered):
+    """As above, for the schema check: KubeRay's schema with unknown fields rejected must catch a typo."""
+    cluster = _cluster(rendered["gpu"])
+    assert schema_errors(cluster) == []
     typo = copy.deepcopy(cluster)
     typo["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
     assert any("maxReplica" in e for e in schema_errors(typo))

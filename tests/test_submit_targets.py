@@ -7,9 +7,10 @@ import re
 import shlex
 
 import pytest
+import yaml
 from k8s_emulator import REPO, rule_violations, schema_errors
-from test_submit_k8s import cli
 
+from metascale.errors import OptInError
 from metascale.submit import state
 from metascale.submit.package import prepare
 from metascale.submit.rayjob import rayjob
@@ -54,7 +55,7 @@ def test_bad_job_ids_are_rejected_before_any_request(bad):
         check_job_id(bad)
 
 
-def test_state_remembers_where_each_job_went(tmp_path, monkeypatch, capsys):
+def test_state_remembers_where_each_job_went(tmp_path, monkeypatch, cli):
     monkeypatch.setenv("METASCALE_STATE_DIR", str(tmp_path))
     assert state.last_target() is None
     state.remember("a-111111", "http://127.0.0.1:8265", "a")
@@ -62,10 +63,11 @@ def test_state_remembers_where_each_job_went(tmp_path, monkeypatch, capsys):
     assert state.target_of("a-111111") == "http://127.0.0.1:8265" and state.last_target() == "k8s://ml"
     assert json.loads((tmp_path / "jobs.json").read_text())["jobs"]["b-222222"]["name"] == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["jobs.json"]  # no temp files left behind
-    code, _, err = cli(capsys, "status", "c-333333")
+    code, _, err = cli("status", "c-333333")
     assert code == 2 and "was not submitted from this machine: pass --to URL" in err
 
 
+@pytest.mark.usefixtures("kuberay_crds")
 @pytest.mark.parametrize("spec", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_job_makes_a_valid_rayjob(spec):
     job = prepare(spec)
@@ -73,3 +75,21 @@ def test_every_example_job_makes_a_valid_rayjob(spec):
     assert schema_errors(obj) == [] and rule_violations(obj) == []
     assert shlex.split(obj["spec"]["entrypoint"]) == ["metascale", "run", "/etc/metascale/metascale-job.yaml"]
     assert job.spec.cluster.address != "local"
+
+
+def test_a_pipe_data_url_is_submitted_only_with_allow_pipe(tmp_path, monkeypatch, cli):
+    """A pipe: URL is a command every worker would run: `submit` refuses it, before any request, unless opted in."""
+    monkeypatch.setenv("METASCALE_STATE_DIR", str(tmp_path / "state"))
+    spec = tmp_path / "piped.yaml"
+    spec.write_text("name: piped\nmodel: {name: conv4}\n"
+                    "data: {source: shards, url: 'pipe:aws s3 cp s3://bucket/set/{name} -'}\n")
+    code, out, err = cli("submit", str(spec), "--to", "http://127.0.0.1:1", "--dry-run")
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {spec}: data.url is a pipe: command") and "pass --allow-pipe" in err
+    with pytest.raises(OptInError):
+        prepare(spec)
+    job = prepare(spec, allow_pipe=True)
+    assert yaml.safe_load(job.spec_yaml)["data"]["url"] == "pipe:aws s3 cp s3://bucket/set/{name} -"
+    # Opted in, the spec goes on to the cluster (here a port nothing listens on: the next error is the network's).
+    code, _, err = cli("submit", str(spec), "--to", "http://127.0.0.1:1", "--allow-pipe")
+    assert code == 1 and err.startswith("error: cannot reach the Ray cluster at http://127.0.0.1:1")

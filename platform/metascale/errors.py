@@ -27,6 +27,12 @@ class DataError(MetascaleError):
     exit_code = 2
 
 
+class OptInError(MetascaleError):
+    """A valid request that metascale carries out only when the user opts in; the message names the flag."""
+
+    exit_code = 2
+
+
 class CheckpointError(MetascaleError):
     exit_code = 2
 

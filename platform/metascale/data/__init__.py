@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from metascale.config import DataSpec, GlyphsData, NoisyLabelsData, ShardsData, SinusoidData, SyntheticImagesData
+from metascale.config import (DataSpec, GlyphsData, JobSpec, NoisyLabelsData, ShardsData, SinusoidData,
+                              SyntheticImagesData)
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
+from metascale.errors import DataError
 
 
 def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
@@ -13,18 +15,68 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         return SinusoidTasks(spec, split, seed)
     if isinstance(spec, SyntheticImagesData):
         return SyntheticImageTasks(spec, split, seed)
-    if isinstance(spec, GlyphsData):  # rendered and packed under spec.root on first use, then reused
-        from metascale.data.glyphs import GlyphSetSpec, prepare_glyphs
-
-        root = prepare_glyphs(spec.root, GlyphSetSpec(spec.image_size, spec.classes, spec.instances))
-        return _shard_tasks(spec, split, seed, str(root), "error")
-    if isinstance(spec, ShardsData):
-        return _shard_tasks(spec, split, seed, spec.url, spec.on_bad_sample)
+    if isinstance(spec, (GlyphsData, ShardsData)):
+        return _shard_tasks(spec, split, seed, *_shard_root(spec))
     if isinstance(spec, NoisyLabelsData):  # one many-shot task (Meta-Weight-Net's setting)
         from metascale.data.noisy_labels import NoisyLabelTasks
 
         return NoisyLabelTasks(spec, split, seed)
     raise NotImplementedError(f"data source '{spec.source}'")
+
+
+def _shard_root(spec: GlyphsData | ShardsData) -> tuple[str, str]:
+    """The packed set's root and what to do with bad samples. The glyph set is rendered and packed under
+    spec.root on first use, then reused."""
+    if isinstance(spec, ShardsData):
+        return spec.url, spec.on_bad_sample
+    from metascale.data.glyphs import GlyphSetSpec, prepare_glyphs
+
+    return str(prepare_glyphs(spec.root, GlyphSetSpec(spec.image_size, spec.classes, spec.instances))), "error"
+
+
+def check_episodes(spec: JobSpec) -> None:
+    """Before training: every split the job draws episodes from (train, and eval.split for evaluation) can make
+    N-way episodes with shots+queries examples per class. Else a one-line DataError naming the split, instead of a
+    failure at the first evaluation, or at the final one after all the training.
+
+    Cheap: synthetic images from their class count; task shards (and the glyph set) from the index alone, no shard
+    read (the glyph set is rendered here if it is not yet, which training would do next anyway), plus the window
+    check of `data.stream`. Sinusoid regression and noisy_labels (a fixed `ways` classes) have nothing to check."""
+    data = spec.data
+    splits: list[Split] = list(dict.fromkeys(("train", spec.eval.split)))
+    if isinstance(data, SyntheticImagesData):
+        from metascale.data.synthetic import split_classes
+
+        for split in splits:
+            n = len(split_classes(data.classes, split))
+            if n < data.ways:
+                raise DataError(f"data: split '{split}' has {n} classes (of data.classes={data.classes}), fewer than "
+                                f"ways ({data.ways})")
+    elif isinstance(data, (GlyphsData, ShardsData)):
+        from metascale.data.episodes import EpisodePlanner
+        from metascale.data.index import load_index
+        from metascale.data.stream import StreamTasks
+
+        root, on_bad = _shard_root(data)
+        index = load_index(root)
+        counts = {i: c.count for i, c in enumerate(index.classes)}
+        need = data.shots + data.queries
+        for split in splits:
+            try:  # with on_bad 'error', a class short of shots+queries is an error, as when training reads it
+                planner = EpisodePlanner(index, split, counts, need, data.augment, spec.seed, on_bad)
+            except DataError as e:
+                raise DataError(f"data: {root}: {e}") from None
+            if len(planner.virtual) < data.ways:
+                total = len(index.split_classes(split))
+                usable = total - planner.skipped_classes
+                have = f"{total} classes"
+                if planner.skipped_classes:
+                    have += f", {usable} of them with shots+queries={need} examples (on_bad_sample: skip)"
+                if len(planner.virtual) != usable:
+                    have += f" ({len(planner.virtual)} with {', '.join(data.augment)})"
+                raise DataError(f"data: split '{split}' of {root} has {have}, fewer than ways ({data.ways})")
+            if data.stream is not None:
+                StreamTasks(data, data.stream, split, spec.seed, root, on_bad).check(index)
 
 
 def _shard_tasks(spec: GlyphsData | ShardsData, split: Split, seed: int, root: str, on_bad: str) -> TaskSource:
@@ -43,4 +95,4 @@ def output_dim(spec: DataSpec) -> int:
     return 1 if isinstance(spec, SinusoidData) else spec.ways
 
 
-__all__ = ["Split", "Task", "TaskBatch", "TaskSource", "build_task_source", "output_dim"]
+__all__ = ["Split", "Task", "TaskBatch", "TaskSource", "build_task_source", "check_episodes", "output_dim"]

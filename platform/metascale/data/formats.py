@@ -121,8 +121,11 @@ def read_imagefolder(src: Path, opts: ReadOptions) -> Source:
             if not files:
                 raise DataError(f"{folder}: class folder has no images")
             if grey is None:  # the first image decides grey vs RGB for the whole set
-                with Image.open(files[0]) as im:
-                    grey = im.mode in ("1", "L", "LA", "I", "I;16")
+                try:
+                    with Image.open(files[0]) as im:
+                        grey = im.mode in ("1", "L", "LA", "I", "I;16")
+                except (UnidentifiedImageError, OSError) as e:
+                    raise DataError(f"{files[0]}: image does not decode ({e})") from None
             yield SourceClass(name, name, split, [load_image(f, opts, grey) for f in files])
 
     return Source(classes(), len(plan), {"format": "imagefolder", "src": str(src)})

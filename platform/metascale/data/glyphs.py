@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from metascale.data.index import INDEX_NAME
-from metascale.data.pack import SourceClass, iter_split_by_group, pack
+from metascale.data.pack import SourceClass, cannot_create, iter_split_by_group, pack
 from metascale.data.strokes import Glyph, hershey_glyphs, kanjivg_glyphs
 
 RENDER_VERSION = 2  # bump when the rendering changes: the prepared set's folder name carries it
@@ -188,8 +188,12 @@ def prepare_glyphs(root: str | Path, spec: GlyphSetSpec, progress: bool = True) 
     out = root / spec.folder
     if (out / INDEX_NAME).exists():
         return out
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{spec.folder}.lock", "w") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f".{spec.folder}.lock", "w")
+    except OSError as e:
+        raise cannot_create(root, "the glyph set (data.root)", e) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not (out / INDEX_NAME).exists():

@@ -8,6 +8,7 @@ an index.json is incomplete and no reader accepts it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,9 @@ from metascale.errors import DataError
 FORMAT = "metascale-task-shards"
 VERSION = 2  # 2: one sample per class (1 had one per image)
 INDEX_NAME = "index.json"
+# A shard's name is joined onto the set's root and substituted into `pipe:` commands: a plain file name only (no
+# path separator, nothing a shell or a command's option parser would read as syntax).
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,12 @@ class ShardIndex:
         return index
 
     def check(self, where: str) -> None:
-        """Internal consistency: splits known, each class in a shard of its own split, counts add up."""
+        """Internal consistency: shard names plain, splits known, each class in a shard of its own split, counts
+        add up."""
+        for i, s in enumerate(self.shards):
+            if not isinstance(s.name, str) or not SHARD_NAME.fullmatch(s.name):
+                raise DataError(f"{where}: shard {i} is named {s.name!r}, not a plain file name (letters, digits, "
+                                f"'.', '_' and '-', starting with a letter or digit)")
         per_shard = [0] * len(self.shards)
         for i, c in enumerate(self.classes):
             if c.split not in SPLITS:
@@ -110,4 +119,6 @@ def load_index(root: str) -> ShardIndex:
         raw = read_bytes(where)
     except FileNotFoundError:
         raise DataError(f"{where}: no index (not a packed set, or a pack that did not finish)") from None
+    except OSError as e:
+        raise DataError(f"{where}: the index cannot be read ({e})") from None
     return ShardIndex.from_json(raw, where)

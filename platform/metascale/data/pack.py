@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -24,7 +23,7 @@ from PIL import Image
 from metascale.data.index import INDEX_NAME, ClassEntry, ShardEntry, ShardIndex, sample_key
 from metascale.data.tasks import SPLITS, Split
 from metascale.errors import DataError
-from metascale.files import atomic_write, fsync_path
+from metascale.files import atomic_write, fsync_path, make_temp_dir
 
 
 @dataclass(frozen=True)
@@ -96,20 +95,34 @@ def pack(
     progress: bool = True,
     total: int | None = None,
 ) -> ShardIndex:
-    """Packs `classes` into OUT; returns the index. Raises DataError on inconsistent input."""
+    """Packs `classes` into OUT; returns the index. Raises DataError on inconsistent input, and on an OUT that
+    cannot be written."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out.parent, f"{out.name}.partial-")
+    except OSError as e:
+        raise cannot_create(out, "the packed set", e) from None
     try:
         index = _write_shards(classes, tmp, source or {}, max_classes_per_shard, max_shard_bytes, progress, total)
         atomic_write(tmp / INDEX_NAME, index.to_json().encode())
         _replace_dir(tmp, out)
         return index
+    except OSError as e:  # a full disk, or a source folder that cannot be listed: one line, not a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out}: packing failed ({e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cannot_create(path: Path, what: str, e: OSError) -> DataError:
+    """The one-line error for a folder that cannot be made: names the path in the way when it is a file."""
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is a file, not a folder" if blocker else f"{e.strerror or e}: {e.filename}"
+    return DataError(f"{path}: cannot create {what} there ({why})")
 
 
 def _write_shards(classes, tmp, source, max_classes, max_bytes, progress, total) -> ShardIndex:
@@ -165,7 +178,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     """Moves the finished set into place; an existing OUT (only with overwrite) is moved aside first."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        old = make_temp_dir(out.parent, f"{out.name}.old-")
         os.replace(out, old / out.name)
     os.replace(tmp, out)
     fsync_path(out.parent)

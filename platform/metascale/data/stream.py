@@ -88,8 +88,7 @@ class StreamTasks(Uint8Episodes):
     def _loaded(self) -> tuple[ShardIndex, list[int], ShardCache]:
         if self._state is None:
             index = load_index(self.root)
-            shards = [i for i, s in enumerate(index.shards) if s.split == self.split]
-            self._check(index, shards)
+            shards = self.check(index)
             cache = ShardCache(index, self.root, self.on_bad, min(self.stream.window_shards, len(shards)))
             self._state = (index, shards, cache)
         return self._state
@@ -106,9 +105,10 @@ class StreamTasks(Uint8Episodes):
             total.merge(s)
         return total
 
-    def _check(self, index: ShardIndex, shards: list[int]) -> None:
+    def check(self, index: ShardIndex) -> list[int]:
         """From the index alone, before any shard is read: short classes (as the whole-split planner reports them)
-        and the fewest usable classes any window can hold."""
+        and the fewest usable classes any window can hold. Returns the split's shards."""
+        shards = [i for i, s in enumerate(index.shards) if s.split == self.split]
         if not shards:
             raise DataError(f"{self.root}: split '{self.split}' has no shards")
         need = self.spec.shots + self.spec.queries
@@ -122,6 +122,7 @@ class StreamTasks(Uint8Episodes):
             raise DataError(f"data.stream: a window of {size} shard(s) of split '{self.split}' can hold as few as "
                             f"{sum(per_shard[s] for s in poorest)} usable classes ({names}), fewer than "
                             f"ways={self.spec.ways}; raise data.stream.window_shards")
+        return shards
 
     def window(self, step: int) -> _Window:
         """Meta-step `step`'s window, its shards decoded (the previous window is released first)."""

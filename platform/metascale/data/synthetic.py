@@ -9,6 +9,7 @@ import torch
 
 from metascale.config import SinusoidData, SyntheticImagesData
 from metascale.data.tasks import Split, Task, TaskBatch, episode_rng
+from metascale.errors import DataError
 
 
 class SinusoidTasks:
@@ -30,6 +31,13 @@ class SinusoidTasks:
         return TaskBatch.stack([self.task(step, slot) for slot in slots])
 
 
+def split_classes(classes: int, split: Split) -> range:
+    """The class ids of a split of the synthetic image family: the first 64% train, the next 16% val, the rest test."""
+    n_train, n_val = int(classes * 0.64), int(classes * 0.16)
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, classes)}
+    return range(*bounds[split])
+
+
 class SyntheticImageTasks:
     """Each class is a fixed random image (its prototype); instances add Gaussian noise. Classes are split
     64/16/20 percent into train/val/test, so held-out classes are never seen in meta-training."""
@@ -39,12 +47,10 @@ class SyntheticImageTasks:
         g = np.random.default_rng(np.random.SeedSequence([seed, 7919]))
         shape = (spec.classes, spec.channels, spec.image_size, spec.image_size)
         protos = g.standard_normal(shape).astype(np.float32)
-        n_train, n_val = int(spec.classes * 0.64), int(spec.classes * 0.16)
-        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, spec.classes)}
-        lo, hi = bounds[split]
-        if hi - lo < spec.ways:
-            raise ValueError(f"split '{split}' has {hi - lo} classes, fewer than ways={spec.ways}")
-        self.protos = protos[lo:hi]
+        ids = split_classes(spec.classes, split)
+        if len(ids) < spec.ways:
+            raise DataError(f"data: split '{split}' has {len(ids)} classes, fewer than ways ({spec.ways})")
+        self.protos = protos[ids.start : ids.stop]
 
     def task(self, step: int, slot: int) -> Task:
         s = self.spec

@@ -28,12 +28,14 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate everything (server-side on k8s), create nothing."),
     image: Optional[str] = typer.Option(None, help="k8s: the container image (default metascale:0.1.0)."),
     wandb_secret: Optional[str] = typer.Option(None, help="k8s: Secret holding the W&B key under `api-key`."),
+    allow_pipe: bool = typer.Option(False, "--allow-pipe",
+                                    help="Send a spec whose data.url is a pipe: command (it runs on the cluster)."),
 ) -> None:
     """Validate a job spec, then send it to a Ray cluster or a KubeRay namespace; prints the job ID."""
     from metascale.submit.package import prepare
 
     target = parse_target(to)
-    job = prepare(spec, set_)  # validated before anything is sent
+    job = prepare(spec, set_, allow_pipe=allow_pipe)  # validated before anything is sent
     backend = _backend(target, image=image, wandb_secret=wandb_secret)
     job_id = backend.submit(job, dry_run=dry_run)
     if dry_run:

@@ -2,7 +2,9 @@
 
 The spec is loaded and validated here (overrides applied) before anything is sent; the cluster receives the resolved
 YAML, so it runs exactly what was checked. The entrypoint never contains user input: it is `metascale run <file>` with
-a file name chosen by metascale, joined with shlex.join, so no job name, path or value can reach a shell.
+a file name chosen by metascale, joined with shlex.join, so no job name, path or value can reach a shell. The one
+field that names a command is a `pipe:` data URL (data/urls.py: run without a shell, but a command of the spec's
+choosing on every worker), so a spec holding one is refused unless the caller opts in (`submit --allow-pipe`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from metascale.config import JobSpec, dump_spec, load_spec, parse_spec
+from metascale.config import JobSpec, ShardsData, dump_spec, load_spec, parse_spec
+from metascale.errors import OptInError
 from metascale.submit.targets import new_job_id
 
 SPEC_FILE = "metascale-job.yaml"
@@ -38,9 +41,12 @@ class PreparedJob:
         return shlex.join(["metascale", "run", spec_path])
 
 
-def prepare(spec_path: str | Path, overrides: list[str] = ()) -> PreparedJob:
+def prepare(spec_path: str | Path, overrides: list[str] = (), allow_pipe: bool = False) -> PreparedJob:
     """Validates the spec and makes it cluster-ready: 'local' Ray becomes 'auto' (join the cluster it runs on)."""
     spec = load_spec(spec_path, list(overrides))
+    if isinstance(spec.data, ShardsData) and spec.data.url.startswith("pipe:") and not allow_pipe:
+        raise OptInError(f"{spec_path}: data.url is a pipe: command, which every worker of the cluster would run; "
+                         f"pass --allow-pipe to submit it anyway")
     if spec.cluster.address == "local":
         spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"address": "auto"})})
     text = dump_spec(spec)
