@@ -92,6 +92,24 @@ def test_cli_missing_file_and_bad_override_are_clear(tmp_path):
     assert r.returncode == 2 and "expected dotted.key=value" in r.stderr
 
 
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"outer": {"lr": float("inf")}}, "outer.lr: Input should be a finite number (got inf)"),
+        ({"algorithm": {"inner": {"lr": float("nan")}}}, "algorithm.inner.lr: Input should be a finite number"),
+        ({"data": {"source": "sinusoid", "amplitude": [float("nan"), 1.0]}},
+         "data.amplitude.0: Input should be a finite number (got nan)"),
+        ({"cluster": {"gpus_per_worker": float("inf")}}, "cluster.gpus_per_worker: Input should be a finite number"),
+        ({"outer": {"es": {"sigma": float("-inf")}}}, "outer.es.sigma: Input should be a finite number (got -inf)"),
+        ({"outer": {"schedule": {"final_ratio": float("nan")}}}, "outer.schedule.final_ratio: Input should be a finite"),
+        ({"model": {"name": "vit", "mlp_ratio": float("inf")}, "data": {"source": "synthetic"}},
+         "model.mlp_ratio: Input should be a finite number"),
+    ],
+)
+def test_nan_and_infinity_are_refused_with_the_field_path(raw, expected):
+    assert any(expected in p for p in _problems(raw)), _problems(raw)
+
+
 def test_cli_validate_prints_the_full_spec(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("name: ok\n")
