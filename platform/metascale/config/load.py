@@ -72,7 +72,8 @@ def _read(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SpecError(str(path), [f"byte {e.start}: not UTF-8 text ({e.reason}); a job spec is a YAML file"]) from None
+        problem = f"byte {e.start}: not UTF-8 text ({e.reason}); a job spec is a YAML file"
+        raise SpecError(str(path), [problem]) from None
 
 
 class _Loader(yaml.SafeLoader):
