@@ -47,3 +47,26 @@ def http_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def cli(capsys):
+    """Runs `metascale ARGS` in-process through main(), as the console script does; returns (exit code, out, err)."""
+    import sys
+
+    from metascale.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        argv = sys.argv
+        sys.argv = ["metascale", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.argv = argv
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
