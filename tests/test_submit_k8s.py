@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import shlex
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from k8s_emulator import ApiServerEmulator, schema_errors
 
-from metascale.cli import main
 from metascale.config import load_spec, parse_spec
 from metascale.submit.kuberay import KubeRayJobs
 from metascale.submit.package import prepare
@@ -47,23 +45,8 @@ def spec(tmp_path) -> Path:
     return path
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Runs `metascale ARGS` in-process through main(), as the console script does."""
-    argv = sys.argv
-    sys.argv = ["metascale", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_submit_status_logs_list_cancel(env, emu, spec, capsys):
-    code, out, err = cli(capsys, "submit", str(spec), "--to", f"k8s://emu/{NS}", "--set", "seed=7")
+def test_submit_status_logs_list_cancel(env, emu, spec, cli):
+    code, out, err = cli("submit", str(spec), "--to", f"k8s://emu/{NS}", "--set", "seed=7")
     assert code == 0, err
     job_id = out.strip()
     job = emu.objects[("rayjobs", NS, job_id)]
@@ -79,18 +62,18 @@ def test_submit_status_logs_list_cancel(env, emu, spec, capsys):
     )
     assert cm["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
 
-    assert cli(capsys, "status", job_id)[1].split("\t")[:3] == [job_id, "PENDING", "e2e"]
+    assert cli("status", job_id)[1].split("\t")[:3] == [job_id, "PENDING", "e2e"]
     emu.operator_step(NS, job_id, "RUNNING", "Running", log="step 1/3 loss 2.1\nstep 2/3 loss 1.7\n")
-    assert cli(capsys, "status", job_id)[1].split("\t")[1] == "RUNNING"
-    code, out, _ = cli(capsys, "logs", job_id)
+    assert cli("status", job_id)[1].split("\t")[1] == "RUNNING"
+    code, out, _ = cli("logs", job_id)
     assert code == 0 and "step 2/3 loss 1.7" in out
-    code, out, _ = cli(capsys, "logs", job_id, "--follow")
+    code, out, _ = cli("logs", job_id, "--follow")
     assert code == 0 and "step 1/3" in out
-    assert job_id in cli(capsys, "list")[1]
+    assert job_id in cli("list")[1]
 
-    assert cli(capsys, "cancel", job_id)[0] == 0
+    assert cli("cancel", job_id)[0] == 0
     assert ("rayjobs", NS, job_id) not in emu.objects and ("configmaps", NS, f"{job_id}-spec") not in emu.objects
-    code, _, err = cli(capsys, "status", job_id)
+    code, _, err = cli("status", job_id)
     assert code == 1 and err.strip() == f"error: no RayJob {job_id} in namespace {NS}"
 
 
@@ -125,26 +108,26 @@ def test_unknown_field_is_rejected_by_strict_field_validation(env, emu, spec, mo
         KubeRayJobs(K8sTarget(NS)).submit(prepare(spec))
 
 
-def test_dry_run_creates_nothing(env, emu, spec, capsys):
-    code, out, err = cli(capsys, "submit", str(spec), "--to", f"k8s://{NS}", "--dry-run")
+def test_dry_run_creates_nothing(env, emu, spec, cli):
+    code, out, err = cli("submit", str(spec), "--to", f"k8s://{NS}", "--dry-run")
     assert code == 0 and "nothing was created" in err and out == ""
     assert [m for m, u in emu.requests if m == "POST" and "dryRun=All" in u] and len(emu.requests) == 2
     assert not [k for k in emu.objects if k[0] in ("rayjobs", "configmaps")]
 
 
-def test_forbidden_is_one_line_without_secrets(env, emu, spec, capsys):
-    code, out, err = cli(capsys, "submit", str(spec), "--to", "k8s://locked")
+def test_forbidden_is_one_line_without_secrets(env, emu, spec, cli):
+    code, out, err = cli("submit", str(spec), "--to", "k8s://locked")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: forbidden: rayjobs.ray.io is forbidden")
     assert TOKEN not in err and "Traceback" not in err
 
 
-def test_unauthorized_and_unreachable(env, emu, spec, tmp_path, monkeypatch, capsys):
+def test_unauthorized_and_unreachable(env, emu, spec, tmp_path, monkeypatch, cli):
     kubeconfig = yaml.safe_load(Path(env / "kubeconfig").read_text())
     kubeconfig["users"][0]["user"]["token"] = "wrong-token"
     (tmp_path / "bad").write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "bad"))
-    code, _, err = cli(capsys, "submit", str(spec), "--to", f"k8s://{NS}")
+    code, _, err = cli("submit", str(spec), "--to", f"k8s://{NS}")
     assert code == 1 and err.startswith("error: unauthorized by the API server") and "wrong-token" not in err
 
     with socket.socket() as s:  # a port nothing listens on
@@ -153,31 +136,31 @@ def test_unauthorized_and_unreachable(env, emu, spec, tmp_path, monkeypatch, cap
     kubeconfig["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{port}"
     (tmp_path / "closed").write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "closed"))
-    code, _, err = cli(capsys, "submit", str(spec), "--to", f"k8s://{NS}")
+    code, _, err = cli("submit", str(spec), "--to", f"k8s://{NS}")
     assert code == 1 and err.startswith("error: cannot reach the Kubernetes API server for k8s://team-a")
     assert err.count("\n") == 1
 
-    code, _, err = cli(capsys, "submit", str(spec), "--to", "k8s://no-such-context/team-a")
+    code, _, err = cli("submit", str(spec), "--to", "k8s://no-such-context/team-a")
     assert code == 1 and err.startswith("error: cannot load the kubeconfig for k8s://no-such-context/team-a")
 
 
-def test_invalid_spec_sends_nothing(env, emu, tmp_path, capsys):
+def test_invalid_spec_sends_nothing(env, emu, tmp_path, cli):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: e2e\nouter: {stepz: 3}\n")
-    code, _, err = cli(capsys, "submit", str(bad), "--to", f"k8s://{NS}")
+    code, _, err = cli("submit", str(bad), "--to", f"k8s://{NS}")
     assert code == 2 and "outer.stepz: unknown field" in err
     assert emu.requests == []
 
 
-def test_no_injection_through_names_paths_or_values(env, emu, tmp_path, capsys):
+def test_no_injection_through_names_paths_or_values(env, emu, tmp_path, cli):
     evil_name = tmp_path / "x'; touch pwned; echo '.yaml"
     evil_name.write_text("name: 'e2e; rm -rf /'\n")
-    code, _, err = cli(capsys, "submit", str(evil_name), "--to", f"k8s://{NS}")
+    code, _, err = cli("submit", str(evil_name), "--to", f"k8s://{NS}")
     assert code == 2 and "name: String should match pattern" in err and emu.requests == []
 
     evil_name.write_text("name: e2e\nouter: {steps: 3}\n")
     code, out, err = cli(
-        capsys, "submit", str(evil_name), "--to", f"k8s://{NS}", "--set", "logging.wandb.project=$(touch pwned); x`id`"
+        "submit", str(evil_name), "--to", f"k8s://{NS}", "--set", "logging.wandb.project=$(touch pwned); x`id`"
     )
     assert code == 0, err
     job = emu.objects[("rayjobs", NS, out.strip())]

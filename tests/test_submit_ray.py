@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_submit_k8s import cli
 
 from metascale.submit.package import prepare
 from metascale.submit.ray_jobs import RayJobs
@@ -114,53 +113,53 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_submit_status_logs(ray_head, state, tmp_path, capsys):
+def test_submit_status_logs(ray_head, state, tmp_path, cli):
     spec = tmp_path / "e2e.yaml"
     spec.write_text(SMALL)
-    code, out, err = cli(capsys, "submit", str(spec), "--to", ray_head)
+    code, out, err = cli("submit", str(spec), "--to", ray_head)
     assert code == 0, err
     job_id = out.strip()
-    code, out, err = cli(capsys, "status", job_id, "--wait", "--poll", "1")
+    code, out, err = cli("status", job_id, "--wait", "--poll", "1")
     assert code == 0 and out.split("\t")[:3] == [job_id, "SUCCEEDED", "e2e"], out + err
-    code, out, _ = cli(capsys, "logs", job_id)
+    code, out, _ = cli("logs", job_id)
     assert code == 0
     assert "Running entrypoint for job" in out and "metascale run metascale-job.yaml" in out
     assert [ln for ln in out.splitlines() if ln.startswith("step ")][-1].startswith("step 3/3 ")
     assert '"status": "finished"' in out
-    code, followed, _ = cli(capsys, "logs", job_id, "--follow")  # a finished job's stream ends by itself
+    code, followed, _ = cli("logs", job_id, "--follow")  # a finished job's stream ends by itself
     assert code == 0 and "step 3/3 " in followed
-    assert job_id in cli(capsys, "list")[1]
+    assert job_id in cli("list")[1]
     duplicate = prepare(spec)
     duplicate = type(duplicate)(job_id=job_id, spec=duplicate.spec, spec_yaml=duplicate.spec_yaml)
     with pytest.raises(ClusterError, match=f"^a job with ID {job_id} already exists on the Ray cluster at "):
         RayJobs(RayTarget(ray_head)).submit(duplicate)
 
 
-def test_cancel_stops_a_long_job(ray_head, state, tmp_path, capsys):
+def test_cancel_stops_a_long_job(ray_head, state, tmp_path, cli):
     spec = tmp_path / "long.yaml"
     spec.write_text(SMALL.replace("steps: 3", "steps: 1000000"))
-    code, out, err = cli(capsys, "submit", str(spec), "--to", ray_head)
+    code, out, err = cli("submit", str(spec), "--to", ray_head)
     assert code == 0, err
     job_id = out.strip()
     backend = RayJobs(RayTarget(ray_head))
     _wait(lambda: "step " in backend._connect().get_job_logs(job_id), 90, "the long job's first progress line")
-    code, _, err = cli(capsys, "cancel", job_id)
+    code, _, err = cli("cancel", job_id)
     assert code == 0 and f"cancelled {job_id}" in err
     info = _wait(lambda: (i := backend.status(job_id)).status in ("STOPPED", "FAILED", "SUCCEEDED") and i, 60, "stop")
     assert info.status == "STOPPED"
 
 
-def test_cluster_errors_are_one_line(ray_head, state, tmp_path, capsys):
-    code, _, err = cli(capsys, "status", "no-such-job-abc123", "--to", ray_head)
+def test_cluster_errors_are_one_line(ray_head, state, tmp_path, cli):
+    code, _, err = cli("status", "no-such-job-abc123", "--to", ray_head)
     assert code == 1 and err == f"error: no job no-such-job-abc123 on the Ray cluster at {ray_head}\n"
     job = prepare(_write(tmp_path, SMALL))
     with pytest.raises(ClusterError, match="cannot reach the Ray cluster at http://127.0.0.1:1 "):
         RayJobs(RayTarget("http://127.0.0.1:1")).submit(job)
     before = len(RayJobs(RayTarget(ray_head)).list())
-    code, _, err = cli(capsys, "submit", str(tmp_path / "e2e.yaml"), "--to", ray_head, "--dry-run")
+    code, _, err = cli("submit", str(tmp_path / "e2e.yaml"), "--to", ray_head, "--dry-run")
     assert code == 0 and "nothing was created" in err
     assert len(RayJobs(RayTarget(ray_head)).list()) == before
-    code, _, err = cli(capsys, "submit", str(tmp_path / "e2e.yaml"), "--to", "ftp://x")
+    code, _, err = cli("submit", str(tmp_path / "e2e.yaml"), "--to", "ftp://x")
     assert code == 2 and err.startswith("error: --to 'ftp://x': expected http(s)://HOST:8265")
 
 

@@ -8,7 +8,6 @@ import shlex
 
 import pytest
 from k8s_emulator import REPO, rule_violations, schema_errors
-from test_submit_k8s import cli
 
 from metascale.submit import state
 from metascale.submit.package import prepare
@@ -54,7 +53,7 @@ def test_bad_job_ids_are_rejected_before_any_request(bad):
         check_job_id(bad)
 
 
-def test_state_remembers_where_each_job_went(tmp_path, monkeypatch, capsys):
+def test_state_remembers_where_each_job_went(tmp_path, monkeypatch, cli):
     monkeypatch.setenv("METASCALE_STATE_DIR", str(tmp_path))
     assert state.last_target() is None
     state.remember("a-111111", "http://127.0.0.1:8265", "a")
@@ -62,7 +61,7 @@ def test_state_remembers_where_each_job_went(tmp_path, monkeypatch, capsys):
     assert state.target_of("a-111111") == "http://127.0.0.1:8265" and state.last_target() == "k8s://ml"
     assert json.loads((tmp_path / "jobs.json").read_text())["jobs"]["b-222222"]["name"] == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["jobs.json"]  # no temp files left behind
-    code, _, err = cli(capsys, "status", "c-333333")
+    code, _, err = cli("status", "c-333333")
     assert code == 2 and "was not submitted from this machine: pass --to URL" in err
 
 
