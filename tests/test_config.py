@@ -42,6 +42,8 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
          "schedule.warmup_steps (0) + schedule.decay_steps (200) must fit in outer.steps (100)"),
         ({"outer": {"schedule": {"decay_steps": 10}}}, "schedule.decay_steps (10) needs schedule.decay 'cosine'"),
         ({"outer": {"schedule": {"decay": "step"}}}, "outer.schedule.decay: Input should be 'none', 'cosine'"),
+        ({"checkpoint": {"dir": "runs/{nam}"}}, "checkpoint.dir: {name} is the only placeholder"),
+        ({"logging": {"wandb": {"dir": "runs/{"}}}, "logging.wandb.dir: {name} is the only placeholder"),
     ],
 )
 def test_bad_fields_name_their_path_and_what_was_expected(raw, expected):
@@ -158,6 +160,7 @@ def test_cli_spec_paths_that_are_not_files_are_one_error(tmp_path):
         ("outer.lr=!!python/object:os.system x", "could not determine a constructor for the tag"),
         ("outer.lr=.nan", "outer.lr: Input should be a finite number (got nan)"),
         ("seed=\t1", "line 1, column 1: not valid YAML (found character '\\t' that cannot start any token)"),
+        ("checkpoint.dir=runs/{nam}", "checkpoint.dir: {name} is the only placeholder, and a literal brace is"),
     ],
 )
 def test_cli_malformed_overrides_are_one_error(tmp_path, override, needle):

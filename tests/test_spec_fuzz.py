@@ -31,7 +31,8 @@ FIELDS = ["name", "source", "steps", "lr", "inner", "ways", "shots", "queries", 
           "es", "sigma", "mode", "wandb", "dir", "every", "gpus_per_worker", "image_size", "patch_size", "augment"]
 PATHS = ["outer.lr", "outer.steps", "outer.schedule.decay", "algorithm.name", "algorithm.inner.lr", "data.source",
          "data.ways", "data.amplitude", "model.name", "model.hidden", "cluster.workers", "cluster.address",
-         "sharding.engine", "sharding.zero_stage", "logging.wandb.mode", "eval.every", "name", "seed"]
+         "sharding.engine", "sharding.zero_stage", "logging.wandb.mode", "eval.every", "name", "seed", "checkpoint.dir",
+         "logging.wandb.dir"]
 # Characters YAML gives meaning to, plus tab, NUL, escapes, non-ASCII text and a Unicode line separator.
 YAML_TEXT = st.text(alphabet=st.sampled_from(list(":-[]{},&*!|>'\"#%@?`\t\n .=\\0123456789aefinsux~\x00é\u2028")),
                     max_size=40)
@@ -39,6 +40,7 @@ YAML_TEXT = st.text(alphabet=st.sampled_from(list(":-[]{},&*!|>'\"#%@?`\t\n .=\\
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**50), max_value=10**50),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.sampled_from(SECTIONS + FIELDS),
+    st.sampled_from(["runs/{name}", "runs/{{x}}", "{", "}", "{0}", "{nam}", "{name.x}"]),  # path templates
 )
 documents = st.recursive(
     scalars,
@@ -67,8 +69,9 @@ def _outcome(path: Path, overrides: list[str] = ()) -> JobSpec | SpecError:
             assert "\n" not in problem and "\r" not in problem, problem
             assert "Traceback (most recent call last)" not in problem and len(problem) < 2000, problem
         return e
-    # What `validate` prints and `submit` sends must load back as the same job.
+    # What `validate` prints and `submit` sends must load back as the same job, and its path templates must expand.
     assert parse_spec(yaml.safe_load(dump_spec(spec))) == spec
+    spec.path(spec.checkpoint.dir), spec.path(spec.logging.wandb.dir)
     return spec
 
 

@@ -33,9 +33,12 @@ def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(source, [f"(top level): expected a mapping of sections, got {type(raw).__name__}"])
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(source, [_describe(err) for err in e.errors()]) from None
+    if problems := _template_problems(spec):
+        raise SpecError(source, problems)
+    return spec
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
@@ -125,6 +128,22 @@ def _set_dotted(raw: dict, keys: list[str], value: Any, source: str) -> None:
         if not isinstance(raw, dict):
             raise SpecError(source, [f"{'.'.join(keys)}: '{k}' is not a section"])
     raw[keys[-1]] = value
+
+
+# Paths that are templates over the job (JobSpec.path): any other placeholder, or a lone brace, would only fail as a
+# KeyError once the run had started.
+TEMPLATES = {"checkpoint.dir": lambda s: s.checkpoint.dir, "logging.wandb.dir": lambda s: s.logging.wandb.dir}
+
+
+def _template_problems(spec: JobSpec) -> list[str]:
+    problems = []
+    for field, value in TEMPLATES.items():
+        try:
+            spec.path(value(spec))
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+            problems.append(f"{field}: {{name}} is the only placeholder, and a literal brace is written {{{{ or }}}} "
+                            f"({type(e).__name__}: {_first_line(e)}; got {_shown(value(spec))})")
+    return problems
 
 
 def _tags(union: Any) -> set[str]:
