@@ -42,6 +42,8 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
          "schedule.warmup_steps (0) + schedule.decay_steps (200) must fit in outer.steps (100)"),
         ({"outer": {"schedule": {"decay_steps": 10}}}, "schedule.decay_steps (10) needs schedule.decay 'cosine'"),
         ({"outer": {"schedule": {"decay": "step"}}}, "outer.schedule.decay: Input should be 'none', 'cosine'"),
+        ({"checkpoint": {"dir": "runs/{nam}"}}, "checkpoint.dir: {name} is the only placeholder"),
+        ({"logging": {"wandb": {"dir": "runs/{"}}}, "logging.wandb.dir: {name} is the only placeholder"),
     ],
 )
 def test_bad_fields_name_their_path_and_what_was_expected(raw, expected):
@@ -90,6 +92,81 @@ def test_cli_missing_file_and_bad_override_are_clear(tmp_path):
     good.write_text("name: ok\n")
     r = _cli("validate", str(good), "--set", "outer.steps")
     assert r.returncode == 2 and "expected dotted.key=value" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"outer": {"lr": float("inf")}}, "outer.lr: Input should be a finite number (got inf)"),
+        ({"algorithm": {"inner": {"lr": float("nan")}}}, "algorithm.inner.lr: Input should be a finite number"),
+        ({"data": {"source": "sinusoid", "amplitude": [float("nan"), 1.0]}},
+         "data.amplitude.0: Input should be a finite number (got nan)"),
+        ({"cluster": {"gpus_per_worker": float("inf")}}, "cluster.gpus_per_worker: Input should be a finite number"),
+        ({"outer": {"es": {"sigma": float("-inf")}}}, "outer.es.sigma: Input should be a finite number (got -inf)"),
+        ({"outer": {"schedule": {"final_ratio": float("nan")}}},
+         "outer.schedule.final_ratio: Input should be a finite number"),
+        ({"model": {"name": "vit", "mlp_ratio": float("inf")}, "data": {"source": "synthetic"}},
+         "model.mlp_ratio: Input should be a finite number"),
+    ],
+)
+def test_nan_and_infinity_are_refused_with_the_field_path(raw, expected):
+    assert any(expected in p for p in _problems(raw)), _problems(raw)
+
+
+def _one_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    """Exit 2 and one `error:` message: a heading and its indented problem lines, no trace, nothing else."""
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr) < 1000, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("error: ") and all(ln.startswith("  ") for ln in lines[1:]), r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+# A YAML "billion laughs": six levels of ten aliases make a million-element list out of 200 bytes.
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{k}: &{k} [{', '.join([f'*{p}'] * 10)}]\n" for p, k in zip("abcde", "bcdef")
+) + "name: *f\n"
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (bytes(range(128, 256)), "byte 0: not UTF-8 text"),
+        (b"name: a\x00b\n", "line 1, column 8: not valid YAML (unacceptable character #x0000"),
+        (b"seed: 2020-13-45\n", "line 1, column 7: not valid YAML ('2020-13-45' is not a valid timestamp"),
+        (b"seed: " + b"7" * 5000 + b"\n", "is not a valid int"),
+        (b"seed: !!bool maybe\n", "'maybe' is not a valid bool"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (LAUGHS.encode(), "name: Input should be a valid string (got [[["),
+        (b"outer: {lr: .inf}\n", "outer.lr: Input should be a finite number (got inf)"),
+    ],
+    ids=["binary", "nul", "bad-date", "5000-digits", "bad-bool", "deep", "billion-laughs", "inf"],
+)
+def test_cli_unreadable_spec_contents_are_one_error(tmp_path, content, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    _one_error(_cli("validate", str(path)), needle)
+
+
+def test_cli_spec_paths_that_are_not_files_are_one_error(tmp_path):
+    _one_error(_cli("validate", str(tmp_path)), "is a directory, not a YAML file")
+    _one_error(_cli("validate", "/dev/zero"), "larger than 1024 KiB: not a job spec")  # never read whole
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("outer.lr=[1,", "override 'outer.lr=[1,': line 1, column 4: not valid YAML (expected the node content"),
+        ("outer.lr=!!python/object:os.system x", "could not determine a constructor for the tag"),
+        ("outer.lr=.nan", "outer.lr: Input should be a finite number (got nan)"),
+        ("seed=\t1", "line 1, column 1: not valid YAML (found character '\\t' that cannot start any token)"),
+        ("checkpoint.dir=runs/{nam}", "checkpoint.dir: {name} is the only placeholder, and a literal brace is"),
+    ],
+)
+def test_cli_malformed_overrides_are_one_error(tmp_path, override, needle):
+    good = tmp_path / "ok.yaml"
+    good.write_text("name: ok\n")
+    _one_error(_cli("validate", str(good), "--set", override), needle)
 
 
 def test_cli_validate_prints_the_full_spec(tmp_path):

@@ -7,6 +7,7 @@ Sub-command groups live next to what they drive (`bench/cli.py`, `data/cli.py`, 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,8 +49,7 @@ def run(
     job = load_spec(spec, set_)  # before importing torch: a bad spec fails fast
     from metascale.train import train
 
-    result = train(job, resume=resume)
-    typer.echo(json.dumps(result))
+    typer.echo(result_line(train(job, resume=resume)))
 
 
 @app.command(name="eval")
@@ -63,7 +63,23 @@ def eval_(
     from metascale.config import load_spec
     from metascale.evaluate import evaluate_checkpoint
 
-    typer.echo(json.dumps(evaluate_checkpoint(load_spec(spec, set_), checkpoint, episodes)))
+    typer.echo(result_line(evaluate_checkpoint(load_spec(spec, set_), checkpoint, episodes)))
+
+
+def result_line(result: dict) -> str:
+    """The last line of `run` and `eval`: strict JSON, which has no NaN or infinity, so a non-finite number (the
+    loss of a diverged run) is written as null rather than as a bare NaN (JSON.parse, Go's encoding/json refuse it)."""
+    return json.dumps(_finite(result), allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _attach_groups() -> None:

@@ -43,6 +43,13 @@ class ClusterError(MetascaleError):
     exit_code = 1
 
 
+class NotAClusterError(ClusterError):
+    """`--to` answered, but not as the service it names (a web page where a Ray dashboard should be): a wrong address,
+    so bad input (exit 2), unlike a cluster that is down or refuses a request."""
+
+    exit_code = 2
+
+
 def from_loader_worker(e: BaseException) -> BaseException:
     """A DataLoader re-raises a worker's exception with the worker's whole traceback in its message. Our errors are
     written for users (a shard, a sample, what to do), so this gives back the original message alone."""

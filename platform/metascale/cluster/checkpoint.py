@@ -63,8 +63,15 @@ def list_steps(directory: str) -> list[int]:
 def read(path: str) -> dict[str, Any]:
     """Loads one checkpoint file, verifying its checksum; raises CheckpointError naming what is wrong."""
     fs, p = _fs(path)
-    with fs.open(p, "rb") as f:
-        blob = f.read()
+    try:
+        with fs.open(p, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory; pass one step-NNNNNNNN.ckpt file in it") from None
+    except (NotADirectoryError, PermissionError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     header, sep, payload = blob.partition(b"\n")
     if not blob.startswith(MAGIC[: len(blob)]) or not header.startswith(MAGIC):
         raise CheckpointError(f"{path}: not a metascale checkpoint (bad header)")
@@ -73,9 +80,14 @@ def read(path: str) -> dict[str, Any]:
     if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC) :]:
         raise CheckpointError(f"{path}: checksum mismatch (torn or corrupt write)")
     try:
-        return torch.load(io.BytesIO(payload), weights_only=True)
+        state = torch.load(io.BytesIO(payload), weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"{path}: payload does not load ({e})") from None
+        # torch's messages run to several lines (weights_only explains itself at length): the first says what failed.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: payload does not load ({reason})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: payload is a {type(state).__name__}, not a checkpoint's state dict")
+    return state
 
 
 def load_latest(directory: str) -> tuple[int, dict[str, Any]] | None:

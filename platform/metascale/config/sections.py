@@ -15,9 +15,10 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 class Spec(BaseModel):
-    """Base of every section: unknown keys are errors (a typo must never be silently ignored)."""
+    """Base of every section: unknown keys are errors (a typo must never be silently ignored), and so are NaN and
+    infinities in any float field (YAML reads `.inf`/`.nan` as numbers; no knob means anything at them)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -12,6 +12,16 @@ from metascale.submit.targets import K8sTarget, RayTarget, Target
 # Ray's job states; a RayJob's status.jobStatus uses the same words.
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
+# Every request to a cluster waits at most this long to connect and this long for each read, so a wrong address or
+# a wedged server fails in seconds instead of hanging. Read at call time (http_timeout) so tests can shorten them.
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+
+
+def http_timeout() -> tuple[float, float]:
+    """(connect, read) seconds, the form requests and the kubernetes client (_request_timeout) both take."""
+    return CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+
 
 @dataclass(frozen=True)
 class JobInfo:

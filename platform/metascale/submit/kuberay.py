@@ -8,19 +8,18 @@ cancel deletes the RayJob (KubeRay stops the job and removes its cluster). API e
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from metascale.submit.backend import TERMINAL, JobInfo
+from metascale.submit.backend import TERMINAL, JobInfo, http_timeout
 from metascale.submit.package import PreparedJob
 from metascale.submit.rayjob import GROUP, MANAGED_BY, PLURAL, VERSION, ClusterShape, rayjob, spec_configmap
 from metascale.errors import ClusterError
 from metascale.submit.targets import K8sTarget, check_job_id
-
-TIMEOUT = 30  # seconds per API request
 
 
 class KubeRayJobs:
@@ -52,13 +51,15 @@ class KubeRayJobs:
         with self._errors(job.job_id, creating=True):
             created = custom.create_namespaced_custom_object(
                 GROUP, VERSION, ns, PLURAL, rayjob(job, ns, self.shape),
-                field_validation="Strict", _request_timeout=TIMEOUT, **opts,
+                field_validation="Strict", _request_timeout=http_timeout(), **opts,
             )
         owner = None if dry_run else created["metadata"]["uid"]
         try:
             with self._errors(f"{job.job_id}-spec", creating=True, kind="ConfigMap"):
                 body = client.V1ConfigMap.from_dict(spec_configmap(job, ns, owner))
-                core.create_namespaced_config_map(ns, body, field_validation="Strict", _request_timeout=TIMEOUT, **opts)
+                core.create_namespaced_config_map(
+                    ns, body, field_validation="Strict", _request_timeout=http_timeout(), **opts
+                )
         except ClusterError:
             if not dry_run:  # no half-made job: the RayJob would wait forever for its spec
                 self._delete(job.job_id, missing_ok=True)
@@ -70,7 +71,7 @@ class KubeRayJobs:
         custom, _ = self._client()
         with self._errors(job_id):
             obj = custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.target.namespace, PLURAL, job_id, _request_timeout=TIMEOUT
+                GROUP, VERSION, self.target.namespace, PLURAL, job_id, _request_timeout=http_timeout()
             )
         return _info(obj)
 
@@ -79,16 +80,37 @@ class KubeRayJobs:
         check_job_id(job_id)
         _, core = self._client()
         pod = self._submitter_pod(job_id, wait=follow)
+        if follow:
+            self._follow(core, pod, job_id, emit)
+            return
         with self._errors(job_id):
-            if not follow:
-                emit(core.read_namespaced_pod_log(pod, self.target.namespace, _request_timeout=TIMEOUT))
+            emit(core.read_namespaced_pod_log(pod, self.target.namespace, _request_timeout=http_timeout()))
+
+    def _follow(self, core, pod: str, job_id: str, emit: Callable[[str], None]) -> None:
+        """The pod's log stream, under the same (connect, read) timeouts as every call. A running job may rightly
+        print nothing for longer than the read timeout; then the job's status is asked (a timed request) and, while
+        it runs, the stream is opened again from the middle of that silence (since_seconds): after the last line
+        received and before any new one, so nothing is shown twice."""
+        from urllib3.exceptions import ReadTimeoutError
+
+        since: int | None = None
+        while True:
+            with self._errors(job_id):
+                resp = core.read_namespaced_pod_log(
+                    pod, self.target.namespace, follow=True, _preload_content=False,
+                    _request_timeout=http_timeout(), **({} if since is None else {"since_seconds": since}),
+                )
+                try:
+                    for chunk in resp.stream(4096):
+                        emit(chunk.decode("utf-8", errors="replace"))
+                    return  # the container exited: the stream ended
+                except ReadTimeoutError:
+                    quiet_until = time.monotonic()
+                finally:
+                    resp.release_conn()
+            if self.status(job_id).status in TERMINAL:
                 return
-            resp = core.read_namespaced_pod_log(pod, self.target.namespace, follow=True, _preload_content=False)
-            try:
-                for chunk in resp.stream(4096):
-                    emit(chunk.decode("utf-8", errors="replace"))
-            finally:
-                resp.release_conn()
+            since = max(1, math.ceil(time.monotonic() - quiet_until + http_timeout()[1] / 2))
 
     def cancel(self, job_id: str) -> None:
         check_job_id(job_id)
@@ -99,7 +121,7 @@ class KubeRayJobs:
         selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
         with self._errors(None):
             objs = custom.list_namespaced_custom_object(
-                GROUP, VERSION, self.target.namespace, PLURAL, label_selector=selector, _request_timeout=TIMEOUT
+                GROUP, VERSION, self.target.namespace, PLURAL, label_selector=selector, _request_timeout=http_timeout()
             )
         items = sorted(objs.get("items", []), key=lambda o: o["metadata"].get("creationTimestamp") or "")
         return [_info(o) for o in items]
@@ -110,7 +132,7 @@ class KubeRayJobs:
             with self._errors(job_id):
                 custom.delete_namespaced_custom_object(
                     GROUP, VERSION, self.target.namespace, PLURAL, job_id,
-                    propagation_policy="Background", _request_timeout=TIMEOUT,
+                    propagation_policy="Background", _request_timeout=http_timeout(),
                 )
         except ClusterError:
             if not missing_ok:
@@ -121,7 +143,7 @@ class KubeRayJobs:
         while True:
             with self._errors(job_id):
                 pods = core.list_namespaced_pod(
-                    self.target.namespace, label_selector=f"job-name={job_id}", _request_timeout=TIMEOUT
+                    self.target.namespace, label_selector=f"job-name={job_id}", _request_timeout=http_timeout()
                 ).items
             if pods:
                 newest = max(pods, key=lambda p: p.metadata.creation_timestamp.timestamp())
@@ -135,6 +157,7 @@ class KubeRayJobs:
     def _errors(self, name: str | None, creating: bool = False, kind: str = "RayJob") -> Iterator[None]:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError as Urllib3Error
+        from urllib3.exceptions import ReadTimeoutError
 
         ns, url = self.target.namespace, self.target.url
         try:
@@ -142,6 +165,9 @@ class KubeRayJobs:
         except ApiException as e:
             raise ClusterError(_api_message(e.status, _status_message(e.body), kind, name, ns, creating)) from None
         except Urllib3Error as e:
+            if isinstance(e, ReadTimeoutError) or isinstance(getattr(e, "reason", None), ReadTimeoutError):
+                raise ClusterError(f"the Kubernetes API server for {url} did not answer within "
+                                   f"{http_timeout()[1]:g} s") from None
             raise ClusterError(f"cannot reach the Kubernetes API server for {url} ({type(e).__name__})") from None
 
 
