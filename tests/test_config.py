@@ -101,7 +101,7 @@ def test_cli_missing_file_and_bad_override_are_clear(tmp_path):
         ({"algorithm": {"inner": {"lr": float("nan")}}}, "algorithm.inner.lr: Input should be a finite number"),
         ({"data": {"source": "sinusoid", "amplitude": [float("nan"), 1.0]}},
          "data.amplitude.0: Input should be a finite number (got nan)"),
-        ({"cluster": {"gpus_per_worker": float("inf")}}, "cluster.gpus_per_worker: Input should be a finite number"),
+        ({"cluster": {"gpus_per_process": float("inf")}}, "cluster.gpus_per_process: Input should be a finite number"),
         ({"outer": {"es": {"sigma": float("-inf")}}}, "outer.es.sigma: Input should be a finite number (got -inf)"),
         ({"outer": {"schedule": {"final_ratio": float("nan")}}},
          "outer.schedule.final_ratio: Input should be a finite number"),

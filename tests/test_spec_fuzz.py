@@ -28,7 +28,7 @@ SECTIONS = ["name", "seed", "model", "data", "algorithm", "outer", "eval", "chec
             "cluster", "sharding"]
 FIELDS = ["name", "source", "steps", "lr", "inner", "ways", "shots", "queries", "amplitude", "hidden", "meta_batch",
           "schedule", "decay", "decay_steps", "workers", "engine", "zero_stage", "ranks", "stream", "window_shards",
-          "es", "sigma", "mode", "wandb", "dir", "every", "gpus_per_worker", "image_size", "patch_size", "augment"]
+          "es", "sigma", "mode", "wandb", "dir", "every", "gpus_per_process", "image_size", "patch_size", "augment"]
 PATHS = ["outer.lr", "outer.steps", "outer.schedule.decay", "algorithm.name", "algorithm.inner.lr", "data.source",
          "data.ways", "data.amplitude", "model.name", "model.hidden", "cluster.workers", "cluster.address",
          "sharding.engine", "sharding.zero_stage", "logging.wandb.mode", "eval.every", "name", "seed", "checkpoint.dir",

@@ -18,7 +18,7 @@ from k8s_emulator import ApiServerEmulator, schema_errors
 from metascale.config import load_spec, parse_spec
 from metascale.submit.kuberay import KubeRayJobs
 from metascale.submit.package import prepare
-from metascale.submit.rayjob import ClusterShape
+from metascale.submit.rayjob import ClusterShape, rayjob
 from metascale.errors import ClusterError
 from metascale.submit.targets import K8sTarget
 
@@ -120,6 +120,23 @@ def test_dry_run_creates_nothing(env, emu, spec, cli):
     assert code == 0 and "nothing was created" in err and out == ""
     assert [m for m, u in emu.requests if m == "POST" and "dryRun=All" in u] and len(emu.requests) == 2
     assert not [k for k in emu.objects if k[0] in ("rayjobs", "configmaps")]
+
+
+@pytest.mark.usefixtures("kuberay_crds")
+def test_a_sharded_job_submits_with_a_pod_per_rank_group(env, emu, cli):
+    """The sharded example: 2 rank groups of 4 ranks, one GPU a rank. Each worker pod holds a whole group (its
+    STRICT_PACK placement needs one node); with span_nodes, a pod per rank. The head (the driver) has no GPU."""
+    code, out, err = cli("submit", "jobs/vit-large-zero3.yaml", "--to", f"k8s://{NS}", "--dry-run")
+    assert code == 0 and "nothing was created" in err, err
+    cluster = rayjob(prepare("jobs/vit-large-zero3.yaml"), NS)["spec"]["rayClusterSpec"]
+    [group] = cluster["workerGroupSpecs"]
+    requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert group["replicas"] == 2 and requests["nvidia.com/gpu"] == "4" and requests["cpu"] == "32"
+    assert "nvidia.com/gpu" not in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    spanning = rayjob(prepare("jobs/vit-large-zero3.yaml", ["sharding.span_nodes=true"]), NS)
+    [group] = spanning["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 8 and group["template"]["spec"]["containers"][0]["resources"]["requests"][
+        "nvidia.com/gpu"] == "1"
 
 
 def test_forbidden_is_one_line_without_secrets(env, emu, spec, cli):

@@ -158,6 +158,8 @@ def test_cluster_errors_are_one_line(ray_head, state, tmp_path, cli):
     before = len(RayJobs(RayTarget(ray_head)).list())
     code, _, err = cli("submit", str(tmp_path / "e2e.yaml"), "--to", ray_head, "--dry-run")
     assert code == 0 and "nothing was created" in err
+    code, _, err = cli("submit", "jobs/vit-large-zero3.yaml", "--to", ray_head, "--dry-run")  # rank groups too
+    assert code == 0 and "nothing was created" in err, err
     assert len(RayJobs(RayTarget(ray_head)).list()) == before
     code, _, err = cli("submit", str(tmp_path / "e2e.yaml"), "--to", "ftp://x")
     assert code == 2 and err.startswith("error: --to 'ftp://x': expected http(s)://HOST:8265")

@@ -37,6 +37,13 @@ class CheckpointError(MetascaleError):
     exit_code = 2
 
 
+class CheckpointWriteError(MetascaleError):
+    """A checkpoint could not be written, even after retries: the run stopped; the message names the last step
+    saved. Its own exit code, so a scheduler can tell it from bad input (2) and from a failed run (1)."""
+
+    exit_code = 3
+
+
 class ClusterError(MetascaleError):
     """A cluster refused a request, could not be reached, or could not place the job: one actionable line."""
 

@@ -31,6 +31,7 @@ def evaluate(pool: Any, params: Any, spec: JobSpec, episodes: int, prefix: str) 
 def evaluate_checkpoint(spec: JobSpec, checkpoint: str | None, episodes: int | None) -> dict[str, Any]:
     """`metascale eval`: loads a checkpoint (default: the job's latest good one) and evaluates it."""
     from metascale.cluster import checkpoint as ckpt
+    from metascale.cluster.coordinator import Coordinator, check_compatible
     from metascale.cluster.pool import build_pool
     from metascale.cluster.replica import to_numpy
     from metascale.errors import CheckpointError
@@ -43,6 +44,7 @@ def evaluate_checkpoint(spec: JobSpec, checkpoint: str | None, episodes: int | N
         if found is None:
             raise CheckpointError(f"no checkpoint in {directory}: train first (metascale run) or pass --checkpoint")
         step, state = found
+    check_compatible(Coordinator(spec), state, f"eval of {checkpoint or directory}")
     pool = build_pool(spec)
     try:
         n = episodes or spec.eval.final_episodes

@@ -1,7 +1,7 @@
 """Runs an algorithm over a batch of tasks and returns their summed meta-gradient.
 
 Two strategies, same numbers: 'per_task' loops over tasks (one task's graph alive at a time; the fastest on CPU, as
-measured in FIELD-NOTES), 'vmap' batches all tasks through `torch.func.vmap` (one big graph; for GPUs). Sums, not
+measured on a 2-core CPU), 'vmap' batches all tasks through `torch.func.vmap` (one big graph; for GPUs). Sums, not
 means, travel between workers so that the coordinator can weight by task count when workers did different numbers.
 A task whose objective or gradient is not finite is reported by its slot and left out, never silently applied.
 """
@@ -29,6 +29,7 @@ class MetaGradient:
     tasks: int
     metrics: dict[str, float]  # summed per-task metrics (divide by `tasks`)
     nonfinite_slots: list[int] = field(default_factory=list)
+    strategy: Strategy = "per_task"  # the path that produced it (vmap falls back per task, see meta_gradient)
 
 
 def resolve_strategy(strategy: str, device: torch.device) -> Strategy:
@@ -107,5 +108,5 @@ def _vmapped(alg: MetaAlgorithm, meta_params: Params, batch: TaskBatch) -> MetaG
     if not torch.isfinite(objectives).all() or not all(torch.isfinite(g).all() for g in total.values()):
         return None
     summed = {k: float(v.sum()) for k, v in metrics.items()}
-    return MetaGradient(total, len(batch), summed, [])
+    return MetaGradient(total, len(batch), summed, [], "vmap")
 

@@ -39,7 +39,7 @@ class PerImageTaskSampler:
 
 
 def tune_malloc() -> bool:
-    """FIELD-NOTES: this VM faults freed memory back in slowly; keep glibc from returning it (the same values as
+    """This VM faults freed memory back in slowly (Makefile); keep glibc from returning it (the same values as
     MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=64 GiB, MALLOC_TOP_PAD_=256 MiB), inherited by forked
     loader workers. Applied to metascale and the baseline alike."""
     import ctypes

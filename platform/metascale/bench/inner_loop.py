@@ -7,7 +7,7 @@ back-propagates the query loss into the original parameters. Two comparisons, sa
   shows what metascale's machinery costs; the gradients are compared too);
 - the same thread budget each (`throughput_ratio_vs_baseline`): metascale's whole meta-step as N Ray workers of
   one thread (publish, fan out, aggregate) vs the baseline with N torch threads, the way each is meant to use a
-  machine (FIELD-NOTES: intra-op threads on small convolutions scale poorly and oversubscribe).
+  machine (measured here: intra-op threads on small convolutions scale poorly and oversubscribe: 10-100x outliers).
 Memory: what one task's meta-gradient adds to the peak resident set, in a fresh process each (bench/peak.py), with
 nothing recomputed, with checkpointing ('all': inner steps, and the query pass block by block), and with the query
 pass recomputed in chunks instead; and what each costs in time.

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from metascale.algorithms import build_algorithm
 from metascale.cluster.messages import NumpyParams, WorkResult
@@ -20,7 +21,7 @@ from metascale.cluster.replica import to_numpy
 from metascale.cluster.optim import lr_at, make_optimizer, set_lr
 from metascale.config import JobSpec
 from metascale.data import output_dim
-from metascale.errors import MetascaleError
+from metascale.errors import CheckpointError, MetascaleError
 from metascale.models import build_model
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,37 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(MetascaleError):
     exit_code = 1
+
+
+# The spec fields that decide the meta-parameters' names and shapes: what must agree between a checkpoint and a job.
+SHAPE_FIELDS = ("model", "data.ways", "data.source", "algorithm.name", "algorithm.learned", "algorithm.mwn")
+
+
+def check_compatible(coord: "Coordinator", state: dict[str, Any], what: str) -> None:
+    """Refuses, in one line, a checkpoint whose meta-parameters do not fit this job's, naming the spec fields that
+    differ from the spec recorded in the checkpoint (and otherwise the first parameters that differ)."""
+    ours = {k: tuple(v.shape) for k, v in coord.params.items()}
+    theirs = {k: tuple(v.shape) for k, v in state.get("params", {}).items()}
+    if ours == theirs:
+        return
+    recorded = _flat(yaml.safe_load(state["spec"]) if isinstance(state.get("spec"), str) else {})
+    fields = [f"{k} ({recorded.get(k)!r} in the checkpoint, {v!r} here)"
+              for k, v in _flat(coord.spec.model_dump(mode="json")).items()
+              if k.startswith(SHAPE_FIELDS) and recorded.get(k) != v]
+    if not fields:
+        diff = sorted(set(ours) ^ set(theirs)) or sorted(k for k in ours if ours[k] != theirs[k])
+        fields = [f"parameters {', '.join(diff[:3])}"]
+    raise CheckpointError(f"{what}: the checkpoint does not fit this job's model: {'; '.join(fields[:4])}; use the "
+                          "spec the checkpoint was trained with (it is recorded in the checkpoint)")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 @dataclass

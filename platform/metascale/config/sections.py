@@ -290,6 +290,9 @@ class ExecutorSpec(Spec):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt = 1  # torch threads per worker process; >1 oversubscribes a shared CPU
     nonfinite: Literal["skip_task", "skip_step", "stop"] = "skip_task"
+    # A run whose meta-gradient is unusable (every task non-finite, or skip_step) this many meta-steps in a row stops
+    # with an error, after a checkpoint: it has diverged, and skipping on would only burn the budget.
+    max_skipped_steps: PositiveInt = 3
 
 
 class TimeoutSpec(Spec):

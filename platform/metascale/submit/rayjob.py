@@ -1,7 +1,8 @@
 """The KubeRay objects a submission creates: a RayJob (ray.io/v1) and the ConfigMap carrying its spec.
 
-The RayJob brings up its own RayCluster (head + one worker group sized from spec.cluster), runs the fixed entrypoint
-`metascale run /etc/metascale/metascale-job.yaml` and tears the cluster down when the job ends. Pods run as non-root;
+The RayJob brings up its own RayCluster (head + one worker group sized from spec.cluster and spec.sharding: a pod
+per replica, or per rank group holding all its ranks' GPUs; the head, where the driver runs, needs no GPU), runs the
+fixed entrypoint `metascale run /etc/metascale/metascale-job.yaml` and tears the cluster down when the job ends. Pods run as non-root;
 the W&B API key comes from a Secret by reference (optional, so W&B's offline/disabled modes need none).
 """
 
@@ -44,10 +45,20 @@ def spec_configmap(job: PreparedJob, namespace: str, owner_uid: str | None) -> d
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {SPEC_FILE: job.spec_yaml}}
 
 
+def worker_pods(job: PreparedJob) -> tuple[int, int]:
+    """(pods, processes a pod hosts). A replica is a pod; a rank group is one pod holding all its ranks (the
+    group's STRICT_PACK placement needs them on one node), or with `sharding.span_nodes` a pod per rank."""
+    c, s = job.spec.cluster, job.spec.sharding
+    if s.engine == "none" or s.span_nodes:
+        return c.workers * s.ranks, 1
+    return c.workers, s.ranks
+
+
 def rayjob(job: PreparedJob, namespace: str, shape: ClusterShape = ClusterShape()) -> dict[str, Any]:
     c = job.spec.cluster
-    gpus = math.ceil(c.gpus_per_process)
-    worker_resources = _resources(cpu=str(c.cpus_per_process), memory=shape.worker_memory, gpus=gpus)
+    pods, per_pod = worker_pods(job)
+    gpus = math.ceil(c.gpus_per_process * per_pod)
+    worker_resources = _resources(cpu=f"{c.cpus_per_process * per_pod:g}", memory=shape.worker_memory, gpus=gpus)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "RayJob",
@@ -72,9 +83,9 @@ def rayjob(job: PreparedJob, namespace: str, shape: ClusterShape = ClusterShape(
                 "workerGroupSpecs": [
                     {
                         "groupName": "gpu-workers" if gpus else "cpu-workers",
-                        "replicas": c.workers,
-                        "minReplicas": c.workers,
-                        "maxReplicas": c.workers,
+                        "replicas": pods,
+                        "minReplicas": pods,
+                        "maxReplicas": pods,
                         "rayStartParams": {},
                         "template": _pod(job, shape, "ray-worker", worker_resources, gpu=gpus > 0),
                     }
