@@ -27,11 +27,19 @@ def gradients(model, x, y, second_order: bool) -> list[torch.Tensor]:
     (lambda: ResNet12(ResNet12Spec(channels=[8, 8, 8, 8], image_size=16, in_channels=1), 3), 16),
 ])
 @pytest.mark.parametrize("second_order", [False, True])
-def test_checkpointing_gives_the_same_gradients(make, size, second_order):
+def test_checkpointing_gives_the_same_gradients(make, size, second_order, monkeypatch):
+    import metascale.models.checkpointing as blocks
+
+    calls = []
+    real = blocks.checkpoint
+    monkeypatch.setattr(blocks, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = make()
     x, y = torch.randn(4, 1, size, size), torch.tensor([0, 1, 2, 0])
     plain = gradients(model, x, y, second_order)
+    assert not calls
     enable_activation_checkpointing(model)
-    for a, b in zip(plain, gradients(model, x, y, second_order)):
+    checkpointed = gradients(model, x, y, second_order)
+    assert len(calls) >= 2  # every block (ViT) or stage (ResNet-12) went through the checkpoint
+    for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

@@ -134,12 +134,14 @@ class Rank:
 
     def held(self) -> dict[str, int]:
         """Elements this rank holds of the backbone: its own partitions, the whole model's, and whole copies still
-        gathered (0 after a step under ZeRO-3); and the bytes of parameter and optimiser storage
-        (sharding/engine.py: param_bytes). For operators and tests: what sharding actually partitioned."""
+        gathered (0 after a step under ZeRO-3); the bytes of parameter and optimiser storage (sharding/engine.py:
+        param_bytes); how many modules recompute their blocks. For operators and tests: what sharding actually did."""
         from metascale.sharding.engine import is_partitioned as partitioned, param_bytes
 
-        params = list(self.learner.engine.module.parameters())
+        module = self.learner.engine.module
+        params = list(module.parameters())
         return {
+            "checkpointed_modules": sum(bool(getattr(m, "checkpoint_blocks", False)) for m in module.modules()),
             "local_numel": sum(p.ds_tensor.numel() if partitioned(p) else p.numel() for p in params),
             "whole_numel": sum(p.ds_numel if partitioned(p) else p.numel() for p in params),
             "resident_numel": sum(p.numel() for p in params if partitioned(p)),
