@@ -119,3 +119,22 @@ def test_a_non_finite_task_is_left_out_and_named(local_ray, drill, algorithm, ze
     assert_equal(whole(result), reference(spec, params, 0, [0, 2]))
     step = aggregate([result])
     assert step.nonfinite == [(1, 0)]  # what the coordinator's executor.nonfinite policy acts on
+
+
+def test_a_rank_that_hangs_in_a_collective_is_found_by_the_timeout_and_its_item_recomputed(local_ray, drill):
+    """Rank 1 stops (SIGSTOP) as meta-step 1 starts, so rank 0 waits in the step's first collective for ever; the
+    call outlives its limit (cluster.timeout, from step 0's measured time), the group is ended and rebuilt, and the
+    item is recomputed: the same result as without the fault."""
+    fired = drill("hang:1:0:1")
+    spec = job(cluster={"timeout": {"min_s": 2.0, "factor": 5.0}})
+    coord = Coordinator(spec)
+    pool = RayPool(spec)
+    try:
+        params = pool.put(coord.published())
+        pool.run(items("meta_gradient", 0, 3, 1), params)  # measured: the limit of step 1's call comes from it
+        [result] = pool.run(items("meta_gradient", 1, 3, 1), params)
+        failures, generation = pool.failures, pool.workers[0].generation
+    finally:
+        pool.shutdown()
+    assert fired.exists() and failures == 1 and generation == 2
+    assert_equal(whole(result), reference(spec, coord.params, 1, [0, 1, 2]))

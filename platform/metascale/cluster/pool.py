@@ -38,6 +38,7 @@ class Worker(Protocol):
 
     index: int
     ready: list[Any]  # object refs that resolve once its processes are up (new ones after each restart)
+    generation: int  # how many times it was started: a loss seen by an older call must not restart a newer one
 
     def submit(self, item: WorkItem, params: Any) -> list[Any]: ...  # the item's object refs, one per process
 
@@ -77,7 +78,7 @@ class RemoteReplica:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         c = spec.cluster
-        self.ray, self.index = ray, index
+        self.ray, self.index, self.generation = ray, index, 1
         self.actor = ray.remote(Replica).options(
             num_cpus=c.cpus_per_process,
             num_gpus=c.gpus_per_process,
@@ -99,6 +100,7 @@ class RemoteReplica:
         if hung:  # a dead replica is already being restarted by Ray; a hung one must be ended first
             self.ray.kill(self.actor, no_restart=False)
         self.ready = [self.actor.ping.remote()]  # answered once the restarted process is up
+        self.generation += 1
 
     def stop(self) -> None:
         self.ray.kill(self.actor, no_restart=True)
@@ -109,6 +111,7 @@ class _Flight:
     index: int  # the item's place in run's list
     item: WorkItem
     worker: Worker
+    generation: int  # the worker's, when the item was sent
     refs: list[Any]
     limit: float
     deadline: float
@@ -210,7 +213,8 @@ class RayPool:
                 self.failures += 1
                 if attempts[f.index] >= self.MAX_ATTEMPTS:
                     raise ClusterError(f"{_describe(f.item)} failed {attempts[f.index]} times; last: {outcome}")
-                f.worker.restart(hung=outcome.startswith("no answer"))
+                if f.generation == f.worker.generation:  # not restarted yet since this item was sent
+                    f.worker.restart(hung=outcome.startswith("no answer"))
                 retry = self.workers[(f.worker.index + attempts[f.index]) % self.size]
                 log.warning("worker %d was lost during %s (%s); recomputing it on worker %d",
                             f.worker.index, _describe(f.item), outcome, retry.index)
@@ -232,7 +236,7 @@ class RayPool:
 
     def _send(self, i: int, item: WorkItem, worker: Worker, params: Any, flights: list[_Flight]) -> _Flight:
         limit = self.limit(item, worker, queued=sum(f.worker is worker for f in flights))
-        return _Flight(i, item, worker, worker.submit(item, params), limit, time.monotonic() + limit)
+        return _Flight(i, item, worker, worker.generation, worker.submit(item, params), limit, time.monotonic() + limit)
 
     def _outcome(self, f: _Flight) -> WorkResult | str | None:
         """The item's result, or why its worker is lost, or None while it is still running."""
