@@ -215,7 +215,8 @@ class RayPool:
                     raise ClusterError(f"{_describe(f.item)} failed {attempts[f.index]} times; last: {outcome}")
                 if f.generation == f.worker.generation:  # not restarted yet since this item was sent
                     f.worker.restart(hung=outcome.startswith("no answer"))
-                retry = self.workers[(f.worker.index + attempts[f.index]) % self.size]
+                turn = [self.workers[(f.worker.index + attempts[f.index] + k) % self.size] for k in range(self.size)]
+                retry = next((w for w in turn if self._up(w)), turn[0])  # the next worker that is up, if any
                 log.warning("worker %d was lost during %s (%s); recomputing it on worker %d",
                             f.worker.index, _describe(f.item), outcome, retry.index)
                 flights.append(self._send(f.index, f.item, retry, params, flights))

@@ -41,10 +41,10 @@ class RankGroup:
 
         s, c = self.spec.sharding, self.spec.cluster
         self.generation += 1
-        name = f"{actor_prefix(self.spec)}-group-{self.index}"
+        name = f"{actor_prefix(self.spec)}-group-{self.index}-g{self.generation}"  # a rebuild never reuses a name
         bundle = {"CPU": c.cpus_per_process, **({"GPU": c.gpus_per_process} if c.gpus_per_process else {})}
         self.pg = placement_group([bundle] * self.ranks, strategy="PACK" if s.span_nodes else "STRICT_PACK",
-                                  name=f"{name}-g{self.generation}")
+                                  name=name)
         spec_json = self.spec.model_dump(mode="json")
         self.actors = [
             self.ray.remote(Rank).options(
