@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Before anything imports ray (it reads this at import): keep every Ray component on 127.0.0.1 (Ray rewrote 127.0.0.1 to the machine's interface address, and ray.cluster_utils.Cluster hung).
+# Before anything imports ray (it reads this at import): keep every Ray component on 127.0.0.1 (without it, Ray
+# rewrote 127.0.0.1 to the machine's interface address, and ray.cluster_utils.Cluster hung).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest  # noqa: E402

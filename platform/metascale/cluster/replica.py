@@ -24,7 +24,7 @@ from metascale.data.tasks import TaskSources
 from metascale.models import build_model
 
 # glibc allocator settings: with its defaults this machine faulted freed memory back in slowly, and one MAML
-# meta-step took 85 s instead of ~3; these cut minor page faults 25x and made steps ~20% faster (docs/benchmarks.md).
+# meta-step took 85 s instead of ~3; these cut minor page faults 25x and made steps ~20% faster (as in the Makefile).
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "68719476736",
@@ -74,7 +74,8 @@ class Replica:
                 meta = self._params(params)
                 if item.kind == "meta_gradient":
                     mg = meta_gradient(self.alg, meta, batch, self.strategy, item.slots)
-                    grads, out.tasks, out.metrics, out.nonfinite_slots = mg.grads, mg.tasks, mg.metrics, mg.nonfinite_slots
+                    grads, out.tasks, out.metrics = mg.grads, mg.tasks, mg.metrics
+                    out.nonfinite_slots = mg.nonfinite_slots
                 else:
                     out.episodes = self._evaluate(meta, batch, item.inner_steps)
                     out.tasks = len(out.episodes)

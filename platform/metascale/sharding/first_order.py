@@ -87,8 +87,8 @@ class FirstOrderLearner:
             out = lite_outputs(self.engine, xs, mask, n / h)
         else:
             out = self.engine(xs)
-        if not torch.is_grad_enabled():
-            self.engine.empty_partition_cache()  # a no_grad forward leaves ZeRO-3's gathered copies for no backward to free
+        if not torch.is_grad_enabled():  # a no_grad forward leaves ZeRO-3's gathered copies for no backward to free
+            self.engine.empty_partition_cache()
         losses = per_example_loss(out, ys)
         correct = (out.detach().argmax(-1) == ys).sum().float() if ys.dtype == torch.int64 else torch.tensor(0.0)
         return losses.sum() * (self.world / n), losses.detach().sum(), correct
