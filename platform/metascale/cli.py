@@ -66,6 +66,19 @@ def eval_(
     typer.echo(result_line(evaluate_checkpoint(load_spec(spec, set_), checkpoint, episodes)))
 
 
+@app.command()
+def export(
+    source: str = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", show_default=False,
+                                 help="A job spec (its latest good checkpoint), a checkpoint directory, or one "
+                                      "checkpoint (a step-NNNNNNNN folder or .ckpt file); local or a URL."),
+    to: str = typer.Option(..., "--to", help="The safetensors file to write (local path or URL)."),
+) -> None:
+    """Write a checkpoint's model weights as one safetensors file, named as the model's state_dict() keys."""
+    from metascale.export import export_model
+
+    typer.echo(result_line(export_model(source, to)))
+
+
 def result_line(result: dict) -> str:
     """The last line of `run` and `eval`: strict JSON, which has no NaN or infinity, so a non-finite number (the
     loss of a diverged run) is written as null rather than as a bare NaN (JSON.parse, Go's encoding/json refuse it)."""
