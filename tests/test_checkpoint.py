@@ -293,3 +293,29 @@ def test_any_fsspec_url_works_the_same(tmp_path):
     step, state = checkpoint.load_latest(d)
     assert step == 2 and float(state["params"]["lr"]) == 2.0
     fs.rm(f"/{root}", recursive=True)
+
+
+def test_on_an_object_store_the_manifest_is_the_last_put(tmp_path, monkeypatch):
+    """A writer that dies after some of a checkpoint's PUTs leaves no checkpoint: its manifest is the last one."""
+    import fsspec
+
+    d = f"memory://ck-puts-{os.getpid()}-{tmp_path.name}"
+    checkpoint.save(d, 1, _state(1), keep=3)
+    fs = fsspec.filesystem("memory")
+    put = type(fs).pipe_file
+    for dies_after in (1, 2):
+        done = []
+
+        def pipe_file(self, path, value, *args, **kwargs):
+            if len(done) == dies_after:
+                raise ConnectionError("the writer died")
+            done.append(path)
+            return put(self, path, value, *args, **kwargs)
+
+        monkeypatch.setattr(type(fs), "pipe_file", pipe_file)
+        with pytest.raises(ConnectionError):
+            checkpoint.save(d, 2, _state(2), keep=3)
+        monkeypatch.setattr(type(fs), "pipe_file", put)
+        assert [p.rsplit("/", 1)[1] for p in done] == ["params.safetensors", "state.pt"][:dies_after]
+        assert checkpoint.list_steps(d) == [1] and checkpoint.load_latest(d)[0] == 1
+    fs.rm(f"/{d.removeprefix('memory://')}", recursive=True)

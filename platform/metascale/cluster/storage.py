@@ -4,7 +4,7 @@
 a small fsspec filesystem over obstore (the Rust `object_store` crate's Python binding), not to fsspec's own s3fs:
 
 - s3fs needs botocore, and botocore pins `python-dateutil<3` while `kubernetes==37.0.2` (what `metascale submit`
-  uses) needs `>=3`: the two cannot share an environment (docs/data.md, "Remote shards").
+  uses) needs `>=3`: the two cannot share an environment (docs/data.md, "Sources").
 - `pyarrow.fs.S3FileSystem` (what Ray Train's storage uses) needs no botocore either, but `ray[default]` does not
   bring pyarrow (170 MB installed, against obstore's 16 MB), and it has no conditional write: the lease could only
   be "exists? then write" there.
@@ -76,7 +76,7 @@ class S3FileSystem(AbstractFileSystem):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self._stores: dict[str, Any] = {}
+        self._stores: dict[tuple, Any] = {}
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> str:
@@ -87,20 +87,22 @@ class S3FileSystem(AbstractFileSystem):
         return path.rstrip("/")
 
     def _store(self, bucket: str) -> Any:
-        if bucket not in self._stores:
+        """obstore's client for a bucket, made from the environment as it is now (one per bucket and settings)."""
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        key = (bucket, endpoint, region, os.environ.get("AWS_ACCESS_KEY_ID"))
+        if key not in self._stores:
             from obstore.store import S3Store
 
             kwargs: dict[str, Any] = {}
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             if endpoint:
                 kwargs["endpoint"] = endpoint
                 if endpoint.startswith("http://"):
                     kwargs["client_options"] = {"allow_http": True}
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
             if region:
                 kwargs["region"] = region
-            self._stores[bucket] = S3Store(bucket, **kwargs)
-        return self._stores[bucket]
+            self._stores[key] = S3Store(bucket, **kwargs)
+        return self._stores[key]
 
     def _split(self, path: str) -> tuple[Any, str, str]:
         path = self._strip_protocol(path)
