@@ -53,7 +53,8 @@ def s3_endpoint(tmp_path_factory):
     except subprocess.TimeoutExpired:
         _unavailable(f"scripts/moto-venv.sh took over {INSTALL_S} s")
     if done.returncode != 0:
-        _unavailable(f"scripts/moto-venv.sh failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        said = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        _unavailable(f"scripts/moto-venv.sh exited {done.returncode}: {said}")
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(MOTO_PYTHON), "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
