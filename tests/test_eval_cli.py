@@ -1,5 +1,6 @@
 """`metascale eval --checkpoint` and the result line of `run`/`eval`: a file that is not a checkpoint is one
-CheckpointError line (exit 2), and the JSON line stays strict JSON when a number is NaN."""
+CheckpointError line (exit 2), and the JSON line stays strict JSON when a number is NaN. The byte-level cases here are
+format-1 `.ckpt` files (still read); tests/test_checkpoint.py has those of today's step folders."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _saved(obj) -> bytes:
     "content, needle",
     [
         (None, "no such checkpoint file"),
-        ("dir", "is a directory; pass one step-NNNNNNNN.ckpt file in it"),
+        ("dir", "is a directory without a manifest.json: not a checkpoint, or one whose write did not finish"),
         (b"", "not a metascale checkpoint (bad header)"),
         (b"name: tiny\n", "not a metascale checkpoint (bad header)"),
         (checkpoint.MAGIC + b"00", "truncated before its checksum (torn write)"),

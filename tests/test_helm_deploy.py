@@ -31,7 +31,9 @@ def test_every_file_in_deploy_is_checked():
 def test_example_rayjob_validates_and_keeps_the_rules():
     obj = yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())
     assert schema_errors(obj) == [] and rule_violations(obj) == []
-    assert shlex.split(obj["spec"]["entrypoint"]) == ["metascale", "run", f"{SPEC_DIR}/metascale-job.yaml"]
+    assert shlex.split(obj["spec"]["entrypoint"]) == ["metascale", "run", f"{SPEC_DIR}/metascale-job.yaml",
+                                                      "--auto-resume"]
+    assert obj["spec"]["backoffLimit"] == 2  # a retry resumes from the job's checkpoints
 
 
 @pytest.mark.usefixtures("kuberay_crds")

@@ -1,5 +1,6 @@
-"""A coordinator killed with SIGKILL resumes from its last checkpoint with `metascale run --resume` and ends with the
-same meta-parameters as an uninterrupted run; the resumed job continues the same W&B run."""
+"""A coordinator killed with SIGKILL resumes from its last checkpoint with `metascale run --resume` (or
+`--auto-resume`, which starts fresh when there is none) and ends with the same meta-parameters as an uninterrupted
+run; the resumed job continues the same W&B run."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import sys
 import time
 
 import psutil
+import pytest
 import torch
 import yaml
 
 from metascale.cluster import checkpoint
+from metascale.errors import CheckpointError
 from metascale.train import train
 from wandb_records import history, run_files, run_id
 
@@ -46,7 +49,10 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(children, timeout=30)
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job):
+@pytest.mark.parametrize("how", ["--resume", "--auto-resume"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job, how):
+    """`--resume`, and `--auto-resume` (what a submitted job runs, every attempt): the first attempt starts fresh in
+    an empty directory, the one after the SIGKILL continues from the newest checkpoint."""
     # The reference runs in this process without Ray: one worker computes the same slot group either way.
     clean_spec, _ = _spec_file(make_job, tmp_path, "clean", cluster__address="inline",
                                logging__wandb={"mode": "disabled"})
@@ -55,7 +61,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job):
 
     spec, path = _spec_file(make_job, tmp_path, "killed")
     ckpt_dir = spec.path(spec.checkpoint.dir)
-    proc = _run(path)
+    proc = _run(path, *([how] if how == "--auto-resume" else []))
     deadline = time.time() + 300
     while time.time() < deadline and not [s for s in checkpoint.list_steps(ckpt_dir) if s >= 4]:
         assert proc.poll() is None, proc.stdout.read()
@@ -65,7 +71,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job):
     assert 4 <= killed_at < 24, "the kill must land mid-run"
 
     first_run = run_id(run_files(tmp_path / "killed" / "wb")[0])
-    resumed = _run(path, "--resume")
+    resumed = _run(path, how)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     got = checkpoint.load_latest(ckpt_dir)[1]
@@ -83,6 +89,39 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, make_job):
     proc = _run(path, "--resume")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "no readable checkpoint" in out and "Traceback" not in out
+
+
+def test_auto_resume_starts_fresh_in_an_empty_directory_and_continues_a_finished_run(tmp_path, make_job):
+    steps = {"outer__steps": 4, "checkpoint__every": 2, "eval__every": 0, "cluster__address": "inline"}
+    first = train(make_job(tmp_path, **steps), resume="auto")
+    assert first["status"] == "finished" and first["step"] == 4
+    again = train(make_job(tmp_path, **{**steps, "outer__steps": 6}), resume="auto")  # a longer run of the same job
+    assert again["step"] == 6
+    assert checkpoint.list_steps(str(tmp_path / "ckpt")) == [2, 4, 6]
+    clean = make_job(tmp_path / "clean", **{**steps, "outer__steps": 6})
+    train(clean)
+    reference = checkpoint.load_latest(clean.path(clean.checkpoint.dir))[1]["params"]
+    got = checkpoint.load_latest(str(tmp_path / "ckpt"))[1]["params"]
+    for k in reference:
+        assert torch.equal(reference[k], got[k]), k
+
+
+def test_auto_resume_over_unreadable_checkpoints_is_an_error_not_a_fresh_start(tmp_path, make_job):
+    """A directory whose checkpoints all fail to verify holds a run's history: starting over would prune it."""
+    spec = make_job(tmp_path, outer__steps=2, checkpoint__every=1, eval__every=0, cluster__address="inline")
+    train(spec)
+    for step in checkpoint.list_steps(str(tmp_path / "ckpt")):
+        (tmp_path / "ckpt" / checkpoint.step_name(step) / "state.pt").write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        train(spec, resume="auto")
+    assert checkpoint.list_steps(str(tmp_path / "ckpt")) == [1, 2]
+
+
+def test_resume_and_auto_resume_together_are_refused_in_one_line(tmp_path, make_job):
+    _, path = _spec_file(make_job, tmp_path, "both")
+    proc = _run(path, "--resume", "--auto-resume")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--auto-resume" in out and "Traceback" not in out, out
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, make_job):

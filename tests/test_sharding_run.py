@@ -102,7 +102,7 @@ def test_sigterm_checkpoints_then_resume_on_other_shapes_and_eval_read_the_coord
     step = stopped["step"]
     assert stopped["status"] == "stopped" and 0 < step < 400
     found = checkpoint.load_latest(str(ckpt))
-    assert found[0] == step and sorted(p.name for p in ckpt.iterdir()) == [f"step-{step:08d}.ckpt"]
+    assert found[0] == step and sorted(p.name for p in ckpt.iterdir()) == [f"step-{step:08d}"]
 
     again = metascale("run", str(path), "--resume", "--set", f"outer.steps={step + 1}", "--set", "cluster.workers=1")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -114,7 +114,7 @@ def test_sigterm_checkpoints_then_resume_on_other_shapes_and_eval_read_the_coord
     finished = last_json(once_more.stdout)
     assert finished["step"] == step + 2
 
-    evaluated = metascale("eval", str(path), "--checkpoint", str(ckpt / f"step-{step + 2:08d}.ckpt"),
+    evaluated = metascale("eval", str(path), "--checkpoint", str(ckpt / f"step-{step + 2:08d}"),
                           "--set", "sharding.ranks=1", "--set", "sharding.support_backprop_subset=null")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     result = last_json(evaluated.stdout)

@@ -24,6 +24,8 @@ from metascale.submit.targets import K8sTarget
 
 TOKEN = "s3cret-token-do-not-print"
 NS = "team-a"
+# The fixed argument vector of every submitted job: --auto-resume, so that a retry continues from its checkpoints.
+ENTRYPOINT = ["metascale", "run", "/etc/metascale/metascale-job.yaml", "--auto-resume"]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,8 @@ def test_submit_status_logs_list_cancel(env, emu, spec, cli):
     job = emu.objects[("rayjobs", NS, job_id)]
     cm = emu.objects[("configmaps", NS, f"{job_id}-spec")]
     assert schema_errors(job) == [] and schema_errors(cm) == []
-    assert shlex.split(job["spec"]["entrypoint"]) == ["metascale", "run", "/etc/metascale/metascale-job.yaml"]
-    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    assert shlex.split(job["spec"]["entrypoint"]) == ENTRYPOINT
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["backoffLimit"] == 2  # retries resume
     # The spec travels resolved (override applied, 'local' Ray -> join the cluster) and loads back.
     sent = parse_spec(yaml.safe_load(cm["data"]["metascale-job.yaml"]))
     assert sent.seed == 7 and sent.cluster.address == "auto"
@@ -192,7 +194,7 @@ def test_no_injection_through_paths_or_values(env, emu, tmp_path, cli):
     )
     assert code == 0, err
     job = emu.objects[("rayjobs", NS, out.strip())]
-    assert shlex.split(job["spec"]["entrypoint"]) == ["metascale", "run", "/etc/metascale/metascale-job.yaml"]
+    assert shlex.split(job["spec"]["entrypoint"]) == ENTRYPOINT
     sent = yaml.safe_load(emu.objects[("configmaps", NS, f"{out.strip()}-spec")]["data"]["metascale-job.yaml"])
     assert sent["logging"]["wandb"]["project"] == "$(touch pwned); x`id`"  # data in a file, never in a command
     assert "pwned" not in yaml.safe_dump(job)

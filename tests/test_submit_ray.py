@@ -123,7 +123,7 @@ def test_submit_status_logs(ray_head, state, tmp_path, cli):
     assert code == 0 and out.split("\t")[:3] == [job_id, "SUCCEEDED", "e2e"], out + err
     code, out, _ = cli("logs", job_id)
     assert code == 0
-    assert "Running entrypoint for job" in out and "metascale run metascale-job.yaml" in out
+    assert "Running entrypoint for job" in out and "metascale run metascale-job.yaml --auto-resume" in out
     assert [ln for ln in out.splitlines() if ln.startswith("step ")][-1].startswith("step 3/3 ")
     assert '"status": "finished"' in out
     code, followed, _ = cli("logs", job_id, "--follow")  # a finished job's stream ends by itself

@@ -73,7 +73,9 @@ def test_every_example_job_makes_a_valid_rayjob(spec):
     job = prepare(spec)
     obj = rayjob(job, "ml")
     assert schema_errors(obj) == [] and rule_violations(obj) == []
-    assert shlex.split(obj["spec"]["entrypoint"]) == ["metascale", "run", "/etc/metascale/metascale-job.yaml"]
+    assert shlex.split(obj["spec"]["entrypoint"]) == [
+        "metascale", "run", "/etc/metascale/metascale-job.yaml", "--auto-resume"]
+    assert obj["spec"]["backoffLimit"] == 2
     assert job.spec.cluster.address != "local"
 
 

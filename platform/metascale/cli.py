@@ -1,4 +1,4 @@
-"""The `metascale` command: run, eval, validate, bench, data, and the cluster verbs (submit, status, logs, ...).
+"""The `metascale` command: run, eval, export, validate, bench, data, and the cluster verbs (submit, status, logs, ...).
 
 Every user-facing error is a MetascaleError: printed as one clear message, exit code 2 for bad input, no stack trace.
 Sub-command groups live next to what they drive (`bench/cli.py`, `data/cli.py`, ...) and are attached here.
@@ -42,14 +42,22 @@ def run(
     spec: Path = SpecArg,
     set_: list[str] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from the job's latest good checkpoint."),
+    auto_resume: bool = typer.Option(
+        False, "--auto-resume",
+        help="Continue from the latest good checkpoint if the job has one, else start it (cluster jobs, retries)."),
 ) -> None:
     """Meta-train a job (embedded local Ray by default; cluster.address joins a cluster)."""
     from metascale.config import load_spec
 
+    if resume and auto_resume:
+        from metascale.errors import CheckpointError
+
+        raise CheckpointError("pass either --resume (a checkpoint must exist) or --auto-resume (continue if one "
+                              "exists, else start), not both")
     job = load_spec(spec, set_)  # before importing torch: a bad spec fails fast
     from metascale.train import train
 
-    typer.echo(result_line(train(job, resume=resume)))
+    typer.echo(result_line(train(job, resume="auto" if auto_resume else resume)))
 
 
 @app.command(name="eval")
@@ -64,6 +72,19 @@ def eval_(
     from metascale.evaluate import evaluate_checkpoint
 
     typer.echo(result_line(evaluate_checkpoint(load_spec(spec, set_), checkpoint, episodes)))
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", show_default=False,
+                                 help="A job spec (its latest good checkpoint), a checkpoint directory, or one "
+                                      "checkpoint (a step-NNNNNNNN folder or .ckpt file); local or a URL."),
+    to: str = typer.Option(..., "--to", help="The safetensors file to write (local path or URL)."),
+) -> None:
+    """Write a checkpoint's model weights as one safetensors file, named as the model's state_dict() keys."""
+    from metascale.export import export_model
+
+    typer.echo(result_line(export_model(source, to)))
 
 
 def result_line(result: dict) -> str:

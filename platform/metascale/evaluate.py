@@ -37,8 +37,8 @@ def evaluate_checkpoint(spec: JobSpec, checkpoint: str | None, episodes: int | N
     from metascale.errors import CheckpointError
 
     directory = spec.path(spec.checkpoint.dir)
-    if checkpoint:
-        step, state = None, ckpt.read(checkpoint)
+    if checkpoint:  # a step folder, its manifest, a format-1 file, or a checkpoint directory (its newest good one)
+        step, state = ckpt.resolve(checkpoint)
     else:
         found = ckpt.load_latest(directory)
         if found is None:
@@ -51,4 +51,4 @@ def evaluate_checkpoint(spec: JobSpec, checkpoint: str | None, episodes: int | N
         result = evaluate(pool, pool.put(to_numpy(state["params"])), spec, n, spec.eval.split)
     finally:
         pool.shutdown()
-    return {"checkpoint_step": state["step"] if step is None else step, **result}
+    return {"checkpoint_step": state.get("step") if step is None else step, **result}

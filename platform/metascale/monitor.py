@@ -67,7 +67,7 @@ class Monitor:
             import wandb
 
             art = wandb.Artifact(f"{self.spec.name}-checkpoint", type="checkpoint", metadata={"step": step})
-            art.add_file(path)
+            art.add_dir(path) if os.path.isdir(path) else art.add_file(path)  # a checkpoint is a folder
             self.run.log_artifact(art)
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ Every job runs this one loop, whatever its workers are (replicas, or DeepSpeed r
 the pool hides which). Each meta-step publishes the meta-parameters once (one object-store put), sends the
 workers one WorkItem per slot group, aggregates their summed meta-gradients in slot order and steps the
 meta-optimiser, which lives here, on the coordinator, for every job. Checkpoints are written every
-`checkpoint.every` steps, at the end, and after SIGTERM or Ctrl-C; `--resume` continues from the newest good one.
+`checkpoint.every` steps, at the end, and after SIGTERM or Ctrl-C; `--resume` continues from the newest good one
+(`--auto-resume`: if there is one, else it starts fresh: what a retried cluster job runs).
 The run holds its checkpoint directory's lease (cluster/lease.py) from before anything starts until it ends.
 """
 
@@ -32,7 +33,12 @@ log = logging.getLogger(__name__)
 SAVE_ATTEMPTS = 3  # a checkpoint write is tried this often (1 s, then 2 s apart) before the run stops
 
 
-def train(spec: JobSpec, resume: bool = False) -> dict[str, Any]:
+def train(spec: JobSpec, resume: bool | str = False) -> dict[str, Any]:
+    """`resume`: False, a new run (refused if the checkpoint directory already holds checkpoints); True, continue
+    from the newest good checkpoint (refused if there is none); "auto", continue if the directory holds a checkpoint,
+    else start a new run (what a retried cluster job needs)."""
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume={resume!r}: expected False, True or 'auto'")
     ckpt_dir = spec.path(spec.checkpoint.dir)
     # Resuming right after a crash elsewhere: wait (bounded) for the dead run's lease to go stale.
     with Lease.acquire(ckpt_dir, wait_s=TTL_S + HEARTBEAT_S if resume else 0.0) as lease:
@@ -117,8 +123,14 @@ def _loop(spec: JobSpec, coord: Coordinator, pool: Any, monitor: Monitor, lease:
         monitor.close()
 
 
-def _restore(coord: Coordinator, ckpt_dir: str, resume: bool) -> str | None:
-    """Loads the newest good checkpoint on --resume; refuses to overwrite an earlier run's checkpoints without it."""
+def _restore(coord: Coordinator, ckpt_dir: str, resume: bool | str) -> str | None:
+    """Loads the newest good checkpoint on --resume; refuses to overwrite an earlier run's checkpoints without it.
+    --auto-resume resumes when the directory holds a checkpoint, even one that turns out unreadable (an error then,
+    never a fresh start over a run's history), and starts fresh when it holds none."""
+    if resume == "auto":
+        resume = bool(checkpoint.list_steps(ckpt_dir))
+        log.info("--auto-resume: %s", f"continuing from {ckpt_dir}" if resume else f"no checkpoint in {ckpt_dir}, "
+                 "starting a new run")
     if not resume:
         if checkpoint.list_steps(ckpt_dir):
             raise CheckpointError(

@@ -7,14 +7,16 @@ the host, boot id, pid namespace, pid and process start time used to tell whethe
 `token`, and `acquired` / `renewed` wall-clock times with the holder's `ttl_s` and `heartbeat_s`.
 
 - Acquire: an exclusive create. On local disk (a path or `file://`), `os.open(O_CREAT | O_EXCL)`: atomic, also on
-  NFSv3+. On other fsspec stores, `fs.pipe_file(path, data, mode="create")`, fsspec's conditional create: s3fs, gcsfs
-  and adlfs send it as a conditional PUT (If-None-Match / ifGenerationMatch=0 / overwrite=False), atomic on the
-  server; `memory://` checks and stores in one call. Stores that do not implement it fall back to fsspec's default,
+  NFSv3+. On other stores (cluster/storage.py), `fs.pipe_file(path, data, mode="create")`, fsspec's conditional
+  create: `s3://` (metascale's obstore-backed filesystem), s3fs, gcsfs and adlfs send it as a conditional PUT
+  (If-None-Match: * / ifGenerationMatch=0 / overwrite=False), atomic on the server; `memory://` checks and stores in
+  one call. Stores that do not implement it fall back to fsspec's default,
   "exists? then write", which is NOT atomic: two runs within one round trip of each other can both write, the later
   write wins. Against that, every create is read back after `UNSURE_SETTLE_S` and the token compared (the earlier
   writer then sees the later one's token and backs off), and the heartbeat compares the token every `heartbeat_s`;
   what is left is a window of about one round trip, on stores nobody here uses for checkpoints (http(s) is read-only
-  for us; s3fs/gcsfs/adlfs are not installed by default and have conditional writes when they are).
+  for us; gcsfs/adlfs are not installed by default and have conditional writes when they are; fsspec's
+  ArrowFSWrapper over pyarrow's S3 has none, and is treated as such).
 - A live lease (renewed within its holder's `ttl_s`) refuses a second acquire with a one-line CheckpointError naming
   the holder; `wait_s` lets a caller wait (bounded) for it to be released or to go stale.
 - Stale: not renewed for more than the holder's `ttl_s` (its run died without releasing: SIGKILL, node loss), or held
@@ -62,9 +64,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from metascale.cluster.storage import url_to_fs
 from metascale.errors import CheckpointError
 from metascale.files import atomic_write, fsync_path
 
@@ -155,11 +157,16 @@ class _Store:
     the checkpoint directory: the lease itself, or the take-over lock."""
 
     def __init__(self, directory: str):
-        self.fs, root = fsspec.core.url_to_fs(directory)
+        self.fs, root = url_to_fs(directory)
         self.dir = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self.conditional = self.local or bool(CONDITIONAL.intersection(protocols))
+        # A filesystem may say itself whether its create is conditional (storage.S3FileSystem does); fsspec's
+        # ArrowFSWrapper also calls itself "s3" but only checks "exists?" before it writes.
+        said = getattr(self.fs, "conditional_create", None)
+        self.conditional = self.local or (said if isinstance(said, bool) else
+                                          bool(CONDITIONAL.intersection(protocols))
+                                          and type(self.fs).__name__ != "ArrowFSWrapper")
 
     def at(self, name: str) -> str:
         return f"{self.dir.rstrip('/')}/{name}"

@@ -1,8 +1,10 @@
 """What travels with a job: the validated, fully resolved spec and a fixed argument vector that runs it.
 
 The spec is loaded and validated here (overrides applied) before anything is sent; the cluster receives the resolved
-YAML, so it runs exactly what was checked. The entrypoint never contains user input: it is `metascale run <file>` with
-a file name chosen by metascale, joined with shlex.join, so no job name, path or value can reach a shell. The one
+YAML, so it runs exactly what was checked. The entrypoint never contains user input: it is
+`metascale run <file> --auto-resume` with a file name chosen by metascale, joined with shlex.join, so no job name,
+path or value can reach a shell. `--auto-resume`: a job the cluster retries (RayJob backoffLimit) continues from its
+newest checkpoint, and a first attempt starts fresh. The one
 field that names a command is a `pipe:` data URL (data/urls.py: run without a shell, but a command of the spec's
 choosing on every worker), so a spec holding one is refused unless the caller opts in (`submit --allow-pipe`).
 """
@@ -38,7 +40,7 @@ class PreparedJob:
     spec_yaml: str
 
     def entrypoint(self, spec_path: str = SPEC_FILE) -> str:
-        return shlex.join(["metascale", "run", spec_path])
+        return shlex.join(["metascale", "run", spec_path, "--auto-resume"])
 
 
 def prepare(spec_path: str | Path, overrides: list[str] = (), allow_pipe: bool = False) -> PreparedJob:

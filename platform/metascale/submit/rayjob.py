@@ -2,7 +2,8 @@
 
 The RayJob brings up its own RayCluster (head + one worker group sized from spec.cluster and spec.sharding: a pod
 per replica, or per rank group holding all its ranks' GPUs; the head, where the driver runs, needs no GPU), runs the
-fixed entrypoint `metascale run /etc/metascale/metascale-job.yaml` and tears the cluster down when the job ends. Pods run as non-root;
+fixed entrypoint `metascale run /etc/metascale/metascale-job.yaml --auto-resume` and tears the cluster down when the
+job ends; a failed job is retried up to BACKOFF_LIMIT times and resumes from its checkpoints. Pods run as non-root;
 the W&B API key comes from a Secret by reference (optional, so W&B's offline/disabled modes need none).
 """
 
@@ -18,6 +19,9 @@ GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 SPEC_DIR = "/etc/metascale"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "metascale"}
 RAY_VERSION = "2.60.0"
+# Retries of a failed job (a new RayCluster each): the entrypoint runs with --auto-resume, so a retry continues from
+# the newest checkpoint when checkpoint.dir is shared storage (s3://...), and starts over when it was pod-local.
+BACKOFF_LIMIT = 2
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def rayjob(job: PreparedJob, namespace: str, shape: ClusterShape = ClusterShape(
         "spec": {
             "entrypoint": job.entrypoint(f"{SPEC_DIR}/{SPEC_FILE}"),
             "submissionMode": "K8sJobMode",
-            "backoffLimit": 0,
+            "backoffLimit": BACKOFF_LIMIT,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": shape.ttl_seconds,
             "rayClusterSpec": {

@@ -1,0 +1,94 @@
+"""`metascale export`: a checkpoint's model weights as one safetensors file that the model itself loads, for use
+outside metascale (`model.load_state_dict(safetensors.torch.load_file(path), strict=True)`).
+
+What is written: every entry of the model's `state_dict()`, under its own key. Parameters take their meta-learned
+values (`Coordinator.model_state()`: the meta-parameters that are model weights, without e.g. Meta-SGD's learned
+rates or a learned loss's network). Buffers (a model may register running statistics, masks, position tables) are
+not meta-parameters: the coordinator never trains them and workers hold them fixed (algorithms/base.py: Functional),
+so they are exported as the model builds them from the job spec, which is what every task of the run used.
+Tensors keep the run's dtype (`executor.dtype`). The file's metadata: `format: pt`, the step, the job name and its
+`model` section (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from metascale.cluster import checkpoint
+from metascale.config import JobSpec, load_spec, parse_spec
+from metascale.errors import CheckpointError, MetascaleError
+
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+def model_weights(spec: JobSpec, state: dict[str, Any], what: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The model's full state dict with the checkpoint's meta-learned weights in it, and the names of its buffers
+    (see the module's docstring)."""
+    from metascale.cluster.coordinator import Coordinator, check_compatible
+
+    coord = Coordinator(spec)
+    check_compatible(coord, state, what)
+    with torch.no_grad():
+        for k, p in coord.params.items():
+            p.copy_(state["params"][k])
+    trained = coord.model_state()
+    model = coord.algorithm.f.model
+    full = model.state_dict()
+    foreign = sorted(set(trained) - set(full))
+    if foreign:
+        raise MetascaleError(f"{what}: meta-parameters {foreign[:3]} are not entries of the model's state_dict")
+    untrained = sorted(set(dict(model.named_parameters())) - set(trained))
+    if untrained:  # every algorithm meta-learns all of the model's weights; one that did not must say how to export
+        raise MetascaleError(f"{what}: the checkpoint holds no meta-learned value for parameters {untrained[:3]}")
+    weights = {k: (trained[k] if k in trained else v).detach().contiguous().clone() for k, v in full.items()}
+    return weights, [k for k in full if k not in trained]
+
+
+def _source(source: str) -> tuple[JobSpec, int | None, dict[str, Any]]:
+    """(spec, step, state) for a job spec (its newest good checkpoint) or a checkpoint (the spec it records)."""
+    if source.endswith(SPEC_SUFFIXES) and Path(source).is_file():
+        spec = load_spec(source)
+        directory = spec.path(spec.checkpoint.dir)
+        found = checkpoint.load_latest(directory)
+        if found is None:
+            raise CheckpointError(f"no readable checkpoint in {directory}: train first (metascale run {source})")
+        return spec, found[0], found[1]
+    step, state = checkpoint.resolve(source)
+    text = state.get("spec")
+    if not isinstance(text, str):
+        raise CheckpointError(f"{source}: the checkpoint records no job spec; pass the job spec instead")
+    return parse_spec(yaml.safe_load(text), f"{source} (the spec it records)"), step, state
+
+
+def export_model(source: str, to: str) -> dict[str, Any]:
+    from safetensors.torch import save as save_safetensors
+
+    spec, step, state = _source(source)
+    weights, buffers = model_weights(spec, state, f"export of {source}")
+    metadata = {"format": "pt", "metascale.job": spec.name, "metascale.step": str(step),
+                "metascale.model": json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)}
+    data = save_safetensors(weights, metadata=metadata)
+    _write(to, data)
+    return {"exported": to, "step": step, "tensors": len(weights), "buffers": len(buffers), "bytes": len(data)}
+
+
+def _write(to: str, data: bytes) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    from metascale.cluster.storage import url_to_fs
+    from metascale.files import atomic_write
+
+    fs, path = url_to_fs(to)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data)
+        else:
+            fs.pipe_file(path, data)
+    except OSError as e:
+        raise CheckpointError(f"{to}: cannot be written ({e.strerror or e})") from None
