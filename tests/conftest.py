@@ -13,6 +13,10 @@ import torch  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tests never go online: `logging.wandb.mode: auto` (the default) resolves to offline without a key, and WANDB_MODE
+# decides it before the key does; an explicit mode in a spec still wins (the tests use offline or disabled).
+os.environ.pop("WANDB_API_KEY", None)
+os.environ["WANDB_MODE"] = "offline"
 torch.set_num_threads(1)
 
 
