@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from metascale import version
 from metascale.config import JobSpec
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,6 @@ def score(metrics: dict[str, Any], prefix: str) -> tuple[str, float] | None:
         if isinstance(value, (int, float)):
             return (key, sign * float(value)) if math.isfinite(value) else None
     return None
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("metascale")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def cluster_address(spec: JobSpec) -> str:
