@@ -109,6 +109,10 @@ def _attach_groups() -> None:
 
     register_cluster_verbs(app)  # submit, status, logs, cancel, list at top level
 
+    from metascale.plot import register as register_plot
+
+    register_plot(app)
+
 
 _attach_groups()
 
