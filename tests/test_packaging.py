@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metascale.extras import EXTRAS, MissingExtraError, require
+from metascale.extras import EXTRAS, MissingExtraError, check, require
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -59,6 +59,18 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, module, extra):
     with pytest.raises(MissingExtraError) as e:
         require(module)
     assert str(e.value).endswith(f"is not installed: pip install 'metascale[{extra}]'") and "\n" not in str(e.value)
+
+
+def test_the_drivers_check_is_the_same_line_and_imports_nothing(monkeypatch):
+    """The coordinator checks for DeepSpeed (build_pool) without loading it: only the ranks import it."""
+    code = ("import sys; from metascale.extras import check; check('deepspeed'); "
+            "print('deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    with pytest.raises(MissingExtraError, match=r"^sharding.engine: deepspeed needs deepspeed, which is not "
+                                                r"installed: pip install 'metascale\[deepspeed\]'$"):
+        check("deepspeed")
 
 
 def test_a_missing_dependency_of_an_extra_names_both(monkeypatch):

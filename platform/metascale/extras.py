@@ -34,14 +34,23 @@ def require(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
-        extra, what = EXTRAS[top]
-        missing = f" ({e.name} is missing)" if e.name and e.name.split(".")[0] != top else ""
-        raise MissingExtraError(f"{what} needs {top}, which is not installed{missing}: "
-                                f"pip install 'metascale[{extra}]'") from None
+        raise _missing(top, f" ({e.name} is missing)" if e.name and e.name.split(".")[0] != top else "") from None
+
+
+def check(module: str) -> None:
+    """`require` without importing: for a driver that only starts the processes that import it (the coordinator
+    never loads DeepSpeed itself), so the check costs it no memory."""
+    if not available(module):
+        raise _missing(module.split(".")[0], "")
+
+
+def _missing(top: str, detail: str) -> MissingExtraError:
+    extra, what = EXTRAS[top]
+    return MissingExtraError(f"{what} needs {top}, which is not installed{detail}: pip install 'metascale[{extra}]'")
 
 
 def available(module: str) -> bool:
-    """Whether `require(module)` would succeed, without importing it."""
+    """Whether the module is installed, without importing it."""
     from importlib.util import find_spec
 
     try:

@@ -73,7 +73,6 @@ class Monitor:
         wb = spec.logging.wandb
         self.mode = resolve_mode(wb.mode)
         self.scores: dict[int, tuple[str, float]] = {}  # step -> score of the parameters after that step
-        self.last_eval_step: int | None = None
         self.pending: tuple[str, int] | None = None  # the checkpoint to upload when the run ends
         self.best: float | None = None
         if self.mode != "disabled":

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from metascale.config import JobSpec
-from metascale.extras import require
+from metascale.extras import check, require
 from metascale.models import build_model, count_params
 
 DEPTHS = (2, 6, 10)
@@ -143,7 +143,7 @@ def _largest(a: float, b: float, budget_mib: float) -> dict[str, Any]:
 def run(budget_mib: float = 1024.0, coordinator_params: int = 1_000_000_000) -> dict[str, Any]:
     import os
 
-    require("deepspeed")  # half of the comparison is ZeRO-3 ranks
+    check("deepspeed")  # half of the comparison is ZeRO-3 ranks
 
     import ray
 

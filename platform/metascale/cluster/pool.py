@@ -29,7 +29,7 @@ from metascale.cluster.messages import WorkerBroken, WorkItem, WorkResult
 from metascale.cluster.replica import ALLOCATOR_ENV, Replica
 from metascale.config import JobSpec
 from metascale.errors import ClusterError, MetascaleError
-from metascale.extras import require
+from metascale.extras import check
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def _describe(item: WorkItem) -> str:
 
 def build_pool(spec: JobSpec) -> InlinePool | RayPool:
     if spec.sharding.engine == "deepspeed":
-        require("deepspeed")  # before Ray starts: a missing extra is one line, not a traceback from every rank
+        check("deepspeed")  # before Ray starts: a missing extra is one line, not a traceback from every rank
     return InlinePool(spec) if spec.cluster.address == "inline" else RayPool(spec)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from metascale.cluster.messages import WorkItem, WorkResult
 from metascale.config import JobSpec
-from metascale.extras import require
+from metascale.extras import check
 from metascale.sharding.engine import assemble
 from metascale.sharding.rank import Rank, is_partitioned
 
@@ -28,7 +28,7 @@ class RankGroup:
     def __init__(self, spec: JobSpec, index: int, env: dict[str, str]):
         import ray
 
-        require("deepspeed")  # here, on the driver, rather than as a traceback from every rank
+        check("deepspeed")  # here, on the driver, rather than as a traceback from every rank
 
         self.ray, self.spec, self.index, self.env = ray, spec, index, env
         self.ranks = spec.sharding.ranks
