@@ -14,7 +14,23 @@ import torch  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tests never go online: `logging.wandb.mode: auto` (the default) resolves to offline without a key, and WANDB_MODE
+# decides it before the key does; an explicit mode in a spec still wins (the tests use offline or disabled).
+os.environ.pop("WANDB_API_KEY", None)
+os.environ["WANDB_MODE"] = "offline"
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _own_wandb_service():
+    """A W&B run in the test process starts a wandb-core service and records its address in WANDB_SERVICE, which
+    every later subprocess inherits and joins: a job SIGKILLed in one (test_resume) left its run registered in that
+    shared service, and the resumed job was refused ('run ID ... is in use'). The service ends with the test that
+    started it (teardown also clears WANDB_SERVICE), so each `metascale` subprocess starts its own."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if getattr(wandb, "teardown", None):
+        wandb.teardown()
 
 
 @pytest.fixture

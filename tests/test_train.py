@@ -16,7 +16,7 @@ from metascale.cluster.pool import RayPool
 from metascale.cluster.replica import Replica
 from metascale.errors import CheckpointError
 from metascale.train import train
-from wandb_records import run_files, run_id, settled_history
+from wandb_records import artifacts, run_files, run_id, run_info, settled, settled_history
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "learned_hparams"])  # learned_hparams: 0-d meta-parameters
@@ -38,9 +38,10 @@ def test_aggregated_meta_gradient_equals_single_process(local_ray, tmp_path, mak
         assert torch.allclose(result.grads[k], g / 7, rtol=0, atol=1e-10), k
 
 
-def test_job_runs_end_to_end_and_logs_to_wandb_offline(local_ray, tmp_path, make_job):
-    spec = make_job(tmp_path, logging__wandb={"mode": "offline", "dir": str(tmp_path / "wb")},
-                    outer__schedule={"warmup_steps": 2, "decay": "cosine"})
+def test_job_runs_end_to_end_and_logs_to_wandb_offline(local_ray, tmp_path, make_job, monkeypatch):
+    monkeypatch.setenv("METASCALE_JOB_ID", "t-abc123")  # what a submitted job's environment holds
+    wandb = {"mode": "offline", "dir": str(tmp_path / "wb"), "group": "ablation", "tags": ["maml", "ci"]}
+    spec = make_job(tmp_path, logging__wandb=wandb, outer__schedule={"warmup_steps": 2, "decay": "cosine"})
     out = train(spec)
     assert out["status"] == "finished" and out["step"] == 6 and out["worker_failures"] == 0
     assert 0.0 <= out["final/accuracy"] <= 1.0 and out["final/episodes"] == 12
@@ -55,6 +56,15 @@ def test_job_runs_end_to_end_and_logs_to_wandb_offline(local_ray, tmp_path, make
     lrs = [row["train/lr"] for row in rows if "train/lr" in row]
     assert lrs == pytest.approx([lr_at(spec.outer, step) for step in range(6)])  # warm-up, then cosine decay
     assert run_id(run_file) == out["wandb_run_id"]
+    info = run_info(settled(run_file))
+    assert (info["group"], info["tags"], info["job_type"]) == ("ablation", ["maml", "ci"], "train")
+    assert info["config"]["metascale"]["job_id"] == "t-abc123" and info["config"]["metascale"]["cluster_address"]
+    # log_checkpoints: final (the default): of the checkpoints at 2, 4 and 6, the last one, scored by the final
+    # evaluation, with both aliases
+    [model] = [a for a in artifacts(run_file) if a["type"] == "model"]
+    assert sorted(model["aliases"]) == ["best", "latest"] and model["name"] == f"model-{out['wandb_run_id']}"
+    assert model["metadata"]["step"] == 6 and model["metadata"]["score"] == out["final/accuracy"]
+    assert artifacts(run_file) == [model]  # nothing else: the periodic checkpoints are not uploaded
 
 
 def test_a_second_run_refuses_to_overwrite_checkpoints_without_resume(local_ray, tmp_path, make_job):

@@ -24,6 +24,22 @@ app = typer.Typer(
     add_completion=False,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from metascale import version
+
+        typer.echo(f"metascale {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print metascale's version and exit."),
+) -> None:
+    pass
+
+
 SpecArg = typer.Argument(..., help="Job spec (YAML).", show_default=False)
 SetOpt = typer.Option([], "--set", help="Override a spec field: dotted.key=value (repeatable).")
 
@@ -113,6 +129,10 @@ def _attach_groups() -> None:
     from metascale.submit.commands import register as register_cluster_verbs
 
     register_cluster_verbs(app)  # submit, status, logs, cancel, list at top level
+
+    from metascale.plot import register as register_plot
+
+    register_plot(app)
 
 
 _attach_groups()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from metascale.config import JobSpec
+from metascale.extras import check, require
 from metascale.models import build_model, count_params
 
 DEPTHS = (2, 6, 10)
@@ -52,7 +53,7 @@ class Probe:
 
         self.spec_json, self.rank, self.world = spec_json, rank, world
         self.sharded = JobSpec.model_validate(spec_json).sharding.engine == "deepspeed"
-        import deepspeed  # noqa: F401 - imported before the base line on both sides: library memory is not the model's
+        require("deepspeed")  # imported before the base line on both sides: library memory is not the model's
 
         self.base = settle()
         self.worker: Any = None
@@ -141,6 +142,8 @@ def _largest(a: float, b: float, budget_mib: float) -> dict[str, Any]:
 
 def run(budget_mib: float = 1024.0, coordinator_params: int = 1_000_000_000) -> dict[str, Any]:
     import os
+
+    check("deepspeed")  # half of the comparison is ZeRO-3 ranks
 
     import ray
 

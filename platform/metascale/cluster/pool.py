@@ -29,6 +29,7 @@ from metascale.cluster.messages import WorkerBroken, WorkItem, WorkResult
 from metascale.cluster.replica import ALLOCATOR_ENV, Replica
 from metascale.config import JobSpec
 from metascale.errors import ClusterError, MetascaleError
+from metascale.extras import check
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,8 @@ def _describe(item: WorkItem) -> str:
 
 
 def build_pool(spec: JobSpec) -> InlinePool | RayPool:
+    if spec.sharding.engine == "deepspeed":
+        check("deepspeed")  # before Ray starts: a missing extra is one line, not a traceback from every rank
     return InlinePool(spec) if spec.cluster.address == "inline" else RayPool(spec)
 
 

@@ -269,11 +269,24 @@ class CheckpointSpec(Spec):
     keep: PositiveInt = 3
 
 
+WandbTag = Annotated[str, Field(min_length=1, max_length=64)]  # W&B refuses an empty tag or one over 64 characters
+
+
 class WandbSpec(Spec):
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    """The W&B run (monitor.py). `auto`: online when WANDB_API_KEY is set (a RayJob passes it from a Secret),
+    offline otherwise, so a machine without a key never tries the network; WANDB_MODE, when set, decides instead."""
+
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"
     project: str = "metascale"
     entity: str | None = None
     dir: str = "runs/{name}"
+    group: Annotated[str, Field(min_length=1, max_length=128)] | None = None  # e.g. a sweep or an ablation's runs
+    tags: list[WandbTag] = []
+    notes: str | None = None
+    job_type: Annotated[str, Field(min_length=1, max_length=64)] = "train"
+    # Checkpoints as W&B `model` artifacts (aliases `latest` and `best`): none; final (the run's last checkpoint,
+    # uploaded once the run ends); all (every checkpoint as it is written).
+    log_checkpoints: Literal["none", "final", "all"] = "final"
 
 
 class LoggingSpec(Spec):

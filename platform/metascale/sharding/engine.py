@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from metascale.config import ShardingSpec
+from metascale.extras import require
 
 Params = dict[str, Tensor]
 
@@ -25,7 +26,7 @@ def use_group(backend: str, timeout: datetime.timedelta) -> None:
     """Hands the rank group's torch.distributed group (cluster/rendezvous.py) to DeepSpeed. Its shared-memory
     collective (a C++ op that JIT-compiles for ~60 s on first use) is switched off: gloo or NCCL carry every
     collective, with nothing to build."""
-    import deepspeed
+    deepspeed = require("deepspeed")
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
@@ -57,7 +58,7 @@ def ds_config(s: ShardingSpec) -> dict[str, Any]:
 def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any) -> Any:
     """`make_model()` under `zero.Init` at stage 3 (each rank materialises only its partitions, never the whole
     model), then `deepspeed.initialize` with `make_optimizer(model)` as the client optimiser."""
-    import deepspeed
+    deepspeed = require("deepspeed")
 
     cfg = ds_config(s)
     if s.zero_stage == 3:

@@ -19,6 +19,7 @@ from typing import Any
 
 from metascale.cluster.messages import WorkItem, WorkResult
 from metascale.config import JobSpec
+from metascale.extras import check
 from metascale.sharding.engine import assemble
 from metascale.sharding.rank import Rank, is_partitioned
 
@@ -26,6 +27,8 @@ from metascale.sharding.rank import Rank, is_partitioned
 class RankGroup:
     def __init__(self, spec: JobSpec, index: int, env: dict[str, str]):
         import ray
+
+        check("deepspeed")  # here, on the driver, rather than as a traceback from every rank
 
         self.ray, self.spec, self.index, self.env = ray, spec, index, env
         self.ranks = spec.sharding.ranks

@@ -19,11 +19,13 @@ from metascale.submit.backend import TERMINAL, JobInfo, http_timeout
 from metascale.submit.package import PreparedJob
 from metascale.submit.rayjob import GROUP, MANAGED_BY, PLURAL, VERSION, ClusterShape, rayjob, spec_configmap
 from metascale.errors import ClusterError
+from metascale.extras import require
 from metascale.submit.targets import K8sTarget, check_job_id
 
 
 class KubeRayJobs:
     def __init__(self, target: K8sTarget, shape: ClusterShape = ClusterShape()):
+        require("kubernetes")
         self.target = target
         self.shape = shape
         self._api = None

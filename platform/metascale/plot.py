@@ -1,0 +1,129 @@
+"""`metascale plot RUN`: a run's learning curves as a PNG, from the run's own W&B files, offline.
+
+RUN is a job spec (its `logging.wandb.dir`), a `logging.wandb.dir` or its `wandb/` folder (the newest run there),
+a run folder (`offline-run-*`, `run-*`) or a run file (`run-*.wandb`). Every W&B run writes these files, online or
+not, and a resumed run's sessions are read together (a step logged again after a resume: the later value counts).
+Four panels: loss (train, held-out `eval/`, and the final evaluation as a point), accuracy (the same, for
+classification), episodes per second, and the seconds each worker computed per meta-step with the step's wall time.
+`plot` returns the series exactly as drawn (read back from the figure's lines), which the CLI summarises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from metascale.errors import MetascaleError
+from metascale.wandb_files import find_run_files, history, run_id, run_info
+
+PANELS = (
+    ("loss", "loss", ("train/loss", "eval/loss", "final/loss")),
+    ("accuracy", "accuracy", ("train/accuracy", "eval/accuracy", "final/accuracy")),
+    ("episodes_per_s", "episodes / s", ("episodes_per_s",)),
+    ("step_time", "seconds per meta-step", ("step_s",)),  # + worker/<w>/compute_s, found in the run
+)
+
+
+class PlotError(MetascaleError):
+    exit_code = 2
+
+
+def series(files: list[str]) -> dict[str, tuple[list[float], list[float]]]:
+    """key -> (steps, values) of every numeric metric in the run's history, by step; a step logged again (by a
+    resumed session) keeps its latest value."""
+    by_key: dict[str, dict[float, float]] = {}
+    for f in files:
+        for row in history(f):
+            step = row.get("_step")
+            if step is None:
+                continue
+            for key, value in row.items():
+                if key.startswith("_") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                by_key.setdefault(key, {})[float(step)] = float(value)
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by_key.items()}
+
+
+def _resolve(where: str | Path) -> list[str]:
+    where = Path(where)
+    if where.is_file() and where.suffix in (".yaml", ".yml"):
+        from metascale.config import load_spec
+
+        spec = load_spec(where)
+        where = Path(spec.path(spec.logging.wandb.dir))
+    if not where.exists():
+        raise PlotError(f"{where}: no such file or folder")
+    files = find_run_files(where)
+    if not files:
+        raise PlotError(f"{where}: no W&B run files (run-*.wandb) found there or in its wandb/ folder")
+    return files
+
+
+def plot(where: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Draws the run at `where` to `out` (default: `curves-<run id>.png` beside the run's `wandb/` folder, e.g.
+    runs/<job>/); returns {png, run_id, series: {panel: {label: {x, y}}}}, the series read back from the figure."""
+    from metascale.extras import require
+
+    require("matplotlib")
+    from matplotlib.figure import Figure
+
+    files = _resolve(where)
+    rid = run_id(files[-1])
+    data = series(files)
+    if out is None:
+        run_dir = Path(files[-1]).resolve().parent  # <dir>/wandb/<offline->run-*/
+        out = run_dir.parent.parent / f"curves-{rid}.png"
+    workers = sorted((k for k in data if k.startswith("worker/") and k.endswith("/compute_s")),
+                     key=lambda k: (len(k), k))
+    panels = [(name, title, [k for k in keys if k in data] + (workers if name == "step_time" else []))
+              for name, title, keys in PANELS]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        raise PlotError(f"{files[-1]}: the run logged none of the plotted metrics (train/loss, ...)")
+
+    fig = Figure(figsize=(12, 4 * math.ceil(len(panels) / 2)), layout="constrained")
+    try:
+        name = run_info(files[-1])["name"]
+    except ValueError:  # a file cut short before its run record
+        name = ""
+    fig.suptitle(f"{name or 'run'} (W&B run {rid})")
+    drawn: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for i, (name, title, keys) in enumerate(panels):
+        ax = fig.add_subplot(math.ceil(len(panels) / 2), 2, i + 1)
+        for key in keys:
+            x, y = data[key]
+            one = len(x) == 1 or key.startswith("final/")
+            ax.plot(x, y, label=key, marker="o" if one or key.startswith("eval/") else None,
+                    linestyle="none" if one else "-")
+        ax.set_title(title)
+        ax.set_xlabel("meta-step")
+        if name == "loss" and all(v > 0 for key in keys for v in data[key][1] if math.isfinite(v)):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        drawn[name] = {line.get_label(): {"x": [float(v) for v in line.get_xdata()],
+                                          "y": [float(v) for v in line.get_ydata()]} for line in ax.get_lines()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return {"png": str(out), "run_id": rid, "series": drawn}
+
+
+
+def register(app: Any) -> None:
+    """Adds `metascale plot` to the CLI."""
+    import typer
+
+    @app.command(name="plot")
+    def plot_(
+        run: Path = typer.Argument(..., show_default=False,
+                                   help="A job spec, its logging.wandb.dir, a run folder or a run file."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                           help="The PNG (default: curves-<run id>.png beside the run's wandb/)."),
+    ) -> None:
+        """Draw a run's learning curves (loss, accuracy, episodes/s, per-worker step time) to a PNG, offline; the
+        last line is JSON: the PNG, the run id and the points drawn per series."""
+        result = plot(run, out)
+        points = {label: len(s["x"]) for panel in result["series"].values() for label, s in panel.items()}
+        typer.echo(json.dumps({"png": result["png"], "run_id": result["run_id"], "points": points}))
