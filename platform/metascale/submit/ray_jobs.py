@@ -18,6 +18,7 @@ from pathlib import Path
 import requests
 
 from metascale.submit.backend import TERMINAL, JobInfo, http_timeout
+from metascale.monitor import JOB_ID_ENV
 from metascale.submit.package import SPEC_FILE, PreparedJob
 from metascale.errors import ClusterError, NotAClusterError
 from metascale.submit.targets import RayTarget, check_job_id
@@ -62,7 +63,7 @@ class RayJobs:
             client.submit_job(
                 entrypoint=job.entrypoint(SPEC_FILE),
                 submission_id=job.job_id,
-                runtime_env={"working_dir": workdir},
+                runtime_env={"working_dir": workdir, "env_vars": {JOB_ID_ENV: job.job_id}},  # the W&B run's job_id
                 metadata={"metascale.submitter": SUBMITTER, "metascale.job": job.spec.name},
             )
         return job.job_id

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from metascale.monitor import JOB_ID_ENV
 from metascale.submit.package import JOB_ENV, SPEC_FILE, PreparedJob
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -107,7 +108,7 @@ def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
 
 
 def _pod(job: PreparedJob, shape: ClusterShape, container: str, resources: dict, gpu: bool = False) -> dict:
-    env = [{"name": k, "value": v} for k, v in JOB_ENV.items()]
+    env = [{"name": k, "value": v} for k, v in {**JOB_ENV, JOB_ID_ENV: job.job_id}.items()]  # job_id: W&B config
     env.append(
         {
             "name": "WANDB_API_KEY",
