@@ -142,7 +142,10 @@ if [ "$(head -1 "$wheels/.key" 2>/dev/null)" = "$wh_key" ]; then
   while read -r w; do [ -f "$wheels/$w" ] || { missing=$w; break; }; done < <(tail -n +2 "$wheels/.key")
 fi
 if [ "$(head -1 "$wheels/.key" 2>/dev/null)" != "$wh_key" ] || [ -n "$missing" ]; then
-  [ "$offline" = 0 ] || die "--offline: ${missing:+$missing is missing from }the wheelhouse $wheels${missing:- is absent or was made from other pins} (make it on a machine with network: scripts/build-image.sh)"
+  if [ "$offline" = 1 ]; then
+    if [ -n "$missing" ]; then die "--offline: $missing is missing from the wheelhouse $wheels (make the wheelhouse again on a machine with network: scripts/build-image.sh)"; fi
+    die "--offline: the wheelhouse $wheels is absent or made from other pins than deploy/constraints.txt and pyproject.toml (make it on a machine with network: scripts/build-image.sh)"
+  fi
   [ -z "$missing" ] || echo "build-image: $missing is missing from the cached wheelhouse: making it again"
   rm -rf "$wheels" && mkdir -p "$wheels"
   log=$CACHE/wheelhouse-$variant.log

@@ -126,9 +126,10 @@ def test_validate_every_job(image):
 
 def test_runs_as_non_root_with_the_entry_point_kuberay_uses(image):
     config = json.loads(_docker("image", "inspect", "-f", "{{json .Config}}", image).stdout)
-    assert config["User"] == "1000:1000"
-    assert config["Entrypoint"] == ["/usr/bin/tini", "--"]
-    assert config["Healthcheck"]["Test"] == ["CMD", "/usr/local/bin/metascale-healthcheck"]
+    assert config["User"] == "1000:1000", f"the image's USER is {config['User']!r}, not 1000:1000"
+    assert config["Entrypoint"] == ["/usr/bin/tini", "--"], f"ENTRYPOINT is {config['Entrypoint']}"
+    assert (config.get("Healthcheck") or {}).get("Test") == ["CMD", "/usr/local/bin/metascale-healthcheck"], \
+        f"HEALTHCHECK is {config.get('Healthcheck')}"
     # KubeRay replaces the entry point with a login shell: `/bin/bash -lc -- "ulimit -n 65536; ray start ..."`
     # (Debian's /etc/profile resets PATH there); its probes run `bash -c "wget ... | grep success"`.
     check = ("id -u; id -g; echo $HOME; command -v ray metascale wget python; "
@@ -136,9 +137,9 @@ def test_runs_as_non_root_with_the_entry_point_kuberay_uses(image):
              "test -e /wheels || echo no-wheelhouse")
     out = run_in(image, "-lc", "--", check, options=("--entrypoint", "/bin/bash"), timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [
-        "1000", "1000", "/home/ray", "/opt/venv/bin/ray", "/opt/venv/bin/metascale", "/usr/bin/wget",
-        "/opt/venv/bin/python", "home-writable", "venv-read-only", "no-wheelhouse"], out.stdout
+    want = ["1000", "1000", "/home/ray", "/opt/venv/bin/ray", "/opt/venv/bin/metascale", "/usr/bin/wget",
+            "/opt/venv/bin/python", "home-writable", "venv-read-only", "no-wheelhouse"]
+    assert out.stdout.splitlines() == want, f"in KubeRay's login shell: {out.stdout.split()} != {want}"
 
 
 def test_image_size(image):
@@ -202,8 +203,10 @@ def test_ray_head_from_the_image_runs_a_submitted_job(image, tmp_path):
                 running = _docker("inspect", "-f", "{{.State.Running}}", cid).stdout.strip()
                 if running != "true" or time.time() > deadline:
                     logs = _docker("logs", cid, check=False)
-                    raise AssertionError(f"the Ray head in {image} did not serve {url} within 120 s "
-                                         f"(running: {running}): {(logs.stdout + logs.stderr)[-3000:]}")
+                    lines = [ln for ln in (logs.stdout + logs.stderr).splitlines() if ln.strip()] or ["(no output)"]
+                    what = "exited" if running != "true" else "ran 120 s"
+                    raise AssertionError(f"the Ray head in {image} {what} without serving {url}; its last line: "
+                                         f"{lines[-1]}\n" + "\n".join(lines[-30:]))
                 time.sleep(1)
         # KubeRay's default probes, as its operator writes them (they retry: the agent answers a few seconds after
         # the dashboard), and the image's own HEALTHCHECK
