@@ -81,6 +81,10 @@ stop_quietly() {  # ends the dockerd recorded in .cache/engine/dockerd.pid, if i
       sleep 0.5
     done
     for p in $pid $tree; do kill -KILL "$p" 2>/dev/null || true; done
+    # what dockerd leaves mounted (its network namespace file; overlays after a hard kill), then its run folder
+    awk -v run="$RUN/" -v data="$STATE/data/" 'index($2, run) == 1 || index($2, data) == 1 {print $2}' /proc/self/mounts \
+      | sort -r | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+    rm -rf "$RUN"
   fi
   rm -f "$STATE/dockerd.pid"
 }
