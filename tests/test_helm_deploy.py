@@ -20,7 +20,7 @@ from metascale.submit.package import prepare
 from metascale.submit.rayjob import SPEC_DIR, rayjob
 
 DEPLOY = REPO / "deploy"
-CHECKED = {"rayjob.yaml", "kustomization.yaml", "job.yaml", "constraints.txt", "Dockerfile", "Dockerfile.dockerignore"}
+CHECKED = {"rayjob.yaml", "kustomization.yaml", "job.yaml", "constraints.txt", "Dockerfile", "image"}
 
 
 def test_every_file_in_deploy_is_checked():
@@ -76,6 +76,10 @@ def test_image_pins_match_the_project():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     torch = next(d for d in deps if d.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch.split('==')[1]}" in dockerfile
-    base = re.search(r"^FROM (\S+)", dockerfile, re.M)[1]
-    assert ":" in base and not base.endswith(":latest") and "cuda" in base
+    base = re.search(r"^ARG BASE=(\S+)", dockerfile, re.M)[1]
+    assert ":" in base and not base.endswith(":latest")
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${BASE}", "${BASE}"]  # two stages, one base (both variants)
     assert re.search(r"^USER 1000:1000$", dockerfile, re.M) and "--constraint /tmp/constraints.txt" in dockerfile
+    assert "--no-index" in dockerfile  # the wheelhouse only: nothing is fetched inside the build
+    copied = set(re.findall(r"^COPY (image/\S+)", dockerfile, re.M))
+    assert copied == {f"image/{p.name}" for p in (DEPLOY / "image").iterdir()}  # deploy/image/: each file used
