@@ -22,17 +22,43 @@ app.kubernetes.io/name: {{ include "metascale.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.labels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "metascale.submitterName" -}}
 {{- default (printf "%s-submitter" (include "metascale.fullname" .)) .Values.submitter.serviceAccount.name }}
 {{- end }}
 
-{{/* Rules the schema cannot hold, checked for one worker group: (dict "name" NAME "group" VALUES). */}}
+{{- define "metascale.claimName" -}}
+{{- .Values.persistence.existingClaim | default (printf "%s-data" (include "metascale.fullname" .)) }}
+{{- end }}
+
+{{/*
+rayStartParams as KubeRay wants them, every value a string: initArgs (KubeRay's deprecated alias) overridden by
+rayStartParams. Helm reads YAML numbers as float64, so whole numbers are printed as integers (never 1e+09).
+*/}}
+{{- define "metascale.rayStartParams" -}}
+{{- $params := merge (deepCopy (.rayStartParams | default dict)) (.initArgs | default dict) }}
+{{- if $params }}
+{{- range $key, $value := $params }}
+{{- if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) }}
+{{ $key }}: {{ int64 $value | toString | quote }}
+{{- else }}
+{{ $key }}: {{ toString $value | quote }}
+{{- end }}
+{{- end }}
+{{- else -}}
+{}
+{{- end }}
+{{- end }}
+
+{{/* Rules the schema cannot hold, checked for one worker group: (dict "name" NAME "group" VALUES "max" MAX). */}}
 {{- define "metascale.checkGroup" -}}
 {{- $g := .group }}
-{{- if not (and (le (int $g.minReplicas) (int $g.replicas)) (le (int $g.replicas) (int $g.maxReplicas))) }}
-{{- fail (printf "worker group %s: need minReplicas (%v) <= replicas (%v) <= maxReplicas (%v)" .name $g.minReplicas $g.replicas $g.maxReplicas) }}
+{{- if not (and (le (int ($g.minReplicas | default 0)) (int $g.replicas)) (le (int $g.replicas) (int .max))) }}
+{{- fail (printf "worker group %s: need minReplicas (%v) <= replicas (%v) <= maxReplicas (%v)" .name ($g.minReplicas | default 0) $g.replicas .max) }}
 {{- end }}
 {{- $req := (($g.resources).requests) | default dict }}
 {{- $lim := (($g.resources).limits) | default dict }}
@@ -45,97 +71,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/*
-A Ray pod template: (dict "root" $ "group" VALUES "container" NAME "automountToken" BOOL).
-The W&B key enters only as a secretKeyRef; /tmp/ray is an emptyDir so the root filesystem stays untouched.
-*/}}
-{{- define "metascale.podTemplate" -}}
-{{- $root := .root }}
-{{- $g := .group }}
-metadata:
-  labels:
-    {{- include "metascale.labels" $root | nindent 4 }}
-    {{- with $g.labels }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
-  {{- with $g.annotations }}
-  annotations:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-spec:
-  automountServiceAccountToken: {{ .automountToken }}
-  {{- with $root.Values.imagePullSecrets }}
-  imagePullSecrets:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  securityContext:
-    {{- toYaml $root.Values.common.podSecurityContext | nindent 4 }}
-  containers:
-    - name: {{ .container }}
-      image: "{{ $root.Values.image.repository }}:{{ $root.Values.image.tag | default $root.Chart.AppVersion }}"
-      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-      securityContext:
-        {{- toYaml $root.Values.common.securityContext | nindent 8 }}
-      env:
-        - name: MALLOC_MMAP_THRESHOLD_
-          value: "33554432"
-        - name: MALLOC_TRIM_THRESHOLD_
-          value: "68719476736"
-        - name: MALLOC_TOP_PAD_
-          value: "268435456"
-        {{- if $root.Values.wandb.existingSecret }}
-        - name: WANDB_API_KEY
-          valueFrom:
-            secretKeyRef:
-              name: {{ $root.Values.wandb.existingSecret }}
-              key: {{ $root.Values.wandb.secretKey }}
-        {{- end }}
-        {{- with $root.Values.common.containerEnv }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
-        {{- with $g.containerEnv }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
-      {{- with $g.envFrom }}
-      envFrom:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      resources:
-        {{- toYaml $g.resources | nindent 8 }}
-      volumeMounts:
-        - name: ray-tmp
-          mountPath: /tmp/ray
-        {{- with $g.volumeMounts }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
-  volumes:
-    - name: ray-tmp
-      emptyDir: {}
-    {{- with $g.volumes }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
-  {{- with $g.nodeSelector }}
-  nodeSelector:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $g.tolerations }}
-  tolerations:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $g.affinity }}
-  affinity:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-{{- end }}
-
 {{- define "metascale.workerGroup" -}}
-{{- include "metascale.checkGroup" (dict "name" .name "group" .group) }}
+{{- $max := .group.replicas }}{{/* KubeRay: unbounded; here a group grows only when asked to */}}
+{{- if hasKey .group "maxReplicas" }}{{ $max = .group.maxReplicas }}{{ end }}
+{{- include "metascale.checkGroup" (dict "name" .name "group" .group "max" $max) }}
 - groupName: {{ .name }}
-  replicas: {{ .group.replicas }}
-  minReplicas: {{ .group.minReplicas }}
-  maxReplicas: {{ .group.maxReplicas }}
+  replicas: {{ int .group.replicas }}
+  minReplicas: {{ int (.group.minReplicas | default 0) }}
+  maxReplicas: {{ int $max }}
+  {{- with .group.numOfHosts }}
+  numOfHosts: {{ int . }}
+  {{- end }}
   rayStartParams:
-    {{- toYaml (.group.rayStartParams | default dict) | nindent 4 }}
+    {{- include "metascale.rayStartParams" .group | trim | nindent 4 }}
   template:
-    {{- include "metascale.podTemplate" (dict "root" .root "group" .group "container" "ray-worker" "automountToken" false) | nindent 4 }}
+    {{- include "metascale.podTemplate" (dict "root" .root "group" .group "container" "ray-worker" "automountToken" false) | trim | nindent 4 }}
 {{- end }}
