@@ -58,7 +58,7 @@ def test_lint_strict(name):
 
 
 def test_the_ci_values_files_include_kuberay_layout_and_persistence():
-    assert {"cpu", "gpu", "autoscaling", "kuberay-layout", "persistence"} <= set(VALUES)
+    assert {"cpu", "gpu", "autoscaling", "kuberay-layout", "kuberay-v1.7.0", "persistence"} <= set(VALUES)
 
 
 @pytest.mark.usefixtures("kuberay_crds")
@@ -337,6 +337,21 @@ def test_kuberay_layout_values_are_honoured(rendered):
     assert gpu["image"] == "registry.example.com/ml/metascale:0.1.0" and gpu["imagePullPolicy"] == "IfNotPresent"
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1 and gpu_pod["priorityClassName"] == "ml-batch"
     assert [m["mountPath"] for m in gpu["volumeMounts"]] == ["/tmp/ray", "/dev/shm"]  # the chart's /tmp/ray kept
+
+
+def test_kuberay_own_values_file_is_honoured(rendered):
+    """KubeRay's values.yaml, unchanged: its image, its groups and its /tmp/ray volume."""
+    spec = _cluster(rendered["kuberay-v1.7.0"])["spec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert list(groups) == ["workergroup"] and (
+        groups["workergroup"]["minReplicas"],
+        groups["workergroup"]["maxReplicas"],
+    ) == (1, 5)
+    for pod in _pods(_cluster(rendered["kuberay-v1.7.0"])):
+        ray = pod["containers"][0]
+        assert ray["image"] == "rayproject/ray:2.52.0"
+        assert ray["volumeMounts"] == [{"mountPath": "/tmp/ray", "name": "log-volume"}]
+        assert pod["securityContext"]["runAsNonRoot"] is True
 
 
 def test_persistence_mounts_one_claim_everywhere(rendered):
