@@ -172,6 +172,8 @@ def test_submitter_rbac_is_least_privilege(rendered):
         ),
         (["worker.replikas=3"], "Additional property replikas is not allowed"),
         (["common.podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
+        (["common.podSecurityContext.runAsNonRoot=null"], "common.podSecurityContext: runAsNonRoot is required"),
+        (["image.repository=null"], "image: repository is required"),
         (["service.type=External"], "service.type"),
     ],
 )
