@@ -117,7 +117,8 @@ def test_submitter_rbac_is_least_privilege(rendered):
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert granted == {
         ("ray.io", "rayjobs", "create"), ("ray.io", "rayjobs", "get"), ("ray.io", "rayjobs", "list"),
-        ("ray.io", "rayjobs", "delete"), ("", "configmaps", "create"), ("", "pods", "list"), ("", "pods/log", "get"),
+        ("ray.io", "rayjobs", "patch"), ("ray.io", "rayjobs", "delete"), ("", "configmaps", "create"),
+        ("", "pods", "list"), ("", "pods/log", "get"),
     }
     binding = next(o for o in objs if o["kind"] == "RoleBinding")
     assert binding["roleRef"]["kind"] == "Role"  # namespaced, never a ClusterRole
