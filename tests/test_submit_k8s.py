@@ -19,7 +19,7 @@ from metascale.config import load_spec, parse_spec
 from metascale.submit.kuberay import KubeRayJobs
 from metascale.submit.package import prepare
 from metascale.submit.rayjob import rayjob
-from metascale.errors import ClusterError, OptInError
+from metascale.errors import ClusterError
 from metascale.submit.targets import K8sTarget
 
 TOKEN = "s3cret-token-do-not-print"
@@ -253,3 +253,111 @@ def test_wandb_key_is_a_secret_reference(env, emu, spec):
             "valueFrom": {"secretKeyRef": {"name": "team-wandb", "key": "api-key", "optional": True}},
         }
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+FULL = """
+name: e2e
+outer: {steps: 3}
+checkpoint: {dir: '/mnt/runs/{name}/ckpt'}
+logging: {wandb: {mode: offline, dir: '/mnt/runs/{name}'}}
+cluster: {workers: 2, cpus_per_process: 2, gpus_per_process: 1}
+kubernetes:
+  image: registry.example.com/ml/metascale:0.1.0
+  head: {cpu: 1500m, memory: 6Gi}
+  worker: {cpu: "3", memory: 16Gi}
+  nodeSelector: {cloud.google.com/gke-accelerator: nvidia-l4, pool: gpu}
+  tolerations: [{key: dedicated, operator: Equal, value: ml, effect: NoSchedule}]
+  serviceAccountName: ray-s3
+  imagePullSecrets: [{name: regcred}]
+  volumes:
+    - {name: runs, persistentVolumeClaim: {claimName: metascale-runs}}
+    - {name: scratch, emptyDir: {sizeLimit: 20Gi}}
+    - {name: cache, ephemeral: {volumeClaimTemplate: {spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}}}}
+  volumeMounts:
+    - {name: runs, mountPath: /mnt/runs}
+    - {name: scratch, mountPath: /scratch}
+    - {name: cache, mountPath: /home/ray/.cache, readOnly: false}
+  priorityClassName: ml-high
+  ttlSecondsAfterFinished: 600
+  wandb_secret: team-wandb
+  backoffLimit: 1
+"""
+
+
+@pytest.mark.usefixtures("kuberay_crds")
+def test_every_kubernetes_field_reaches_valid_restricted_pods(env, emu, tmp_path, cli):
+    """Every field of the kubernetes: section, through the real client: the API server (KubeRay's CRD schema and
+    Kubernetes' Pod schema, strict) accepts the RayJob, and every pod passes the restricted profile."""
+    path = tmp_path / "full.yaml"
+    path.write_text(FULL)
+    code, out, err = cli("submit", str(path), "--to", f"k8s://{NS}")
+    assert code == 0, err
+    job = emu.objects[("rayjobs", NS, out.strip())]
+    assert schema_errors(job) == [] and rule_violations(job) == [] and _restricted(job) == []
+    spec = job["spec"]
+    assert spec["ttlSecondsAfterFinished"] == 600 and spec["backoffLimit"] == 1
+    pods = dict(pod_templates(job))
+    for where, pod in pods.items():
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4", "pool": "gpu"}, where
+        assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in pod["tolerations"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["priorityClassName"] == "ml-high"
+        assert pod["containers"][0]["image"] == "registry.example.com/ml/metascale:0.1.0"
+    head, worker = pods["headGroupSpec.template"], pods["workerGroupSpecs[0].template"]
+    assert head["containers"][0]["resources"]["limits"] == {"cpu": "1500m", "memory": "6Gi"}
+    assert worker["containers"][0]["resources"]["limits"] == {"cpu": "3", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert spec["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"] == {"num-cpus": "2"}
+    for pod in (head, worker):
+        assert pod["serviceAccountName"] == "ray-s3"
+        assert {"name": "runs", "persistentVolumeClaim": {"claimName": "metascale-runs", "readOnly": False}} in pod[
+            "volumes"]
+        assert {"name": "runs", "mountPath": "/mnt/runs", "readOnly": False} in pod["containers"][0]["volumeMounts"]
+        wandb = next(e for e in pod["containers"][0]["env"] if e["name"] == "WANDB_API_KEY")
+        assert wandb["valueFrom"]["secretKeyRef"]["name"] == "team-wandb"
+    assert "serviceAccountName" not in pods["submitterPodTemplate"]  # it only runs `ray job submit`
+
+
+@pytest.mark.usefixtures("kuberay_crds")
+def test_queue_puts_the_rayjob_in_kueue_suspended(env, emu, spec, cli):
+    code, out, err = cli("submit", str(spec), "--to", f"k8s://{NS}", "--queue", "team-a-queue")
+    assert code == 0, err
+    job = emu.objects[("rayjobs", NS, out.strip())]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue" and job["spec"]["suspend"] is True
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and rule_violations(job) == []  # KubeRay's suspend rule
+    code, out, _ = cli("status", out.strip())
+    assert out.split("\t")[1] == "PENDING" and "queued in Kueue LocalQueue team-a-queue" in out
+
+
+@pytest.mark.usefixtures("kuberay_crds")
+def test_cluster_runs_on_an_existing_raycluster(env, emu, spec, cli):
+    code, out, err = cli("submit", str(spec), "--to", f"k8s://{NS}", "--cluster", "ms-metascale")
+    assert code == 0, err
+    job = emu.objects[("rayjobs", NS, out.strip())]
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": "ms-metascale"}
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["jobId"] == out.strip()
+    for absent in ("rayClusterSpec", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "suspend"):
+        assert absent not in job["spec"], absent
+    assert schema_errors(job) == [] and rule_violations(job) == [] and _restricted(job) == []
+    broken = {**job, "spec": {**job["spec"], "suspend": True, "backoffLimit": 2}}  # the rule checker sees KubeRay's rules
+    assert len(rule_violations(broken)) == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--queue", "q", "--cluster", "c"], "--queue and --cluster exclude each other"),
+        (["--queue", "Team_Q"], "--queue 'Team_Q': expected a Kubernetes name"),
+        (["--cluster", "c", "--to", "http://127.0.0.1:8265"], "apply to k8s:// targets only"),
+    ],
+)
+def test_bad_queue_or_cluster_is_exit_2_before_any_request(env, emu, spec, cli, args, message):
+    code, _, err = cli("submit", str(spec), "--to", f"k8s://{NS}", *args)
+    assert code == 2 and message in err and err.count("\n") == 1 and emu.requests == []
+
+
+def test_ephemeral_checkpoints_are_refused_before_any_request(env, emu, tmp_path, cli):
+    path = tmp_path / "local.yaml"
+    path.write_text("name: e2e\nlogging: {wandb: {mode: disabled}}\n")
+    code, _, err = cli("submit", str(path), "--to", f"k8s://{NS}")
+    assert code == 2 and err.count("\n") == 1 and emu.requests == []
+    assert "checkpoint.dir (runs/e2e/checkpoints) would live only inside the job's pods" in err
+    assert err.rstrip().endswith("or pass --allow-ephemeral")
