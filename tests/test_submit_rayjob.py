@@ -14,8 +14,10 @@ from metascale.submit.ephemeral import check_persistent, ephemeral_paths
 from metascale.submit.package import prepare
 from metascale.submit.rayjob import rayjob
 
-PVC = {"volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "runs"}}, {"name": "tmp", "emptyDir": {}}],
-       "volumeMounts": [{"name": "runs", "mountPath": "/mnt/runs"}, {"name": "tmp", "mountPath": "/scratch"}]}
+PVC = {
+    "volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": "runs"}}, {"name": "tmp", "emptyDir": {}}],
+    "volumeMounts": [{"name": "runs", "mountPath": "/mnt/runs"}, {"name": "tmp", "mountPath": "/scratch"}],
+}
 
 
 @pytest.mark.parametrize("kw", [{}, {"queue": "q"}, {"cluster": "ms-metascale"}], ids=["own", "queue", "cluster"])
@@ -33,8 +35,10 @@ BREAKS = [
     (lambda p: p["containers"][0]["securityContext"].update(privileged=True), "privileged"),
     (lambda p: p["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
     (lambda p: p["containers"][0]["securityContext"].pop("capabilities"), "drop must include ALL"),
-    (lambda p: p["containers"][0]["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
-     "only NET_BIND_SERVICE"),
+    (
+        lambda p: p["containers"][0]["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+        "only NET_BIND_SERVICE",
+    ),
     (lambda p: p["securityContext"].pop("runAsNonRoot"), "runAsNonRoot must be true"),
     (lambda p: p["containers"][0]["securityContext"].update(runAsUser=0), "runAsUser must not be 0"),
     (lambda p: p["securityContext"].pop("seccompProfile"), "seccompProfile.type must be RuntimeDefault"),
@@ -56,8 +60,14 @@ def test_the_restricted_checker_catches_each_rule(brk, message):
 
 
 def _spec(checkpoint: str, wandb_mode: str = "disabled", wandb_dir: str = "runs/{name}", **kubernetes):
-    return parse_spec({"name": "j", "checkpoint": {"dir": checkpoint},
-                       "logging": {"wandb": {"mode": wandb_mode, "dir": wandb_dir}}, "kubernetes": kubernetes})
+    return parse_spec(
+        {
+            "name": "j",
+            "checkpoint": {"dir": checkpoint},
+            "logging": {"wandb": {"mode": wandb_mode, "dir": wandb_dir}},
+            "kubernetes": kubernetes,
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -85,7 +95,10 @@ def test_read_only_mounts_and_existing_clusters_do_not_count():
     assert ephemeral_paths(_spec("/mnt/runs/{name}", **ro)) == ["checkpoint.dir (/mnt/runs/j)"]
     # on an existing RayCluster the section's volumes are not its pods': only URLs last
     assert ephemeral_paths(_spec("/mnt/runs/{name}", **PVC), existing_cluster=True) == ["checkpoint.dir (/mnt/runs/j)"]
-    with pytest.raises(OptInError, match=r"^x.yaml: checkpoint.dir .* use an s3:// \(or other object-store\) URL, or "
-                                         r"pass --allow-ephemeral$"):
+    with pytest.raises(
+        OptInError,
+        match=r"^x.yaml: checkpoint.dir .* use an s3:// \(or other object-store\) URL, or "
+        r"pass --allow-ephemeral$",
+    ):
         check_persistent(_spec("/mnt/runs/{name}", **PVC), existing_cluster=True, source="x.yaml")
     check_persistent(_spec("s3://b/{name}"), existing_cluster=True, source="x.yaml")

@@ -28,8 +28,16 @@ CpuQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")]
 
 # The volume types the `restricted` Pod Security Standard allows (no hostPath, nfs, ...), and those whose data
 # outlives the pod (checkpoints may live there; submit/ephemeral.py).
-RESTRICTED_VOLUME_TYPES = ("configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                           "projected", "secret")
+RESTRICTED_VOLUME_TYPES = (
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+)
 PERSISTENT_VOLUME_TYPES = ("persistentVolumeClaim", "csi")
 # Paths metascale mounts itself in every Ray container.
 RESERVED_MOUNTS = ("/etc/metascale", "/tmp/ray")
@@ -83,8 +91,10 @@ class Volume(Spec):
         if isinstance(raw, dict):
             for key in raw:
                 if key != "name" and key not in RESTRICTED_VOLUME_TYPES:
-                    raise ValueError(f"volume type {key!r} is not allowed by the restricted Pod Security Standard "
-                                     f"(allowed: {', '.join(RESTRICTED_VOLUME_TYPES)})")
+                    raise ValueError(
+                        f"volume type {key!r} is not allowed by the restricted Pod Security Standard "
+                        f"(allowed: {', '.join(RESTRICTED_VOLUME_TYPES)})"
+                    )
         return raw
 
     @model_validator(mode="after")
@@ -149,8 +159,9 @@ class KubernetesSpec(Spec):
             if m.name not in names:
                 raise ValueError(f"volumeMounts: {m.name!r} names no volume in kubernetes.volumes")
             if any(path == r or path.startswith(r + "/") or r.startswith(path + "/") for r in RESERVED_MOUNTS):
-                raise ValueError(f"volumeMounts: {m.mountPath} overlaps metascale's own mounts "
-                                 f"({', '.join(RESERVED_MOUNTS)})")
+                raise ValueError(
+                    f"volumeMounts: {m.mountPath} overlaps metascale's own mounts ({', '.join(RESERVED_MOUNTS)})"
+                )
         return self
 
     def volume(self, name: str) -> Volume:

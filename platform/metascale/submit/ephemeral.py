@@ -25,21 +25,23 @@ def ephemeral_paths(spec: JobSpec, existing_cluster: bool = False) -> list[str]:
     paths = {"checkpoint.dir": spec.path(spec.checkpoint.dir)}
     if spec.logging.wandb.mode in ("offline", "auto"):
         paths["logging.wandb.dir"] = spec.path(spec.logging.wandb.dir)
-    return [
-        f"{field} ({path})" for field, path in paths.items()
-        if not _lasts(path, spec, existing_cluster)
-    ]
+    return [f"{field} ({path})" for field, path in paths.items() if not _lasts(path, spec, existing_cluster)]
 
 
 def check_persistent(spec: JobSpec, existing_cluster: bool, source: str) -> None:
     lost = ephemeral_paths(spec, existing_cluster)
     if not lost:
         return
-    where = ("an s3:// (or other object-store) URL" if existing_cluster else
-             "an s3:// (or other object-store) URL, or an absolute path under a persistentVolumeClaim or csi volume "
-             "in kubernetes.volumeMounts")
-    raise OptInError(f"{source}: {' and '.join(lost)} would live only inside the job's pods and be lost when they end; "
-                     f"use {where}, or pass --allow-ephemeral")
+    where = (
+        "an s3:// (or other object-store) URL"
+        if existing_cluster
+        else "an s3:// (or other object-store) URL, or an absolute path under a persistentVolumeClaim or csi volume "
+        "in kubernetes.volumeMounts"
+    )
+    raise OptInError(
+        f"{source}: {' and '.join(lost)} would live only inside the job's pods and be lost when they end; "
+        f"use {where}, or pass --allow-ephemeral"
+    )
 
 
 def _lasts(path: str, spec: JobSpec, existing_cluster: bool) -> bool:

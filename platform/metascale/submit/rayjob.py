@@ -100,8 +100,9 @@ def _cluster_spec(job: PreparedJob) -> dict[str, Any]:
                 "maxReplicas": pods,
                 # Ray counts the pod's CPU limit; the processes need only cpus_per_process each.
                 "rayStartParams": {"num-cpus": f"{c.cpus_per_process * per_pod:g}"} if k.worker.cpu else {},
-                "template": ray_pod(job, labels(job), "ray-worker", resources(worker_cpu, k.worker.memory, gpus),
-                                    gpu=gpus > 0),
+                "template": ray_pod(
+                    job, labels(job), "ray-worker", resources(worker_cpu, k.worker.memory, gpus), gpu=gpus > 0
+                ),
             }
         ],
     }
