@@ -4,11 +4,14 @@ No kube-apiserver, kind, k3s or minikube can run on these machines, and no maint
 resources, so this is a FAKE of the API server (not of the client: the tests drive the official `kubernetes` client
 against it over HTTP). It serves only what metascale uses: RayJobs/RayClusters (ray.io/v1), ConfigMaps, Pods and pod
 logs, with the API server's behaviours the submitter must handle: Status objects for 401/403/404/409/400/422,
-`dryRun=All`, `fieldValidation=Strict` (unknown fields -> 400), schema validation (-> 422: KubeRay's CRD schema for
+`dryRun=All`, `fieldValidation=Strict` (unknown fields -> 400), JSON merge patches (RFC 7386) of RayJobs, validated
+like a create, schema validation (-> 422: KubeRay's CRD schema for
 ray.io kinds, Kubernetes' own schemas via `kubernetes-validate` for built-in kinds), complete objects in responses
 (uid, resourceVersion, creationTimestamp), label selectors, and garbage collection of ConfigMaps owned by a deleted
 RayJob. `operator_step` stands in for the KubeRay operator (no operator runs here): it sets a RayJob's status and
-creates its submitter pod with a log.
+creates its submitter pod with a log; `operator_suspend` does what KubeRay does to a RayJob whose spec.suspend was set.
+`restricted_violations` re-implements the `restricted` Pod Security Standard's checks (no admission controller runs
+here).
 """
 
 from __future__ import annotations
@@ -127,7 +130,9 @@ def _meta_errors(obj: dict[str, Any]) -> list[str]:
 
 def _pod_templates(obj: dict[str, Any]):
     spec = obj.get("spec") or {}
-    cluster = spec.get("rayClusterSpec", spec) if obj["kind"] == "RayJob" else spec
+    if obj["kind"] == "RayJob" and "submitterPodTemplate" in spec:
+        yield "submitterPodTemplate", spec["submitterPodTemplate"]
+    cluster = (spec.get("rayClusterSpec") or {}) if obj["kind"] == "RayJob" else spec
     if "headGroupSpec" in cluster:
         yield "headGroupSpec.template", cluster["headGroupSpec"].get("template", {})
     for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
@@ -186,6 +191,18 @@ class ApiServerEmulator:
         path.write_text(yaml.safe_dump(config))
         return path
 
+    def operator_suspend(self, ns: str, name: str) -> None:
+        """KubeRay on spec.suspend (rayjob_controller.go, JobDeploymentStatusSuspending): it deletes the RayCluster and
+        the submitter Job (with its pod and log), resets jobStatus and the job ID, and reports Suspended."""
+        with self._lock:
+            job = self.objects[("rayjobs", ns, name)]
+            assert job["spec"].get("suspend") is True, "KubeRay suspends only a RayJob whose spec.suspend is true"
+            job["status"] = {"jobStatus": "", "jobDeploymentStatus": "Suspended"}
+            for key, obj in list(self.objects.items()):
+                if key[0] == "pods" and key[1] == ns and obj["metadata"].get("labels", {}).get("job-name") == name:
+                    del self.objects[key]
+                    self.logs.pop((ns, key[2]), None)
+
     def operator_step(self, ns: str, name: str, job_status: str, deployment: str, log: str = "") -> None:
         """Stands in for the KubeRay operator: sets the RayJob's status and gives it a submitter pod with a log."""
         with self._lock:
@@ -235,6 +252,8 @@ class ApiServerEmulator:
                 return 200, self._list(ns, plural, kind, query.get("labelSelector", ""))
             if method == "DELETE" and name:
                 return self._delete(ns, plural, resource, name, query)
+            if method == "PATCH" and name and plural == "rayjobs":
+                return self._patch(ns, plural, kind, resource, name, headers.get("content-type", ""), body, query)
         return _status(405, "MethodNotAllowed", f"{method} is not supported on {parts.path}")
 
     def _create(self, ns: str, plural: str, kind: str, resource: str, obj: dict, query: dict) -> tuple[int, Any]:
@@ -255,6 +274,26 @@ class ApiServerEmulator:
         if query.get("dryRun") != "All":
             self.objects[(plural, ns, name)] = obj
         return 201, obj
+
+    def _patch(self, ns: str, plural: str, kind: str, resource: str, name: str, content_type: str, body: bytes,
+               query: dict) -> tuple[int, Any]:
+        """A JSON merge patch (custom resources take no strategic merge patch), validated like a create."""
+        obj = self.objects.get((plural, ns, name))
+        if obj is None:
+            return _status(404, "NotFound", f'{resource} "{name}" not found')
+        if content_type.split(";")[0].strip() != "application/merge-patch+json":
+            return _status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format "
+                           f"- accepted media types include: application/merge-patch+json (got {content_type!r})")
+        patched = _merge_patch(copy.deepcopy(obj), json.loads(body or b"{}"))
+        problems = schema_errors(patched, unknown_fields=query.get("fieldValidation") == "Strict")
+        if problems:
+            return _status(422, "Invalid", f'{kind}.{resource.partition(".")[2]} "{name}" is invalid: '
+                           + "; ".join(problems))
+        if query.get("dryRun") != "All":
+            self._rv += 1
+            patched["metadata"]["resourceVersion"] = str(self._rv)
+            self.objects[(plural, ns, name)] = patched
+        return 200, patched
 
     def _delete(self, ns: str, plural: str, resource: str, name: str, query: dict) -> tuple[int, Any]:
         obj = self.objects.get((plural, ns, name))
@@ -293,6 +332,20 @@ class ApiServerEmulator:
         return obj
 
 
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null deletes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    if not isinstance(target, dict):
+        target = {}
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = _merge_patch(target.get(key), value)
+    return target
+
+
 def _status(code: int, reason: str, message: str) -> tuple[int, dict[str, Any]]:
     return code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                   "message": message, "reason": reason, "code": code}
@@ -329,6 +382,18 @@ def rule_violations(obj: dict[str, Any]) -> list[str]:
     if obj.get("kind") == "RayJob":
         if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
             problems.append("RayJob: ttlSecondsAfterFinished needs shutdownAfterJobFinishes: true")
+        # KubeRay's ValidateRayJobSpec (ray-operator/controllers/ray/utils/validation.go, v1.7.0)
+        if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
+            problems.append("RayJob: suspend needs shutdownAfterJobFinishes: true")
+        if spec.get("clusterSelector"):
+            if spec.get("suspend"):
+                problems.append("RayJob: the clusterSelector mode doesn't support suspend")
+            if spec.get("backoffLimit", 0) > 0:
+                problems.append("RayJob: backoffLimit is incompatible with clusterSelector")
+            if not spec["clusterSelector"].get("ray.io/cluster"):
+                problems.append("RayJob: clusterSelector needs ray.io/cluster")
+        elif not spec.get("rayClusterSpec"):
+            problems.append("RayJob: one of rayClusterSpec or clusterSelector must be set")
         spec = spec.get("rayClusterSpec") or {}
     if obj.get("kind") not in CRD_FILES:
         return problems
@@ -349,3 +414,83 @@ def rule_violations(obj: dict[str, Any]) -> list[str]:
                 if e["name"] == "WANDB_API_KEY" and "secretKeyRef" not in (e.get("valueFrom") or {}):
                     problems.append(f"{where} {c['name']}: WANDB_API_KEY must come from a secretKeyRef")
     return problems
+
+
+# ------------------------------------------------------------------------- the restricted Pod Security Standard
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What the `restricted` Pod Security Standard (https://kubernetes.io/docs/concepts/security/pod-security-standards/,
+    policy version latest, which includes `baseline`) forbids in one pod spec. A re-implementation of the pod-security
+    admission controller's checks from that page, since no admission controller runs here."""
+    problems: list[str] = []
+    psc = pod.get("securityContext") or {}
+    containers = [(kind, c) for kind in ("initContainers", "containers", "ephemeralContainers")
+                  for c in pod.get(kind) or []]
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            problems.append(f"{field} must be unset or false")
+    if (psc.get("windowsOptions") or {}).get("hostProcess"):
+        problems.append("securityContext.windowsOptions.hostProcess must be unset or false")
+    for v in pod.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"volume {v.get('name')}: type {', '.join(sorted(kinds - RESTRICTED_VOLUMES))} not allowed")
+    for name in {s.get("name") for s in psc.get("sysctls") or []} - SAFE_SYSCTLS:
+        problems.append(f"sysctl {name} is not in the safe set")
+    problems += [f"pod {p}" for p in _context_problems(psc)]
+    if psc.get("runAsUser") == 0:
+        problems.append("pod securityContext.runAsUser must not be 0")
+    for kind, c in containers:
+        sc, where = c.get("securityContext") or {}, f"{kind} {c.get('name')}"
+        if sc.get("privileged"):
+            problems.append(f"{where}: privileged must be unset or false")
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            problems.append(f"{where}: windowsOptions.hostProcess must be unset or false")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            problems.append(f"{where}: hostPort must be unset or 0")
+        if sc.get("procMount", "Default") != "Default":
+            problems.append(f"{where}: procMount must be Default")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{where}: capabilities.drop must include ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: capabilities.add may hold only NET_BIND_SERVICE")
+        problems += [f"{where}: {p}" for p in _context_problems(sc)]
+        non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
+        if non_root is not True:
+            problems.append(f"{where}: runAsNonRoot must be true (in the container or the pod)")
+        if sc.get("runAsUser") == 0:
+            problems.append(f"{where}: runAsUser must not be 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{where}: seccompProfile.type must be RuntimeDefault or Localhost (in the container or "
+                            f"the pod), got {seccomp!r}")
+    return problems
+
+
+def _context_problems(sc: dict[str, Any]) -> list[str]:
+    problems = []
+    selinux = sc.get("seLinuxOptions") or {}
+    if selinux.get("type", "") not in SELINUX_TYPES or selinux.get("user") or selinux.get("role"):
+        problems.append("seLinuxOptions: type must be a container type, user and role unset")
+    apparmor = (sc.get("appArmorProfile") or {}).get("type")
+    if apparmor not in (None, "RuntimeDefault", "Localhost"):
+        problems.append(f"appArmorProfile.type {apparmor} is not allowed")
+    if (sc.get("seccompProfile") or {}).get("type") == "Unconfined":
+        problems.append("seccompProfile.type must not be Unconfined")
+    return problems
+
+
+def pod_templates(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, pod spec) of every pod template in a RayJob or RayCluster: submitter, head, worker groups."""
+    return [(where, template.get("spec") or {}) for where, template in _pod_templates(obj)]

@@ -44,10 +44,35 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
         ({"outer": {"schedule": {"decay": "step"}}}, "outer.schedule.decay: Input should be 'none', 'cosine'"),
         ({"checkpoint": {"dir": "runs/{nam}"}}, "checkpoint.dir: {name} is the only placeholder"),
         ({"logging": {"wandb": {"dir": "runs/{"}}}, "logging.wandb.dir: {name} is the only placeholder"),
+        ({"kubernetes": {"imagePullSecrets": [{"name": "Reg_Cred"}]}}, "kubernetes.imagePullSecrets.0.name: String "
+         "should match pattern"),
+        ({"kubernetes": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}},
+         "volume type 'hostPath' is not allowed by the restricted Pod Security Standard"),
+        ({"kubernetes": {"volumes": [{"name": "v"}]}}, "volume 'v' needs exactly one of configMap"),
+        ({"kubernetes": {"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "w", "mountPath": "/w"}]}},
+         "volumeMounts: 'w' names no volume"),
+        ({"kubernetes": {"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "v", "mountPath": "/tmp"}]}},
+         "overlaps metascale's own mounts"),
+        ({"kubernetes": {"volumeMounts": [{"name": "v", "mountPath": "relative"}]}}, "mountPath: String should match"),
+        ({"kubernetes": {"nodeSelector": {"pool": "gpu nodes"}}}, "'gpu nodes' is not a Kubernetes label value"),
+        ({"kubernetes": {"tolerations": [{"key": "k", "operator": "In"}]}}, "operator: Input should be 'Exists'"),
+        ({"kubernetes": {"head": {"memory": "four gigs"}}}, "kubernetes.head.memory: String should match pattern"),
+        ({"kubernetes": {"ttlSecondsAfterFinished": -1}}, "ttlSecondsAfterFinished: Input should be greater than"),
+        ({"kubernetes": {"wandbSecret": "x"}}, "kubernetes.wandbSecret: unknown field"),
+        ({"cluster": {"cpus_per_process": 2}, "kubernetes": {"worker": {"cpu": "1500m", "memory": "1Gi"}}},
+         "kubernetes.worker.cpu (1500m) is below what a worker pod's processes need (cluster.cpus_per_process x 1 = 2)"),
     ],
 )
 def test_bad_fields_name_their_path_and_what_was_expected(raw, expected):
     assert any(expected in p for p in _problems(raw)), _problems(raw)
+
+
+def test_the_kubernetes_section_defaults_to_the_former_rayjob():
+    k = parse_spec({}).kubernetes
+    assert (k.image, k.head.cpu, k.head.memory, k.worker.cpu, k.worker.memory) == ("metascale:0.1.0", "1", "4Gi", None,
+                                                                                  "8Gi")
+    assert (k.ttlSecondsAfterFinished, k.backoffLimit, k.wandb_secret) == (3600, 2, "metascale-wandb")
+    assert not (k.volumes or k.volumeMounts or k.tolerations or k.nodeSelector or k.imagePullSecrets)
 
 
 def test_overrides_apply_dotted_keys_with_yaml_values(tmp_path):

@@ -149,6 +149,7 @@ def test_submitter_rbac_is_least_privilege(rendered):
         ("ray.io", "rayjobs", "create"),
         ("ray.io", "rayjobs", "get"),
         ("ray.io", "rayjobs", "list"),
+        ("ray.io", "rayjobs", "patch"),
         ("ray.io", "rayjobs", "delete"),
         ("", "configmaps", "create"),
         ("", "pods", "list"),

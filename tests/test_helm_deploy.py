@@ -13,7 +13,7 @@ import tomllib
 
 import pytest
 import yaml
-from k8s_emulator import REPO, rule_violations, schema_errors
+from k8s_emulator import REPO, pod_templates, restricted_violations, rule_violations, schema_errors
 
 from metascale.config import load_spec, parse_spec
 from metascale.submit.package import prepare
@@ -31,6 +31,8 @@ def test_every_file_in_deploy_is_checked():
 def test_example_rayjob_validates_and_keeps_the_rules():
     obj = yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())
     assert schema_errors(obj) == [] and rule_violations(obj) == []
+    pods = pod_templates(obj)
+    assert len(pods) == 3 and [restricted_violations(p) for _, p in pods] == [[], [], []]
     assert shlex.split(obj["spec"]["entrypoint"]) == ["metascale", "run", f"{SPEC_DIR}/metascale-job.yaml",
                                                       "--auto-resume"]
     assert obj["spec"]["backoffLimit"] == 2  # a retry resumes from the job's checkpoints

@@ -5,7 +5,8 @@ A spec is YAML; every field has a default that runs, so `name: x` alone is a val
 sections.py holds one model per section, job.py the whole job and the rules across sections, load.py YAML and errors.
 """
 
-from metascale.config.job import SECOND_ORDER, SHARDED_FIRST_ORDER, JobSpec, sharding_problem
+from metascale.config.job import SECOND_ORDER, SHARDED_FIRST_ORDER, JobSpec, pod_processes, sharding_problem
+from metascale.config.kubernetes import KubernetesSpec, Volume, VolumeMount
 from metascale.config.load import dump_spec, load_spec, parse_spec
 from metascale.config.sections import (
     CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, DataSpec, EpisodicData, ESSpec, EvalSpec,
@@ -17,8 +18,8 @@ from metascale.config.sections import (
 __all__ = [
     "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "CheckpointSpec", "ClusterSpec",
     "Conv4Spec", "DataSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData", "IMAMLSpec",
-    "InnerLoopSpec", "JobSpec", "LearnedSpec", "LoggingSpec", "LRScheduleSpec", "MLPSpec", "ModelSpec", "MWNSpec",
+    "InnerLoopSpec", "JobSpec", "KubernetesSpec", "LearnedSpec", "LoggingSpec", "LRScheduleSpec", "MLPSpec", "ModelSpec", "MWNSpec",
     "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec", "ShardingSpec", "ShardsData", "SinusoidData", "Spec",
-    "StreamSpec", "SyntheticImagesData", "ViTSpec", "WandbSpec", "dump_spec", "load_spec", "parse_spec",
-    "sharding_problem",
+    "StreamSpec", "SyntheticImagesData", "ViTSpec", "Volume", "VolumeMount", "WandbSpec", "dump_spec", "load_spec",
+    "parse_spec", "pod_processes", "sharding_problem",
 ]

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
+from metascale.config.kubernetes import KubernetesSpec, cpu_millis
 from metascale.config.sections import (
     CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, DataSpec, EvalSpec, ExecutorSpec, LoggingSpec,
     MLPSpec, ModelSpec, NoisyLabelsData, NonNegInt, OuterLoopSpec, ShardingSpec, SinusoidData, Spec,
@@ -61,6 +62,15 @@ def sharding_problem(job: "JobSpec") -> str | None:
     return None
 
 
+def pod_processes(job: "JobSpec") -> tuple[int, int]:
+    """(worker pods, processes a pod hosts) on Kubernetes. A replica is a pod; a rank group is one pod holding all its
+    ranks (the group's STRICT_PACK placement needs them on one node), or with `sharding.span_nodes` a pod per rank."""
+    c, s = job.cluster, job.sharding
+    if s.engine == "none" or s.span_nodes:
+        return c.workers * s.ranks, 1
+    return c.workers, s.ranks
+
+
 def _episode_sizes(data: Any) -> tuple[int, int]:
     if isinstance(data, SinusoidData):
         return data.shots, data.queries
@@ -81,6 +91,7 @@ class JobSpec(Spec):
     executor: ExecutorSpec = ExecutorSpec()
     cluster: ClusterSpec = ClusterSpec()
     sharding: ShardingSpec = ShardingSpec()
+    kubernetes: KubernetesSpec = KubernetesSpec()  # only `submit --to k8s://` reads it
 
     @model_validator(mode="after")
     def _compatible(self) -> "JobSpec":
@@ -94,6 +105,10 @@ class JobSpec(Spec):
         self._survey_compatible()
         if (problem := sharding_problem(self)) is not None:
             raise ValueError(problem)
+        worker_cpu, per_pod = self.kubernetes.worker.cpu, pod_processes(self)[1]
+        if worker_cpu is not None and cpu_millis(worker_cpu) < round(self.cluster.cpus_per_process * per_pod * 1000):
+            raise ValueError(f"kubernetes.worker.cpu ({worker_cpu}) is below what a worker pod's processes need "
+                             f"(cluster.cpus_per_process x {per_pod} = {self.cluster.cpus_per_process * per_pod:g})")
         return self
 
     def _survey_compatible(self) -> None:

@@ -6,6 +6,8 @@ A job ID remembers its cluster (see state.py), so after `submit --to URL` the ot
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from metascale.submit.targets import K8sTarget, TargetError, check_job_id, parse
 
 ToOpt = typer.Option(None, "--to", help="http(s)://HOST:8265 (Ray) or k8s://[CONTEXT/]NAMESPACE (KubeRay).")
 IdArg = typer.Argument(..., help="Job ID printed by `metascale submit`.", show_default=False)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def submit(
@@ -26,17 +29,44 @@ def submit(
     to: str = typer.Option(..., "--to", help="http(s)://HOST:8265 (Ray) or k8s://[CONTEXT/]NAMESPACE (KubeRay)."),
     set_: list[str] = typer.Option([], "--set", help="Override a spec field: dotted.key=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate everything (server-side on k8s), create nothing."),
-    image: Optional[str] = typer.Option(None, help="k8s: the container image (default metascale:0.1.0)."),
-    wandb_secret: Optional[str] = typer.Option(None, help="k8s: Secret holding the W&B key under `api-key`."),
+    image: Optional[str] = typer.Option(None, help="k8s: the container image (same as --set kubernetes.image=...)."),
+    wandb_secret: Optional[str] = typer.Option(
+        None, help="k8s: Secret holding the W&B key under `api-key` (same as --set kubernetes.wandb_secret=...)."),
+    queue: Optional[str] = typer.Option(None, help="k8s: a Kueue LocalQueue; the RayJob waits there until admitted."),
+    cluster: Optional[str] = typer.Option(
+        None, help="k8s: run on this existing RayCluster (e.g. the Helm chart's) instead of a new one."),
     allow_pipe: bool = typer.Option(False, "--allow-pipe",
                                     help="Send a spec whose data.url is a pipe: command (it runs on the cluster)."),
+    allow_ephemeral: bool = typer.Option(
+        False, "--allow-ephemeral",
+        help="k8s: submit although checkpoints or offline W&B files would live only inside the job's pods."),
 ) -> None:
     """Validate a job spec, then send it to a Ray cluster or a KubeRay namespace; prints the job ID."""
     from metascale.submit.package import prepare
 
     target = parse_target(to)
-    job = prepare(spec, set_, allow_pipe=allow_pipe)  # validated before anything is sent
-    backend = _backend(target, image=image, wandb_secret=wandb_secret)
+    overrides = list(set_)
+    for key, value in (("image", image), ("wandb_secret", wandb_secret)):
+        if value is not None:
+            overrides.append(f"kubernetes.{key}={json.dumps(value)}")  # a YAML string, whatever it holds
+    if not isinstance(target, K8sTarget) and (queue or cluster or image or wandb_secret):
+        raise TargetError("--queue, --cluster, --image and --wandb-secret apply to k8s:// targets only")
+    for flag, value in (("--queue", queue), ("--cluster", cluster)):
+        if value is not None and not _DNS_LABEL.match(value):
+            raise TargetError(f"{flag} {value!r}: expected a Kubernetes name (lowercase letters, digits and '-')")
+    if queue and cluster:
+        raise TargetError("--queue and --cluster exclude each other: Kueue admits RayJobs that bring up their own "
+                          "RayCluster (KubeRay cannot suspend a job on an existing one)")
+    job = prepare(spec, overrides, allow_pipe=allow_pipe)  # validated before anything is sent
+    if isinstance(target, K8sTarget):
+        from metascale.submit.ephemeral import check_persistent
+        from metascale.submit.kuberay import KubeRayJobs
+
+        if not allow_ephemeral:
+            check_persistent(job.spec, existing_cluster=cluster is not None, source=str(spec))
+        backend: Backend = KubeRayJobs(target, queue=queue, cluster=cluster)
+    else:
+        backend = backend_for(target)
     job_id = backend.submit(job, dry_run=dry_run)
     if dry_run:
         typer.echo(f"dry run: {job.spec.name} is valid and {target.url} accepted it; nothing was created", err=True)
@@ -53,7 +83,7 @@ def status(
     poll: float = typer.Option(2.0, min=0.1, help="Seconds between polls with --wait."),
 ) -> None:
     """Print a job's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, and the cluster's message."""
-    backend = _backend(_target_of(job_id, to))
+    backend = backend_for(_target_of(job_id, to))
     info = backend.status(job_id)
     while wait and info.status not in TERMINAL:
         time.sleep(poll)
@@ -74,14 +104,14 @@ def logs(
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    _backend(_target_of(job_id, to)).logs(job_id, follow, emit)
+    backend_for(_target_of(job_id, to)).logs(job_id, follow, emit)
 
 
 def cancel(job_id: str = IdArg, to: Optional[str] = ToOpt) -> None:
-    """Stop a job (Ray: stop_job; k8s: delete the RayJob, which removes its cluster)."""
+    """Stop a job, keeping its record: status and logs still answer (Ray: stop_job; k8s: suspend the RayJob)."""
     target = _target_of(job_id, to)
-    _backend(target).cancel(job_id)
-    typer.echo(f"cancelled {job_id} on {target.url}", err=True)
+    done = backend_for(target).cancel(job_id)
+    typer.echo(done or f"cancelled {job_id} on {target.url}", err=True)
 
 
 def list_(to: Optional[str] = ToOpt) -> None:
@@ -89,7 +119,7 @@ def list_(to: Optional[str] = ToOpt) -> None:
     url = to or state.last_target()
     if not url:
         raise TargetError("no cluster to list: pass --to URL (no job was submitted from this machine yet)")
-    for info in _backend(parse_target(url)).list():
+    for info in backend_for(parse_target(url)).list():
         typer.echo(_row(info))
 
 
@@ -107,17 +137,6 @@ def _target_of(job_id: str, to: str | None):
     if not url:
         raise TargetError(f"job {job_id} was not submitted from this machine: pass --to URL to say where it runs")
     return parse_target(url)
-
-
-def _backend(target, image: str | None = None, wandb_secret: str | None = None) -> Backend:
-    if isinstance(target, K8sTarget) and (image or wandb_secret):
-        from metascale.submit.kuberay import KubeRayJobs
-        from metascale.submit.rayjob import ClusterShape
-
-        defaults = ClusterShape()
-        shape = ClusterShape(image=image or defaults.image, wandb_secret=wandb_secret or defaults.wandb_secret)
-        return KubeRayJobs(target, shape)
-    return backend_for(target)
 
 
 def _row(info: JobInfo) -> str:

@@ -1,8 +1,12 @@
 """Jobs on Kubernetes as KubeRay RayJobs, through the official `kubernetes` client and the user's kubeconfig.
 
 submit creates the RayJob, then the ConfigMap holding its spec (owned by the RayJob, so deleting the job removes it);
-status reads the RayJob's status; logs read the KubeRay submitter pod (label job-name=ID), which tails the driver;
-cancel deletes the RayJob (KubeRay stops the job and removes its cluster). API errors become one line each.
+status reads the RayJob's status; logs read the KubeRay submitter pod (label job-name=ID), which tails the driver.
+cancel keeps the job's record: it first saves the submitter's log and the job's state locally (state.py), since
+KubeRay deletes that pod, then suspends the RayJob (spec.suspend: KubeRay deletes its RayCluster and submitter, and the
+RayJob stays, Suspended). Where KubeRay or Kueue does not allow that (a job on an existing RayCluster: KubeRay refuses
+suspend there; a Kueue job: Kueue owns spec.suspend and would resume it) the RayJob is deleted, and KubeRay's
+finalizer stops the Ray job; status and logs then answer from the local record. API errors become one line each.
 """
 
 from __future__ import annotations
@@ -15,19 +19,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from metascale.submit.backend import TERMINAL, JobInfo, http_timeout
-from metascale.submit.package import PreparedJob
-from metascale.submit.rayjob import GROUP, MANAGED_BY, PLURAL, VERSION, ClusterShape, rayjob, spec_configmap
 from metascale.errors import ClusterError
 from metascale.extras import require
+from metascale.submit import state
+from metascale.submit.backend import TERMINAL, JobInfo, http_timeout
+from metascale.submit.package import PreparedJob
+from metascale.submit.rayjob import (
+    CLUSTER_KEY, GROUP, JOB_NAME_ANNOTATION, MANAGED_BY, PLURAL, QUEUE_LABEL, VERSION, rayjob, spec_configmap,
+)
 from metascale.submit.targets import K8sTarget, check_job_id
+
+CANCELLED = "metascale.io/cancelled"  # annotation: set with spec.suspend by `cancel`, so status can say STOPPED
 
 
 class KubeRayJobs:
-    def __init__(self, target: K8sTarget, shape: ClusterShape = ClusterShape()):
+    """queue: a Kueue LocalQueue; cluster: an existing RayCluster to run on (see rayjob.py)."""
+
+    def __init__(self, target: K8sTarget, queue: str | None = None, cluster: str | None = None):
         require("kubernetes")
         self.target = target
-        self.shape = shape
+        self.queue, self.cluster = queue, cluster
         self._api = None
 
     def _client(self):
@@ -52,7 +63,7 @@ class KubeRayJobs:
 
         with self._errors(job.job_id, creating=True):
             created = custom.create_namespaced_custom_object(
-                GROUP, VERSION, ns, PLURAL, rayjob(job, ns, self.shape),
+                GROUP, VERSION, ns, PLURAL, rayjob(job, ns, self.queue, self.cluster),
                 field_validation="Strict", _request_timeout=http_timeout(), **opts,
             )
         owner = None if dry_run else created["metadata"]["uid"]
@@ -70,18 +81,35 @@ class KubeRayJobs:
 
     def status(self, job_id: str) -> JobInfo:
         check_job_id(job_id)
+        try:
+            return _info(self._get(job_id))
+        except ClusterError as e:
+            record = state.cancelled(job_id)
+            if record is None or not str(e).startswith("no RayJob"):
+                raise
+            return JobInfo(job_id, record["name"], "STOPPED",
+                           f"cancelled; the RayJob is gone, this is the local record: {record['message']}")
+
+    def _get(self, job_id: str) -> dict[str, Any]:
         custom, _ = self._client()
         with self._errors(job_id):
-            obj = custom.get_namespaced_custom_object(
+            return custom.get_namespaced_custom_object(
                 GROUP, VERSION, self.target.namespace, PLURAL, job_id, _request_timeout=http_timeout()
             )
-        return _info(obj)
 
     def logs(self, job_id: str, follow: bool, emit: Callable[[str], None]) -> None:
-        """The submitter pod's log: `ray job submit` tails the driver there, as KubeRay's docs suggest."""
+        """The submitter pod's log: `ray job submit` tails the driver there, as KubeRay's docs suggest. After
+        `cancel` removed that pod, the log saved by cancel."""
         check_job_id(job_id)
         _, core = self._client()
-        pod = self._submitter_pod(job_id, wait=follow)
+        saved = state.saved_log(job_id)
+        try:
+            pod = self._submitter_pod(job_id, wait=follow and saved is None)
+        except ClusterError:
+            if saved is None:
+                raise
+            emit(saved)
+            return
         if follow:
             self._follow(core, pod, job_id, emit)
             return
@@ -114,9 +142,37 @@ class KubeRayJobs:
                 return
             since = max(1, math.ceil(time.monotonic() - quiet_until + http_timeout()[1] / 2))
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str) -> str:
+        """Stops the job, keeping its record (module docstring); returns what was done, in words."""
         check_job_id(job_id)
-        self._delete(job_id)
+        obj = self._get(job_id)
+        info = _info(obj)
+        if info.status in TERMINAL:
+            return f"{job_id} had already ended ({info.status}); nothing to stop"
+        _, core = self._client()
+        try:
+            pod = self._submitter_pod(job_id, wait=False)
+            with self._errors(job_id, kind="Pod"):
+                state.save_log(job_id, core.read_namespaced_pod_log(pod, self.target.namespace,
+                                                                    _request_timeout=http_timeout()))
+        except ClusterError:
+            pass  # no submitter yet (queued, starting): no log to keep
+        spec, labels = obj.get("spec") or {}, obj["metadata"].get("labels") or {}
+        if spec.get("clusterSelector") or QUEUE_LABEL in labels:
+            why = (f"on RayCluster {spec['clusterSelector'].get(CLUSTER_KEY)}" if spec.get("clusterSelector")
+                   else f"queued in Kueue LocalQueue {labels[QUEUE_LABEL]}")
+            state.mark_cancelled(job_id, self.target.url, info.name, f"was {info.status} ({info.message}); {why}")
+            self._delete(job_id)
+            return f"stopped {job_id}: deleted its RayJob ({why}: it cannot be suspended); status and logs keep " \
+                   f"a local record"
+        custom, _ = self._client()
+        patch = {"metadata": {"annotations": {CANCELLED: "true"}}, "spec": {"suspend": True}}
+        with self._errors(job_id):
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, self.target.namespace, PLURAL, job_id, patch, _request_timeout=http_timeout()
+            )
+        state.mark_cancelled(job_id, self.target.url, info.name, f"was {info.status} ({info.message}); suspended")
+        return f"stopped {job_id}: its RayJob is suspended (KubeRay removes its pods) and stays for status and logs"
 
     def list(self) -> list[JobInfo]:
         custom, _ = self._client()
@@ -203,12 +259,19 @@ def _first_line(text: str) -> str:
 
 
 def _info(obj: dict[str, Any]) -> JobInfo:
-    status = obj.get("status") or {}
+    """KubeRay's status in Ray's words. A suspended RayJob has no jobStatus (KubeRay resets it): STOPPED when
+    `cancel` suspended it, PENDING while Kueue holds it in its queue."""
+    status, spec, meta = obj.get("status") or {}, obj.get("spec") or {}, obj["metadata"]
     deployment = status.get("jobDeploymentStatus") or "Initializing"
     detail = " ".join(x for x in (deployment, status.get("reason") or "", status.get("message") or "") if x)
+    job_status = status.get("jobStatus") or "PENDING"
+    if spec.get("suspend") and (meta.get("annotations") or {}).get(CANCELLED) == "true":
+        job_status, detail = "STOPPED", f"cancelled: {detail}"
+    elif spec.get("suspend") and QUEUE_LABEL in (meta.get("labels") or {}):
+        detail = f"queued in Kueue LocalQueue {meta['labels'][QUEUE_LABEL]}: {detail}"
     return JobInfo(
-        job_id=obj["metadata"]["name"],
-        name=(obj["metadata"].get("annotations") or {}).get("metascale.io/job-name", ""),
-        status=status.get("jobStatus") or "PENDING",
+        job_id=meta["name"],
+        name=(meta.get("annotations") or {}).get(JOB_NAME_ANNOTATION, ""),
+        status=job_status,
         message=_first_line(detail),
     )

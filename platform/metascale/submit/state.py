@@ -2,6 +2,8 @@
 
 So `metascale status ID` needs no `--to` after a submit from this machine. The file is rewritten atomically.
 Location: $METASCALE_STATE_DIR, else $XDG_STATE_HOME/metascale, else ~/.local/state/metascale.
+A cancelled Kubernetes job also leaves here its last status and its log (logs/ID.log), read before KubeRay deleted
+the pods that held them, so `status` and `logs` still answer after `cancel`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,32 @@ def remember(job_id: str, target_url: str, name: str) -> None:
         newest = sorted(data["jobs"].items(), key=lambda kv: kv[1].get("submitted", 0))[-MAX_JOBS:]
         data["jobs"] = dict(newest)
     _write(data)
+
+
+def mark_cancelled(job_id: str, target_url: str, name: str, message: str) -> None:
+    data = load()
+    record = data["jobs"].setdefault(job_id, {"target": target_url, "name": name, "submitted": time.time()})
+    record["cancelled"] = {"at": time.time(), "message": message}
+    _write(data)
+
+
+def cancelled(job_id: str) -> dict[str, Any] | None:
+    """{'name', 'message', 'at'} of a job cancelled from this machine, else None."""
+    record = load()["jobs"].get(job_id) or {}
+    return {"name": record.get("name", ""), **record["cancelled"]} if "cancelled" in record else None
+
+
+def save_log(job_id: str, text: str) -> None:
+    path = state_path().parent / "logs" / f"{job_id}.log"  # job IDs are checked DNS labels: a plain file name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text.encode())
+
+
+def saved_log(job_id: str) -> str | None:
+    try:
+        return (state_path().parent / "logs" / f"{job_id}.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return None
 
 
 def target_of(job_id: str) -> str | None:
