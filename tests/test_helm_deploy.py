@@ -13,7 +13,8 @@ import tomllib
 
 import pytest
 import yaml
-from k8s_emulator import REPO, pod_templates, restricted_violations, rule_violations, schema_errors
+from k8s_emulator import REPO, pod_templates, rule_violations, schema_errors
+from pod_security import restricted_violations
 
 from metascale.config import load_spec, parse_spec
 from metascale.submit.package import prepare

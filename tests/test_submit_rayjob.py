@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from k8s_emulator import pod_templates, restricted_violations
+from k8s_emulator import pod_templates
+from pod_security import restricted_violations
 
 from metascale.config import parse_spec
 from metascale.errors import OptInError
