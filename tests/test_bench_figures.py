@@ -80,7 +80,7 @@ def test_cpu_memory_figure_draws_the_measurements_their_fit_and_the_budget(tmp_p
     # the lines through (2, 100), (6, 240), (10, 380): 30 + 35 d; (2, 180) ... (10, 212): 172 + 4 d
     assert mem[f"{replica}: fit, 35 MiB a block"] == {"x": [0.0, 27.0], "y": pytest.approx([30.0, 30.0 + 35 * 27])}
     assert mem[f"{rank}: fit, 4 MiB a block"] == {"x": [0.0, 211.0], "y": pytest.approx([172.0, 172.0 + 4 * 211])}
-    assert mem["largest that under budget (fit): depth 211, 25.0M params"]["y"] == pytest.approx([172.0 + 4 * 211])
+    assert mem["largest under the budget (fit): depth 211, 25.0M params"]["y"] == pytest.approx([172.0 + 4 * 211])
     assert mem["budget per process: 1024 MiB"] == {"x": [0.0, 211.0], "y": [1024.0, 1024.0]}
 
 

@@ -40,7 +40,7 @@ def _scaling(fig: Any, result: dict[str, Any]) -> None:
                 ("all-reduce", lambda r: r["weak_scaling_efficiency_allreduce"], "-"),
                 ("contention ceiling (worker alone / beside another)", lambda r: r["compute_contention_ceiling"], ":"),
             ),
-            False,
+            "tasks/s with 2 workers / (2 x with 1)",
         ),
         (
             "coordinator's share of a meta-step, 2 workers",
@@ -48,7 +48,7 @@ def _scaling(fig: Any, result: dict[str, Any]) -> None:
                 ("coordinator aggregation", lambda r: r["coordinator_fraction"], "-"),
                 ("all-reduce", lambda r: r["coordinator_fraction_allreduce"], "-"),
             ),
-            True,
+            "put + gather + aggregate + Adam, over the step",
         ),
         (
             "seconds per meta-step (best step)",
@@ -57,21 +57,22 @@ def _scaling(fig: Any, result: dict[str, Any]) -> None:
                 ("2 workers, coordinator", lambda r: r["2w"]["step_s"], "-"),
                 ("2 workers, all-reduce", lambda r: r["2w_allreduce"]["step_s"], "-"),
             ),
-            True,
+            "seconds (log scale)",
         ),
     )
-    for i, (title, lines, logy) in enumerate(panels):
+    for i, (title, lines, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for label, value, style in lines:
             ax.plot(x, [float(value(r)) for _, r in rows], marker="o", linestyle=style, label=label)
         ax.set_xscale("log")
         ax.set_xticks(x, [name for name, _ in rows])
         ax.minorticks_off()
-        if logy:
+        if "log" in ylabel:
             ax.set_yscale("log")
         else:
-            ax.set_ylim(0, 1.05)
+            ax.set_ylim(0, 1.05 if i == 0 else None)
         ax.set_xlabel("model size (parameters)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
     fig.suptitle(
         f"bench scaling: {result.get('workload', '')}; {result.get('tasks_per_worker', '?')} tasks a worker, "
@@ -151,7 +152,7 @@ def _memory(fig: Any, result: dict[str, Any]) -> None:
         )
         if s["largest_depth"]:
             peak = s["largest_peak"] if s["largest_peak"] is not None else intercept + slope * end
-            ran = "ran" if s["largest_peak"] is not None else "under budget (fit)"
+            ran = "largest that ran" if s["largest_peak"] is not None else "largest under the budget (fit)"
             mem.plot(
                 [end],
                 [peak],
@@ -159,7 +160,7 @@ def _memory(fig: Any, result: dict[str, Any]) -> None:
                 markersize=12,
                 linestyle="none",
                 color=pts.get_color(),
-                label=f"largest that {ran}: depth {end}, {_count(s['largest_params'])} params",
+                label=f"{ran}: depth {end}, {_count(s['largest_params'])} params",
             )
         depths, times = list(s["depths"]), list(s["step_s"])
         if s["largest_step_s"] is not None:
@@ -184,7 +185,7 @@ def draw(result: dict[str, Any], out: str | Path) -> dict[str, Any]:
     """Draws a bench result to `out`; returns {png, bench, series: {panel title: {label: {x, y}}}}."""
     from matplotlib.figure import Figure
 
-    from metascale.plot import drawn_series, finish
+    from metascale.plot import drawn_series, finish, save
 
     kind = result.get("bench")
     if kind not in ("scaling", "memory"):
@@ -195,6 +196,5 @@ def draw(result: dict[str, Any], out: str | Path) -> dict[str, Any]:
     for ax in fig.axes:
         finish(ax)
         series[ax.get_title()] = drawn_series(ax)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    save(fig, out)
     return {"png": str(out), "bench": kind, "series": series}
