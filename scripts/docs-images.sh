@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Regenerates the images in docs/images/ from real runs on this machine, with the commands docs/index.md lists:
-#   scripts/docs-images.sh                 # all: curves, scaling, memory, then draw (~20 min on 2 cores)
+#   scripts/docs-images.sh                 # all: curves, scaling, memory, then draw (~12 min on 2 cores)
 #   scripts/docs-images.sh scaling plot    # only some parts; `plot` alone redraws from the saved results
 # curves:  the README's main job (jobs/glyphs-maml.yaml, ~7 min), its output under runs/docs-images/ (replaced).
-# scaling: `metascale bench scaling --sizes 0.1M,10M --steps 3` -> docs/bench-results/cpu-scaling.json (~2 min).
-# memory:  `metascale bench memory --coordinator-params 0` -> docs/bench-results/cpu-memory.json (~5 min; the
+# scaling: `metascale bench scaling --sizes 0.1M,10M --steps 3` -> docs/bench-results/cpu-scaling.json (~1.5 min).
+# memory:  `metascale bench memory --coordinator-params 0` -> docs/bench-results/cpu-memory.json (~3 min; the
 #          coordinator's 1B-parameter figure needs ~17 GB and is not drawn, so it is skipped here).
 # plot:    `metascale plot` of each into docs/images/, and of docs/bench-results/h100-memory.json (measured on an
 #          H100 with `metascale bench memory --device cuda`; redrawn only, as measuring it needs that GPU).

@@ -124,7 +124,7 @@ def finish(ax: Any) -> None:
 
 def save(fig: Any, out: str | Path) -> None:
     """A PNG at 100 dpi in a 256-colour palette: a plot has few colours, and a 250-step run's noisy curves stay
-    under 100 KB instead of 200 (Pillow comes with matplotlib)."""
+    under 100 KB instead of 200 (Pillow is one of metascale's own dependencies)."""
     import io
 
     from PIL import Image
