@@ -138,3 +138,5 @@ def test_cli_errors_are_one_line(cli, tmp_path, text, message):
     code, out, err = cli("plot", str(tmp_path / "r.json"))
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "r.png").exists()
+    code, out, err = cli("plot", str(tmp_path / "missing.json"))
+    assert code == 2 and err.count("\n") == 1 and "No such file or directory" in err, err
