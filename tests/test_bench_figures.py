@@ -129,6 +129,7 @@ def test_cli_plots_a_saved_bench_output_and_prints_one_json_line(cli, tmp_path):
             "figures are drawn for `bench scaling` and `bench memory` results",
         ),
         ('{"bench": "memory", "depths": [2]}', "the memory result lacks 'peak_mib'"),
+        ('{"bench": "memory", "plain": {"largest": null}}', "the memory result lacks 'fit_points'"),
         ('{"bench": "scaling"}', "holds no measured size"),
         ("not json", "not a bench result"),
     ],

@@ -84,29 +84,14 @@ def _scaling(fig: Any, result: dict[str, Any]) -> None:
 
 def _memory_sides(result: dict[str, Any]) -> tuple[list[dict[str, Any]], float, str, str]:
     """Either memory result as (sides, budget, unit, budget label); a side: label, depths, peaks, step_s, largest."""
-    if "plain" in result:  # --device cuda: measured fit points, and the largest depth that ran
-        sides = []
-        for key, label in (
-            ("plain", result.get("without", "without")),
-            ("checkpointing_bf16", result.get("with", "with")),
-        ):
-            side, pts = result[key], result[key]["fit_points"]
-            big = side.get("largest") or {}
-            sides.append(
-                {
-                    "label": label,
-                    "depths": [p["depth"] for p in pts],
-                    "peaks": [p["peak_gib"] for p in pts],
-                    "step_s": [p["step_s"] for p in pts],
-                    "largest_depth": big.get("depth"),
-                    "largest_params": big.get("params"),
-                    "largest_peak": big.get("peak_gib"),
-                    "largest_step_s": big.get("step_s"),
-                }
-            )
-        return sides, float(result["capacity_gib"]), "GiB", f"97% of {result.get('device', 'the GPU')}"
     try:
-        depths, peaks, steps = result["depths"], result["peak_mib"], result["step_s"]
+        if "plain" in result:  # --device cuda: measured fit points, and the largest depth that ran
+            return (
+                [_gpu_side(result, "plain", "without"), _gpu_side(result, "checkpointing_bf16", "with")],
+                float(result["capacity_gib"]),
+                "GiB",
+                f"97% of {result.get('device', 'the GPU')}",
+            )
         labels = {
             "without": "a replica (un-sharded)",
             "with_zero3_2ranks_checkpointing": "a rank of ZeRO-3 x 2 + per-block checkpointing",
@@ -114,9 +99,9 @@ def _memory_sides(result: dict[str, Any]) -> tuple[list[dict[str, Any]], float, 
         sides = [
             {
                 "label": label,
-                "depths": depths,
-                "peaks": peaks[key],
-                "step_s": steps[key],
+                "depths": result["depths"],
+                "peaks": result["peak_mib"][key],
+                "step_s": result["step_s"][key],
                 "largest_depth": result["largest_backbone_depth"][key],
                 "largest_params": result["largest_backbone_params"][key],
                 "largest_peak": None,
@@ -124,9 +109,23 @@ def _memory_sides(result: dict[str, Any]) -> tuple[list[dict[str, Any]], float, 
             }
             for key, label in labels.items()
         ]
+        return sides, float(result["budget_mib_per_process"]), "MiB", "budget per process"
     except KeyError as e:
         raise FigureError(f"the memory result lacks {e}: expected `metascale bench memory`'s output") from None
-    return sides, float(result["budget_mib_per_process"]), "MiB", "budget per process"
+
+
+def _gpu_side(result: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    pts, big = result[key]["fit_points"], result[key].get("largest") or {}
+    return {
+        "label": result.get(what, what),
+        "depths": [p["depth"] for p in pts],
+        "peaks": [p["peak_gib"] for p in pts],
+        "step_s": [p["step_s"] for p in pts],
+        "largest_depth": big.get("depth"),
+        "largest_params": big.get("params"),
+        "largest_peak": big.get("peak_gib"),
+        "largest_step_s": big.get("step_s"),
+    }
 
 
 def _count(n: int) -> str:
