@@ -1,4 +1,5 @@
-"""`metascale plot RUN`: a run's learning curves as a PNG, from the run's own W&B files, offline.
+"""`metascale plot RUN`: a run's learning curves as a PNG, from the run's own W&B files, offline; or, given a
+`metascale bench scaling|memory` result (RESULT.json), that benchmark's figure (bench/figures.py).
 
 RUN is a job spec (its `logging.wandb.dir`), a `logging.wandb.dir` or its `wandb/` folder (the newest run there),
 a run folder (`offline-run-*`, `run-*`) or a run file (`run-*.wandb`). Every W&B run writes these files, online or
@@ -75,10 +76,13 @@ def plot(where: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     if out is None:
         run_dir = Path(files[-1]).resolve().parent  # <dir>/wandb/<offline->run-*/
         out = run_dir.parent.parent / f"curves-{rid}.png"
-    workers = sorted((k for k in data if k.startswith("worker/") and k.endswith("/compute_s")),
-                     key=lambda k: (len(k), k))
-    panels = [(name, title, [k for k in keys if k in data] + (workers if name == "step_time" else []))
-              for name, title, keys in PANELS]
+    workers = sorted(
+        (k for k in data if k.startswith("worker/") and k.endswith("/compute_s")), key=lambda k: (len(k), k)
+    )
+    panels = [
+        (name, title, [k for k in keys if k in data] + (workers if name == "step_time" else []))
+        for name, title, keys in PANELS
+    ]
     panels = [p for p in panels if p[2]]
     if not panels:
         raise PlotError(f"{files[-1]}: the run logged none of the plotted metrics (train/loss, ...)")
@@ -95,20 +99,79 @@ def plot(where: str | Path, out: str | Path | None = None) -> dict[str, Any]:
         for key in keys:
             x, y = data[key]
             one = len(x) == 1 or key.startswith("final/")
-            ax.plot(x, y, label=key, marker="o" if one or key.startswith("eval/") else None,
-                    linestyle="none" if one else "-")
+            ax.plot(
+                x,
+                y,
+                label=key,
+                marker="o" if one or key.startswith("eval/") else None,
+                linestyle="none" if one else "-",
+            )
         ax.set_title(title)
         ax.set_xlabel("meta-step")
         if name == "loss" and all(v > 0 for key in keys for v in data[key][1] if math.isfinite(v)):
             ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        drawn[name] = {line.get_label(): {"x": [float(v) for v in line.get_xdata()],
-                                          "y": [float(v) for v in line.get_ydata()]} for line in ax.get_lines()}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+        finish(ax)
+        drawn[name] = drawn_series(ax)
+    save(fig, out)
     return {"png": str(out), "run_id": rid, "series": drawn}
 
+
+def finish(ax: Any) -> None:
+    """The one look of every metascale figure's panel."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def save(fig: Any, out: str | Path) -> None:
+    """A PNG at 100 dpi in a 256-colour palette: a plot has few colours, and a 250-step run's noisy curves stay
+    under 100 KB instead of 200 (Pillow is one of metascale's own dependencies)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.open(buf).convert("RGB").quantize(256).save(out, format="PNG", optimize=True)
+
+
+def drawn_series(ax: Any) -> dict[str, dict[str, list[float]]]:
+    """label -> {x, y} of every line on `ax`, read back from the figure: what is returned is what was drawn."""
+    return {
+        line.get_label(): {"x": [float(v) for v in line.get_xdata()], "y": [float(v) for v in line.get_ydata()]}
+        for line in ax.get_lines()
+    }
+
+
+def bench_result(path: Path) -> dict[str, Any]:
+    """A bench's JSON object: the whole file, or its last line (a bench's whole stdout saved)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PlotError(f"{path}: {e.strerror or e}") from None
+    lines = text.strip().splitlines()
+    for candidate in (text, lines[-1] if lines else ""):
+        try:
+            result = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(result, dict):
+            return result
+    raise PlotError(f"{path}: not a bench result (a JSON object, or output whose last line is one)")
+
+
+def plot_bench(path: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Draws a bench result file to `out` (default: the file's name with .png); see bench/figures.py."""
+    from metascale.extras import require
+
+    require("matplotlib")
+    from metascale.bench.figures import FigureError, draw
+
+    path = Path(path)
+    try:
+        return draw(bench_result(path), out or path.with_suffix(".png"))
+    except FigureError as e:
+        raise PlotError(f"{path}: {e}") from None
 
 
 def register(app: Any) -> None:
@@ -117,13 +180,32 @@ def register(app: Any) -> None:
 
     @app.command(name="plot")
     def plot_(
-        run: Path = typer.Argument(..., show_default=False,
-                                   help="A job spec, its logging.wandb.dir, a run folder or a run file."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o",
-                                           help="The PNG (default: curves-<run id>.png beside the run's wandb/)."),
+        run: Path = typer.Argument(
+            ...,
+            show_default=False,
+            help="A job spec, its logging.wandb.dir, a run folder or a run file; or a "
+            "`bench scaling|memory` result (.json).",
+        ),
+        out: Optional[Path] = typer.Option(
+            None,
+            "--out",
+            "-o",
+            help="The PNG (default: curves-<run id>.png beside the run's wandb/; "
+            "for a bench result, its name with .png).",
+        ),
     ) -> None:
-        """Draw a run's learning curves (loss, accuracy, episodes/s, per-worker step time) to a PNG, offline; the
-        last line is JSON: the PNG, the run id and the points drawn per series."""
-        result = plot(run, out)
-        points = {label: len(s["x"]) for panel in result["series"].values() for label, s in panel.items()}
-        typer.echo(json.dumps({"png": result["png"], "run_id": result["run_id"], "points": points}))
+        """Draw a run's learning curves (loss, accuracy, episodes/s, per-worker step time), or a bench scaling or
+        memory result, to a PNG, offline; the last line is JSON: the PNG, the run id (or bench) and the points drawn
+        per series."""
+        if run.suffix == ".json":
+            result = plot_bench(run, out)
+            which = {"bench": result["bench"]}
+        else:
+            result = plot(run, out)
+            which = {"run_id": result["run_id"]}
+        points = {
+            f"{title}: {label}" if "bench" in which else label: len(s["x"])
+            for title, panel in result["series"].items()
+            for label, s in panel.items()
+        }
+        typer.echo(json.dumps({"png": result["png"], **which, "points": points}))
