@@ -30,7 +30,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
 def pack(
     src: Path = typer.Argument(..., help="Dataset on disk (a folder, or an .npz for --format numpy; ignored by digits)."),
     out: Path = typer.Argument(..., help="Output folder: shards + index.json (written atomically)."),
-    format: str = typer.Option(..., "--format", help="omniglot | imagefolder | numpy | digits"),
+    format: str = typer.Option(..., "--format", help="omniglot | imagefolder | numpy | digits | miniimagenet | tieredimagenet | cub | cifarfs | fc100"),
     size: Optional[int] = typer.Option(None, min=1, help="Resize every image to SIZE x SIZE."),
     split: str = typer.Option("0.64,0.16,0.2", help="TRAIN,VAL,TEST class fractions where the source has no splits."),
     val_fraction: float = typer.Option(0.2, min=0, max=1, help="Omniglot: share of background alphabets for val."),

@@ -1,4 +1,5 @@
-"""Datasets on disk -> classes to pack: Omniglot's layout, ImageFolder, numpy arrays, scikit-learn's digits.
+"""Datasets on disk -> classes to pack: Omniglot's layout, ImageFolder, numpy arrays, scikit-learn's digits (and,
+in releases.py, the few-shot benchmarks' own release layouts).
 
 Splits are decided here, per class (per alphabet where the set has alphabets), and recorded in the index, so
 meta-train, meta-val and meta-test classes can never mix.
@@ -17,7 +18,7 @@ from metascale.data.pack import SourceClass, iter_split_by_group
 from metascale.data.tasks import SPLITS, Split
 from metascale.errors import DataError
 
-Format = Literal["omniglot", "imagefolder", "numpy", "digits", "glyphs"]
+Format = Literal["omniglot", "imagefolder", "numpy", "digits", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -40,8 +41,12 @@ class ReadOptions:
 
 
 def read_source(fmt: Format, src: str | Path, opts: ReadOptions) -> Source:
+    from metascale.data import releases  # the benchmarks' own release layouts (it imports this module)
+
     readers: dict[str, Callable[[Path, ReadOptions], Source]] = {
         "omniglot": read_omniglot, "imagefolder": read_imagefolder, "numpy": read_numpy, "digits": read_digits,
+        "miniimagenet": releases.read_miniimagenet, "tieredimagenet": releases.read_tieredimagenet,
+        "cub": releases.read_cub, "cifarfs": releases.read_cifarfs, "fc100": releases.read_fc100,
     }
     if fmt not in readers:
         raise DataError(f"unknown format '{fmt}' (expected one of {sorted(readers)})")
