@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 
 from metascale.config import ShardsData
+from metascale.config.load import load_spec
+from metascale.data import check_episodes
 from metascale.data import splits as standard
 from metascale.data.episodes import ShardTasks
 from metascale.data.formats import ReadOptions, read_source
@@ -23,6 +25,7 @@ from metascale.data.tasks import SPLITS
 from metascale.errors import DataError
 
 pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parents[1]
 
 # CIFAR-100's taxonomy (superclass -> its 5 classes), as in the dataset's description (cs.toronto.edu/~kriz/cifar):
 # the fixture's meta lists these, so the packaged CIFAR-FS split is checked against CIFAR-100's real class names.
@@ -247,6 +250,16 @@ def test_cifar100_splits(tmp_path, fmt):
             }
     expected = {c.name: (c.split, images[c.name]) for c in index.classes}
     _check_episodes(tmp_path / "out", expected)
+
+
+def test_the_benchmark_job_reads_a_packed_release(tmp_path):
+    """jobs/miniimagenet-maml.yaml, pointed at a packed CIFAR-FS as docs/data.md says, plans its episodes from it."""
+    _cifar100(tmp_path)
+    _pack("cifarfs", tmp_path, tmp_path / "out")
+    job, url = REPO / "jobs" / "miniimagenet-maml.yaml", f"data.url={tmp_path / 'out'}"
+    check_episodes(load_spec(job, [url, "model.image_size=32", "data.queries=2"]))  # 3 images a class: 1 + 2 fit
+    with pytest.raises(DataError, match=r"has 3 examples, fewer than shots\+queries=16"):
+        check_episodes(load_spec(job, [url, "model.image_size=32"]))  # the paper's 15 queries do not
 
 
 # ------------------------------------------------------------------------------------------ malformed files

@@ -8,8 +8,9 @@ from __future__ import annotations
 from metascale.data.tasks import Split
 
 # CIFAR-FS (Bertinetto et al. 2019, "Meta-learning with differentiable closed-form solvers"): 64/16/20 CIFAR-100 fine
-# classes. Source: the authors' split files (github.com/bertinetto/r2d2, data/cifar-fs/splits/bertinetto/*.txt), as
-# transcribed in github.com/ArnoutDevos/maml-cifar-fs get_cifarfs.py (cls_name['train'|'valid'|'test']).
+# classes. Source: the authors' split files (splits/bertinetto/{train,val,test}.txt of the CIFAR-FS download linked
+# from github.com/bertinetto/r2d2's README), as transcribed in github.com/ArnoutDevos/maml-cifar-fs get_cifarfs.py
+# (cls_name['train'|'valid'|'test']).
 CIFAR_FS: dict[Split, tuple[str, ...]] = {
     "train": tuple(
         (
