@@ -52,7 +52,8 @@ def _rgb(seed: int, n: int, h: int = 10, w: int = 10) -> np.ndarray:
 
 
 def _dump(path: Path, obj) -> None:
-    path.write_bytes(pickle.dumps(obj, protocol=2))  # protocol 2: what the Python 2 era releases used
+    """Protocol 2, as the Python 2 era releases were written, naming numpy's module as numpy 1.x did."""
+    path.write_bytes(pickle.dumps(obj, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
 
 
 def _decoded(path: Path, size: int | None = None) -> np.ndarray:
