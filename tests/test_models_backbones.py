@@ -284,3 +284,14 @@ def test_a_spec_with_a_custom_model_and_init_from_validates(tmp_path, cli, user_
     job.write_text(job.read_text().replace(f"{MODULE}:tiny_resnet", f"{MODULE}.tiny_resnet"))
     code, _, err = cli("validate", str(job))
     assert code == 2 and "is not an import path 'package.module:ClassOrFactory'" in err
+
+
+def test_the_documented_pmf_recipe_is_a_valid_spec():
+    from pathlib import Path
+
+    from metascale.config import parse_spec
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "survey-map.md").read_text()
+    section = page.split("## Pretrained backbone + ProtoNets", 1)[1]
+    spec = parse_spec(yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0]))
+    assert (spec.model.name, spec.model.init_into, spec.algorithm.name) == ("custom", "body", "protonet")
