@@ -33,6 +33,12 @@ class OptInError(MetascaleError):
     exit_code = 2
 
 
+class ModelError(MetascaleError):
+    """A model the spec names cannot be built (a user's module) or initialised (`model.init_from`): bad input."""
+
+    exit_code = 2
+
+
 class CheckpointError(MetascaleError):
     exit_code = 2
 

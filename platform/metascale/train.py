@@ -126,7 +126,7 @@ def _loop(spec: JobSpec, coord: Coordinator, pool: Any, monitor: Monitor, lease:
 def _restore(coord: Coordinator, ckpt_dir: str, resume: bool | str) -> str | None:
     """Loads the newest good checkpoint on --resume; refuses to overwrite an earlier run's checkpoints without it.
     --auto-resume resumes when the directory holds a checkpoint, even one that turns out unreadable (an error then,
-    never a fresh start over a run's history), and starts fresh when it holds none."""
+    never a fresh start over a run's history), and starts fresh when it holds none: from `model.init_from` if set."""
     if resume == "auto":
         resume = bool(checkpoint.list_steps(ckpt_dir))
         log.info("--auto-resume: %s", f"continuing from {ckpt_dir}" if resume else f"no checkpoint in {ckpt_dir}, "
@@ -137,6 +137,9 @@ def _restore(coord: Coordinator, ckpt_dir: str, resume: bool | str) -> str | Non
                 f"{ckpt_dir} already holds checkpoints of a run: pass --resume to continue it, "
                 "or set checkpoint.dir (or the job name) for a new run"
             )
+        if coord.spec.model.init_from is not None:
+            loaded = coord.init_from_file()
+            log.info("model.init_from %s: %d parameter tensors loaded", coord.spec.model.init_from, loaded)
         return None
     found = checkpoint.load_latest(ckpt_dir)
     if found is None:

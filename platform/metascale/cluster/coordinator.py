@@ -121,6 +121,12 @@ class Coordinator:
         self.step = 0  # the next meta-step to run
         self.skipped_steps = 0
 
+    def init_from_file(self) -> int:
+        """`model.init_from`'s weights into the meta-parameters (a fresh run; models/init_from.py): how many."""
+        from metascale.models.init_from import load_init
+
+        return load_init(self.algorithm.f.model, self.algorithm.model_params(self.params), self.spec.model)
+
     def published(self) -> NumpyParams:
         return to_numpy(self.params)
 

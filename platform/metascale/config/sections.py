@@ -4,9 +4,10 @@ field with a default that runs, unknown keys rejected. Rules across sections liv
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+import re
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -22,13 +23,34 @@ class Spec(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- models
-class MLPSpec(Spec):
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+
+
+class ModelInit(Spec):
+    """Fields every model has: starting weights from a file on disk instead of the random initialisation
+    (models/init_from.py; a fresh run only: --resume takes the checkpoint's)."""
+
+    init_from: Annotated[str, Field(min_length=1)] | None = None  # a .safetensors file or a torch state dict
+    # The submodule the file's keys are relative to: '' the whole model (e.g. a `metascale export`), 'body' a custom
+    # model's backbone (the backbone's own state_dict()). Under '' the file may lack the head or hold one of another
+    # size (a new N-way head): the head then keeps its random initialisation.
+    init_into: str = ""
+
+    @field_validator("init_into")
+    @classmethod
+    def _submodule(cls, v: str) -> str:
+        if v and not re.fullmatch(_DOTTED, v):
+            raise ValueError(f"'{v}' is not a submodule name such as 'body' or 'body.blocks'")
+        return v
+
+
+class MLPSpec(ModelInit):
     name: Literal["mlp"] = "mlp"
     in_features: PositiveInt = 1
     hidden: list[PositiveInt] = [40, 40]
 
 
-class Conv4Spec(Spec):
+class Conv4Spec(ModelInit):
     """Conv-4 of the MAML paper: 'omniglot' uses stride-2 convs, 'miniimagenet' uses max-pooling."""
 
     name: Literal["conv4"] = "conv4"
@@ -38,14 +60,14 @@ class Conv4Spec(Spec):
     image_size: PositiveInt = 28
 
 
-class ResNet12Spec(Spec):
+class ResNet12Spec(ModelInit):
     name: Literal["resnet12"] = "resnet12"
     in_channels: PositiveInt = 3
     channels: list[PositiveInt] = [64, 160, 320, 640]
     image_size: PositiveInt = 84
 
 
-class ViTSpec(Spec):
+class ViTSpec(ModelInit):
     """A plain ViT whose size the spec sets; the reference large backbone."""
 
     name: Literal["vit"] = "vit"
@@ -66,7 +88,26 @@ class ViTSpec(Spec):
         return self
 
 
-ModelSpec = Annotated[Union[MLPSpec, Conv4Spec, ResNet12Spec, ViTSpec], Field(discriminator="name")]
+class CustomModelSpec(ModelInit):
+    """A user's own backbone (models/custom.py): `target` 'package.module:ClassOrFactory' called with `kwargs` gives a
+    module mapping inputs to features (batch, D); metascale adds the `head` and runs batch norm per task."""
+
+    name: Literal["custom"] = "custom"
+    target: str
+    kwargs: dict[str, Any] = {}
+    feature_dim: PositiveInt | None = None  # D, when the module has no `feature_dim` or `num_features` attribute
+
+    @field_validator("target")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        if not re.fullmatch(rf"{_DOTTED}:{_DOTTED}", v):
+            raise ValueError(f"'{v}' is not an import path 'package.module:ClassOrFactory'")
+        return v
+
+
+ModelSpec = Annotated[
+    Union[MLPSpec, Conv4Spec, ResNet12Spec, ViTSpec, CustomModelSpec], Field(discriminator="name")
+]
 
 
 # ----------------------------------------------------------------------------------------------- data
