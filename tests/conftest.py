@@ -120,6 +120,27 @@ def final_params():
     return _final_params
 
 
+RAY_HEAD_PORTS = (
+    "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    "metrics-export-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
+)
+
+
+@pytest.fixture(scope="module")
+def ray_head_ports() -> dict[str, int]:
+    """`ray start --head` flag -> a free loopback port, for every port a head opens: a test's head never meets
+    another Ray (a parallel test run, a user's) on Ray's fixed default ports."""
+    import socket
+
+    socks = [socket.socket() for _ in RAY_HEAD_PORTS]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = {flag: s.getsockname()[1] for flag, s in zip(RAY_HEAD_PORTS, socks)}
+    for s in socks:
+        s.close()
+    return ports
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """An embedded Ray for one test module (4 logical CPUs on a 2-core machine: the workers mostly wait on each

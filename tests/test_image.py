@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -156,15 +155,6 @@ def test_sinusoid_job_runs_with_no_network(image):
     assert summary["status"] == "finished" and summary["step"] == 20, summary
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 def _metascale(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """This venv's `metascale` console script (what a user runs), under a bound wait."""
@@ -176,14 +166,12 @@ def _metascale(*args: str, env: dict, timeout: float) -> subprocess.CompletedPro
 
 
 @pytest.mark.slow
-def test_ray_head_from_the_image_runs_a_submitted_job(image, tmp_path):
-    gcs, dash, client, agent, agent_grpc, metrics, nm, om, rte = _free_ports(9)
+def test_ray_head_from_the_image_runs_a_submitted_job(image, tmp_path, ray_head_ports):
+    dash, agent = ray_head_ports["dashboard-port"], ray_head_ports["dashboard-agent-listen-port"]
     # KubeRay's command form, on the host network, every Ray component bound to 127.0.0.1
-    start = (f"ulimit -n 65536; ray start --head --block --node-ip-address=127.0.0.1 --port={gcs} "
-             f"--dashboard-host=127.0.0.1 --dashboard-port={dash} --ray-client-server-port={client} "
-             f"--dashboard-agent-listen-port={agent} --dashboard-agent-grpc-port={agent_grpc} "
-             f"--metrics-export-port={metrics} --node-manager-port={nm} --object-manager-port={om} "
-             f"--runtime-env-agent-port={rte} --num-cpus=2 --disable-usage-stats")
+    ports = " ".join(f"--{flag}={port}" for flag, port in ray_head_ports.items())
+    start = (f"ulimit -n 65536; ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 "
+             f"{ports} --num-cpus=2 --disable-usage-stats")
     env = ["RAY_AUTH_MODE=disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", "RAY_USAGE_STATS_ENABLED=0",
            f"METASCALE_AGENT_PORT={agent}", f"METASCALE_DASHBOARD_PORT={dash}"]
     name = f"metascale-test-head-{uuid.uuid4().hex[:10]}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,15 +30,6 @@ cluster: {workers: 1}
 """
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 def _session_pids(sid: int) -> list[int]:
     pids = []
@@ -55,19 +45,17 @@ def _session_pids(sid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    gcs, dash, client, agent, agent_grpc, metrics, nm, om, rte = _free_ports(9)
+def ray_head(ray_head_ports):
+    dash = ray_head_ports["dashboard-port"]
     tmp = tempfile.mkdtemp(prefix="msray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {
         **os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",  # the job's `metascale`
     }
     cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-        f"--runtime-env-agent-port={rte}", f"--temp-dir={tmp}", "--num-cpus=3", "--disable-usage-stats",
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1", *[f"--{flag}={port}" for flag, port in ray_head_ports.items()],
+        f"--temp-dir={tmp}", "--num-cpus=3", "--disable-usage-stats",
     ]
     log = open(Path(tmp) / "head.log", "w")
     head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
