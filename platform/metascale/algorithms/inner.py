@@ -12,10 +12,42 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint as recompute
 
 from metascale.algorithms.base import Params
+from metascale.algorithms.mixed_mode import SupportLoss, mixed_descent
+from metascale.config import InnerLoopSpec
 from metascale.models.norm import tasks_batched
+
+
+def adapt(
+    loss_fn: SupportLoss,
+    params: Params,
+    hparams: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    lr: float | Params,
+    first_order: bool,
+    inner: InnerLoopSpec,
+) -> Params:
+    """The inner loop on the support set (x, y) in the mode `inner.differentiation` names: `reverse` records the
+    graph of every step (differentiated by autograd's double backward), `mixed` keeps only the steps' parameters and
+    sweeps back with forward-over-reverse Hessian-vector products (algorithms/mixed_mode.py). Same numbers. `hparams`
+    are the meta-parameters the support loss reads besides the weights. Without a meta-graph to build (first order,
+    evaluation, no steps) both are the plain loop."""
+    if inner.differentiation == "mixed" and not first_order and steps and torch.is_grad_enabled():
+        return mixed_descent(loss_fn, params, hparams, x, y, steps=steps, lr=lr)
+    return gradient_descent(
+        lambda p: loss_fn(p, hparams, x, y),
+        params,
+        steps=steps,
+        lr=lr,
+        first_order=first_order,
+        checkpoint=inner.checkpoint != "none",
+    )
 
 
 def gradient_descent(

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
-from metascale.algorithms.inner import gradient_descent
+from metascale.algorithms.inner import adapt
 from metascale.algorithms.query_chunks import query_pass
 from metascale.data.tasks import Task
 
@@ -44,15 +44,22 @@ class LearnedHparams(MetaAlgorithm):
         inner = self.spec.inner
         weights = self.model_params(meta_params)
         lr = {k: meta_params[LR + layer(k)] for k in weights}
-        wd = {k: meta_params[WD + layer(k)] for k in weights}
+        decays = {k: v for k, v in meta_params.items() if k.startswith(WD)}
 
-        def support(p: Params) -> Tensor:
-            decay = sum(wd[k] / 2 * (v**2).sum() for k, v in p.items())
-            return task_loss(self.f(p, task.support_x), task.support_y) + decay
+        def support(p: Params, wd: Params, x: Tensor, y: Tensor) -> Tensor:
+            decay = sum(wd[WD + layer(k)] / 2 * (v**2).sum() for k, v in p.items())
+            return task_loss(self.f(p, x), y) + decay
 
-        fast = gradient_descent(
-            support, weights, steps=inner.steps if steps is None else steps, lr=lr,
-            first_order=inner.first_order, checkpoint=inner.checkpoint != "none",
+        fast = adapt(
+            support,
+            weights,
+            decays,
+            task.support_x,
+            task.support_y,
+            steps=inner.steps if steps is None else steps,
+            lr=lr,
+            first_order=inner.first_order,
+            inner=inner,
         )
         loss, out = query_pass(self.f, fast, task, inner)
         return TaskOutput(loss, task_metrics(out, task.query_y, loss))

@@ -51,6 +51,9 @@ class LearnedLoss(MAML):
     def model_params(self, meta_params: Params) -> Params:
         return {k: v for k, v in meta_params.items() if not k.startswith(PREFIX)}
 
+    def support_hparams(self, meta_params: Params) -> Params:
+        return {k: v for k, v in meta_params.items() if k.startswith(PREFIX)}
+
     def support_loss(self, meta_params: Params, out: Tensor, y: Tensor) -> Tensor:
         psi = {k: v for k, v in meta_params.items() if k.startswith(PREFIX)}
         losses, target = per_example(out, y)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
-from metascale.algorithms.inner import gradient_descent
+from metascale.algorithms.inner import adapt
 from metascale.algorithms.query_chunks import query_pass
 from metascale.data.tasks import Task
 
@@ -23,16 +23,22 @@ class MAML(MetaAlgorithm):
         """What the inner loop minimises (the task loss; a learned loss overrides it)."""
         return task_loss(out, y)
 
+    def support_hparams(self, meta_params: Params) -> Params:
+        """The meta-parameters `support_loss` reads (none here; a learned loss's network)."""
+        return {}
+
     def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
         inner = self.spec.inner
-        weights = self.model_params(meta_params)
-        fast = gradient_descent(
-            lambda p: self.support_loss(meta_params, self.f(p, task.support_x), task.support_y),
-            weights,
+        fast = adapt(
+            lambda p, h, x, y: self.support_loss(h, self.f(p, x), y),
+            self.model_params(meta_params),
+            self.support_hparams(meta_params),
+            task.support_x,
+            task.support_y,
             steps=inner.steps if steps is None else steps,
             lr=self.inner_lr(meta_params),
             first_order=self.first_order or inner.first_order,
-            checkpoint=inner.checkpoint != "none",
+            inner=inner,
         )
         loss, out = query_pass(self.f, fast, task, inner)
         return TaskOutput(loss, task_metrics(out, task.query_y, loss))

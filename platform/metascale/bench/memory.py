@@ -12,6 +12,9 @@ the coordinator holds for a 1B-parameter model.
    with glibc told to return freed memory at once (bench/peak.py), so the resident set follows the live tensors.
    Peak memory is linear in depth; a line fitted through the measured depths gives the largest depth under the
    per-process budget, with the fit's worst residual.
+4. mixed_mode_memory_ratio / mixed_mode_time_ratio: peak memory and time of one task's exact second-order MAML
+   meta-gradient (10 inner steps, ResNet-12 and ViT), `inner.differentiation: mixed` over the best reverse-mode
+   path; the worse of the two models (bench/mixed_mode.py).
 3. coordinator_bytes_per_param: the coordinator (cluster/coordinator.py) for an MLP of `coordinator_params`
    parameters: the peak rise over building it, publishing the parameters (the numpy views the object store copies)
    and one Adam step from a whole meta-gradient, in a fresh process. The meta-optimiser lives there for every job.
@@ -177,6 +180,9 @@ def run(budget_mib: float = 1024.0, coordinator_params: int = 1_000_000_000) -> 
     out["fit_worst_residual_mib"] = {"without": round(r0, 2), "with_zero3_2ranks_checkpointing": round(r1, 2)}
     out["step_s"] = {"without": [round(m["step_s"], 2) for m in plain],
                      "with_zero3_2ranks_checkpointing": [round(m["step_s"], 2) for m in sharded]}
+    from metascale.bench.mixed_mode import run as mixed_mode
+
+    out.update(mixed_mode())  # mixed_mode_memory_ratio, mixed_mode_time_ratio and their rows
     if coordinator_params:
         peak = in_fresh_process("metascale.bench.memory:coordinator_peak", params=coordinator_params)
         from metascale.bench.scaling import job as mlp_job

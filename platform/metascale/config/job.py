@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from metascale.config.kubernetes import KubernetesSpec, cpu_millis
 from metascale.config.sections import (
-    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, DataSpec, EvalSpec, ExecutorSpec, LoggingSpec,
+    CHUNKED_QUERY, MIXED_MODE, AlgorithmSpec, CheckpointSpec, ClusterSpec, DataSpec, EvalSpec, ExecutorSpec, LoggingSpec,
     MLPSpec, ModelSpec, NoisyLabelsData, NonNegInt, OuterLoopSpec, ShardingSpec, SinusoidData, Spec,
 )
 
@@ -31,6 +31,9 @@ def sharding_problem(job: "JobSpec") -> str | None:
         return (f"sharding.engine deepspeed runs {', '.join(SHARDED_FIRST_ORDER)} and first-order anil (any "
                 f"zero_stage) and second-order {', '.join(SECOND_ORDER)} (zero_stage <= 2), not algorithm '{alg.name}'"
                 + (" with inner.first_order: use fomaml" if alg.name in SECOND_ORDER else "; use sharding.engine: none"))
+    if alg.inner.differentiation == "mixed":
+        return ("algorithm.inner.differentiation 'mixed' runs un-sharded (sharded second order is reverse mode at "
+                "zero_stage <= 2): set differentiation reverse or sharding.engine none")
     if second_order and s.zero_stage == 3:
         return (f"sharding.zero_stage 3 cannot run second-order '{alg.name}': torch.func needs whole parameters on "
                 "every rank and ZeRO-3 keeps only partitions; use zero_stage <= 2, or algorithm fomaml/reptile")
@@ -124,6 +127,13 @@ class JobSpec(Spec):
                 f"algorithm '{alg.name}' learns through the inner loop's gradients: it needs inner.steps >= 1 and "
                 "inner.first_order false (otherwise its hypergradient is zero)"
             )
+        if alg.inner.differentiation == "mixed" and (alg.name not in MIXED_MODE or alg.inner.first_order):
+            raise ValueError(f"inner.differentiation 'mixed' computes exact second-order meta-gradients through the "
+                             f"whole model: algorithms {', '.join(MIXED_MODE)} with inner.first_order false, not "
+                             f"'{alg.name}'" + (" with inner.first_order true" if alg.inner.first_order else ""))
+        if alg.inner.differentiation == "mixed" and alg.inner.checkpoint == "steps":
+            raise ValueError("inner.checkpoint 'steps' recomputes reverse mode's graph of each inner step; 'mixed' "
+                             "keeps none: use checkpoint none (or all, for the query pass)")
         if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
             raise ValueError("algorithm 'imaml' needs inner.steps >= 1 and inner.checkpoint 'none' "
                              "(its memory is already independent of the inner steps)")

@@ -206,9 +206,14 @@ class InnerLoopSpec(Spec):
     # independent of the query-set size, for a few more passes over it. MAML family and learned_hparams; per task.
     query_chunk: PositiveInt | None = None
     autocast: Literal["none", "bf16"] = "none"
+    # How second-order algorithms differentiate through the inner loop (same numbers): 'reverse' keeps every step's
+    # double-backward graph; 'mixed' keeps only each step's parameters and sweeps back with forward-over-reverse
+    # Hessian-vector products (algorithms/mixed_mode.py; memory/time model in docs/architecture.md).
+    differentiation: Literal["reverse", "mixed"] = "reverse"
 
 
 CHUNKED_QUERY = ("maml", "fomaml", "metasgd", "learned_loss", "learned_hparams")
+MIXED_MODE = ("maml", "metasgd", "learned_hparams", "learned_loss")  # second order through the whole model
 
 
 class IMAMLSpec(Spec):

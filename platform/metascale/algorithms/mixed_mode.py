@@ -1,0 +1,130 @@
+"""Mixed-mode exact second-order meta-gradients (`inner.differentiation: mixed`), after MixFlow-MG (Kemaev et al.,
+ICML 2025): the inner loop keeps no graph, and the backward pass is an explicit reverse sweep over its steps.
+
+The inner step is phi_{k+1} = phi_k - lr * g_k, g_k = grad_phi L_s(phi_k; h), with `h` what the support loss
+meta-learns besides the weights (learned_hparams' weight decays, learned_loss' loss network) and `lr` a float or
+tensors (Meta-SGD's per-weight rates, learned_hparams' per-layer rates). Given v = dL/dphi_{k+1}, with u = lr * v:
+
+    dL/dphi_k = v - H_phiphi(phi_k) u,    dL/dh -= H_hphi(phi_k) u,    dL/dlr -= g_k * v
+
+and all three come from one forward-over-reverse product: `torch.func.jvp` of `torch.func.grad` of L_s w.r.t.
+(phi, h) along the tangent (u, 0) gives g_k as its primal and (H_phiphi u, H_hphi u) as its tangent. What is kept
+between the passes is phi_0..phi_{K-1} (K copies of the weights) instead of every step's double-backward graph; each
+step's product holds one support pass with its tangents at a time. Per-task batch norm is differentiated through its
+batch statistics exactly as reverse mode does (the same ops; inside `vmap`, models/norm.py's basic-op form).
+
+The sweep is the backward of an `autograd.Function`, so whatever consumes phi_K (the plain, block-checkpointed or
+chunked query pass) feeds it v as usual, and `generate_vmap_rule` lets the vmap executor batch it over tasks.
+Intermediate parameters are returned as (non-differentiable) outputs because torch.func only lets a Function save
+its inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from metascale.algorithms.base import Params
+
+# L_s(phi, h, x, y): the support loss of weights phi and hyperparameters h on the support set (x, y). The data is an
+# argument, not captured, so that under vmap it arrives batched through the Function's inputs.
+SupportLoss = Callable[[Params, Params, Tensor, Tensor], Tensor]
+
+
+def mixed_descent(
+    loss_fn: SupportLoss,
+    params: Params,
+    hparams: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    lr: float | Params,
+) -> Params:
+    """`steps` steps p <- p - lr * dL_s/dp from `params`, differentiable w.r.t. `params`, `hparams` and tensor
+    rates `lr` (one per key of `params`) through the reverse sweep above."""
+    names, hnames = list(params), list(hparams)
+    rates = [lr[k] for k in names] if isinstance(lr, dict) else []
+    outputs = _MixedDescent.apply(
+        loss_fn,
+        names,
+        hnames,
+        steps,
+        None if rates else lr,
+        x,
+        y,
+        *(params[k] for k in names),
+        *rates,
+        *(hparams[k] for k in hnames),
+    )
+    return dict(zip(names, outputs[: len(names)]))
+
+
+def _support_grad(loss_fn: SupportLoss, x: Tensor, y: Tensor):
+    """(phi, h) -> (dL_s/dphi, dL_s/dh)."""
+    return torch.func.grad(lambda p, h: loss_fn(p, h, x, y), argnums=(0, 1))
+
+
+class _MixedDescent(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(loss_fn, names, hnames, steps, lr, x, y, *tensors):
+        n = len(names)
+        phi = dict(zip(names, tensors[:n]))
+        rates = dict(zip(names, tensors[n : 2 * n])) if lr is None else None
+        h = dict(zip(hnames, tensors[len(tensors) - len(hnames) :]))
+        grad = _support_grad(loss_fn, x, y)
+        path: list[Tensor] = []  # phi_1..phi_{K-1} (phi_0 is an input)
+        for step in range(steps):
+            if step:
+                path += [phi[k] for k in names]
+            g, _ = grad(phi, h)
+            phi = {k: phi[k] - (rates[k] if rates is not None else lr) * g[k] for k in names}
+        return (*(phi[k] for k in names), *path)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        loss_fn, names, hnames, steps, lr, x, y, *tensors = inputs
+        n = len(names)
+        ctx.loss_fn, ctx.names, ctx.hnames, ctx.steps, ctx.lr = loss_fn, names, hnames, steps, lr
+        ctx.n_rates = n if lr is None else 0
+        ctx.mark_non_differentiable(*output[n:])
+        # x, y, rates, h, then phi_0 (the inputs) and phi_1..phi_{K-1}
+        ctx.save_for_backward(x, y, *tensors[n:], *tensors[:n], *output[n:])
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        names, hnames, n = ctx.names, ctx.hnames, len(ctx.names)
+        x, y, *saved = ctx.saved_tensors
+        rates = dict(zip(names, saved[: ctx.n_rates])) if ctx.n_rates else None
+        h = dict(zip(hnames, saved[ctx.n_rates : ctx.n_rates + len(hnames)]))
+        path = saved[ctx.n_rates + len(hnames) :]
+        grad = _support_grad(ctx.loss_fn, x, y)
+        v = {k: torch.zeros_like(path[i]) if g is None else g for i, (k, g) in enumerate(zip(names, grad_outputs))}
+        d_rates = {k: torch.zeros_like(r) for k, r in rates.items()} if rates is not None else None
+        d_h = {k: torch.zeros_like(t) for k, t in h.items()}
+        zeros_h = {k: torch.zeros_like(t) for k, t in h.items()}
+        for step in reversed(range(ctx.steps)):
+            phi = dict(zip(names, path[step * n : (step + 1) * n]))
+            u = {k: (rates[k] if rates is not None else ctx.lr) * v[k] for k in names}
+            (g, _), (hu, hhu) = torch.func.jvp(grad, (phi, h), (u, zeros_h))
+            if d_rates is not None:
+                for k in names:
+                    d_rates[k] = d_rates[k] - (g[k] * v[k]).sum_to_size(d_rates[k].shape)
+            d_h = {k: d_h[k] - hhu[k] for k in hnames}
+            v = {k: v[k] - hu[k] for k in names}
+        return (
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            *(v[k] for k in names),
+            *((d_rates[k] for k in names) if d_rates is not None else ()),
+            *(d_h[k] for k in hnames),
+        )
