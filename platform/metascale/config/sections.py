@@ -168,6 +168,33 @@ class ShardsData(EpisodicData):
     url: str
     on_bad_sample: Literal["error", "skip"] = "error"
     stream: StreamSpec | None = None  # None: the whole split decoded in memory
+    # 'classes': a set made by `metascale data pack` (one sample per class, index.json). 'samples': standard
+    # per-sample WebDataset tars from other tools (KEY.jpg/png/... + KEY.cls), read member by member (data/samples.py).
+    layout: Literal["classes", "samples"] = "classes"
+    # layout 'samples': each split's shards relative to `url`, a brace pattern ('train-{000000..000015}.tar') or, for
+    # a local set, a glob. Splits are by class: a class label found in two splits' shards is an error.
+    splits: dict[Literal["train", "val", "test"], Annotated[str, Field(min_length=1)]] = {
+        "train": "train-*.tar", "val": "val-*.tar", "test": "test-*.tar"}
+    # layout 'samples': the class index file; None: `metascale-index.json` beside a local set, a per-URL file under
+    # ~/.cache/metascale/indexes/ for a remote one.
+    index: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _layout(self) -> "ShardsData":
+        if self.layout == "classes":
+            extra = sorted({"splits", "index"} & self.model_fields_set)
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: only for layout 'samples'")
+        else:
+            if self.stream is not None:
+                raise ValueError("stream: only for layout 'classes' (layout 'samples' reads single members already)")
+            if self.on_bad_sample != "error":
+                raise ValueError("on_bad_sample 'skip': only for layout 'classes' (episodes must not depend on "
+                                 "which members failed to decode)")
+            if self.url.startswith("pipe:"):
+                raise ValueError("layout 'samples' reads byte ranges: a pipe: url cannot do that (use a path, "
+                                 "file://, s3:// or http(s)://)")
+        return self
 
 
 class NoisyLabelsData(Spec):

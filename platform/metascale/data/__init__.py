@@ -15,6 +15,10 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         return SinusoidTasks(spec, split, seed)
     if isinstance(spec, SyntheticImagesData):
         return SyntheticImageTasks(spec, split, seed)
+    if isinstance(spec, ShardsData) and spec.layout == "samples":  # per-sample WebDataset tars
+        from metascale.data.sample_tasks import SampleTasks
+
+        return SampleTasks(spec, split, seed)
     if isinstance(spec, (GlyphsData, ShardsData)):
         return _shard_tasks(spec, split, seed, *_shard_root(spec))
     if isinstance(spec, NoisyLabelsData):  # one many-shot task (Meta-Weight-Net's setting)
@@ -58,7 +62,12 @@ def check_episodes(spec: JobSpec) -> None:
         from metascale.data.stream import StreamTasks
 
         root, on_bad = _shard_root(data)
-        index = load_index(root)
+        if isinstance(data, ShardsData) and data.layout == "samples":  # builds (or reuses) the class index
+            from metascale.data.samples import load_sample_index
+
+            index = load_sample_index(data.url, data.splits, data.index).planner_view()
+        else:
+            index = load_index(root)
         counts = {i: c.count for i, c in enumerate(index.classes)}
         need = data.shots + data.queries
         for split in splits:
