@@ -54,12 +54,29 @@ def http_server():
     """Serves a directory over real HTTP on 127.0.0.1 (object stores' https:// endpoints read the same way through
     fsspec); returns a function dir -> base URL. Every server it starts is shut down after the test."""
     import functools
+    import io
+    import re
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class Quiet(SimpleHTTPRequestHandler):
+        """Also answers `Range: bytes=A-B` with 206 and those bytes, as object stores do."""
+
         def log_message(self, *args):
             pass
+
+        def send_head(self):
+            m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+            path = self.translate_path(self.path)
+            if not m or not os.path.isfile(path):
+                return super().send_head()
+            with open(path, "rb") as f:
+                f.seek(int(m.group(1)))
+                data = f.read(int(m.group(2)) - int(m.group(1)) + 1)
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return io.BytesIO(data)
 
     servers = []
 

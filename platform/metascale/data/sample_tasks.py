@@ -110,6 +110,8 @@ class SampleTasks(Uint8Episodes):
                 data = fs.cat_file(path, start=offset, end=offset + size)
         except OSError as e:
             raise DataError(f"shard {url}: cannot be read ({e})") from None
+        if len(data) > size:
+            raise DataError(f"shard {url}: the server ignored the byte range (sent {len(data)} bytes for {size})")
         if len(data) != size:
             raise DataError(
                 f"shard {url}: {len(data)} bytes at offset {offset}, expected {size} (shard changed "
