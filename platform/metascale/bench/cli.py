@@ -53,11 +53,22 @@ def data(
     workers: int = typer.Option(2, min=0, help="Loader worker processes."),
     classes: int = typer.Option(1623, min=20, help="Glyph classes (the set the README's job uses)."),
     repeats: int = typer.Option(3, min=1, help="Rounds (loader, in-process, baseline in turn); best of each."),
+    layout_episodes: int = typer.Option(1280, min=64, help="Episodes per per-class vs per-sample shard measurement."),
 ) -> None:
-    """Episodes/s from task shards vs a per-image in-memory sampler (5-way 1-shot 15-query, 28x28)."""
-    from metascale.bench.data import run
+    """Episodes/s from task shards vs a per-image in-memory sampler (5-way 1-shot 15-query, 28x28), and the same
+    episodes from per-class vs per-sample (standard WebDataset) shards of the same images."""
+    import tempfile
+    from pathlib import Path
 
-    emit(run(root, episodes, meta_batch, workers, classes, repeats))
+    from metascale.bench import data_layouts
+    from metascale.bench.data import run
+    from metascale.data.glyphs import GlyphSetSpec, prepare_glyphs
+
+    result = run(root, episodes, meta_batch, workers, classes, repeats)
+    set_dir = str(prepare_glyphs(root, GlyphSetSpec(28, classes), progress=False))
+    with tempfile.TemporaryDirectory(prefix="metascale-bench-layouts-") as work:
+        result |= data_layouts.run(set_dir, Path(work), layout_episodes, meta_batch, repeats)
+    emit(result)
 
 
 @bench_app.command(name="es")
