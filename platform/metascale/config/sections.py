@@ -125,7 +125,7 @@ class SinusoidData(Spec):
 def _range(v: tuple[float, float], what: str, top: float | None) -> tuple[float, float]:
     lo, hi = v
     if not 0 < lo <= hi or (top is not None and hi > top):
-        raise ValueError(f"{what} must be (low, high) with 0 < low <= high{f' <= {top}' if top else ''} (got {v})")
+        raise ValueError(f"{what} must be (low, high) with 0 < low <= high{f' <= {top:g}' if top else ''}")
     return v
 
 
