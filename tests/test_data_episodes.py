@@ -40,7 +40,7 @@ def _digest(b) -> str:
 
 
 def test_batch_shapes_labels_and_pixels(shards):
-    src = build_task_source(ShardsData(url=shards, ways=5, shots=2, queries=3), "train", seed=1)
+    src = build_task_source(ShardsData(url=shards, ways=5, shots=2, queries=3, normalize=False), "train", seed=1)
     b = src.batch(7, range(4))
     assert b.support_x.shape == (4, 10, 1, 10, 10) and b.query_x.shape == (4, 15, 1, 10, 10)
     assert b.support_x.dtype == torch.float32 and 0 <= b.support_x.min() and b.support_x.max() <= 1
@@ -75,7 +75,7 @@ def test_splits_never_mix(shards):
     index = load_index(shards)
     seen = {}
     for split in ("train", "val", "test"):
-        src = ShardTasks(ShardsData(url=shards, ways=2, shots=1, queries=1), split, 0, shards)
+        src = ShardTasks(ShardsData(url=shards, ways=2, shots=1, queries=1, normalize=False), split, 0, shards)
         b = src.batch(0, range(20))
         seen[split] = set(b.support_x[:, :, 0, 0, 0].mul(255).round().long().flatten().tolist())
         assert {index.classes[c].split for c in seen[split]} == {split}
@@ -83,7 +83,7 @@ def test_splits_never_mix(shards):
 
 
 def test_rot90_makes_rotated_copies_new_classes(shards):
-    src = ShardTasks(ShardsData(url=shards, ways=5, shots=1, queries=1, augment=["rot90"]), "train", 0, shards)
+    src = ShardTasks(ShardsData(url=shards, ways=5, shots=1, queries=1, augment=["rot90"], normalize=False), "train", 0, shards)
     assert len(src.planner.virtual) == 4 * 20
     turns = set()
     for step in range(10):

@@ -42,6 +42,7 @@ def shards(tmp_path_factory) -> str:
 
 def _spec(root, window_shards: int, window_steps: int, **kw) -> ShardsData:
     kw = {"ways": 3, "shots": 1, "queries": 2, **kw}
+    kw.setdefault("normalize", False)  # tests read class and instance ids back from pixels
     return ShardsData(url=str(root), stream=StreamSpec(window_shards=window_shards, window_steps=window_steps), **kw)
 
 

@@ -54,9 +54,17 @@ def data(
     classes: int = typer.Option(1623, min=20, help="Glyph classes (the set the README's job uses)."),
     repeats: int = typer.Option(3, min=1, help="Rounds (loader, in-process, baseline in turn); best of each."),
     layout_episodes: int = typer.Option(1280, min=64, help="Episodes per per-class vs per-sample shard measurement."),
+    rgb: bool = typer.Option(False, "--rgb", help="Augmented 5-way 5-shot 15-query RGB 84x84 episodes instead "
+                             "(a packed set of --classes classes is made in a temporary folder; --root unused)."),
 ) -> None:
     """Episodes/s from task shards vs a per-image in-memory sampler (5-way 1-shot 15-query, 28x28), and the same
-    episodes from per-class vs per-sample (standard WebDataset) shards of the same images."""
+    episodes from per-class vs per-sample (standard WebDataset) shards of the same images; with --rgb, augmented RGB
+    84x84 episodes vs a per-image PIL pipeline and a ResNet-12 MAML meta-step."""
+    if rgb:
+        from metascale.bench.data_rgb import run as run_rgb
+
+        emit(run_rgb(episodes, meta_batch, workers, classes, repeats))
+        return
     import tempfile
     from pathlib import Path
 

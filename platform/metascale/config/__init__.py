@@ -9,14 +9,14 @@ from metascale.config.job import SECOND_ORDER, SHARDED_FIRST_ORDER, JobSpec, pod
 from metascale.config.kubernetes import KubernetesSpec, Volume, VolumeMount
 from metascale.config.load import dump_spec, load_spec, parse_spec
 from metascale.config.sections import (
-    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, DataSpec, EpisodicData,
+    CHUNKED_QUERY, AlgorithmSpec, AugmentSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, DataSpec, EpisodicData,
     ESSpec, EvalSpec, ExecutorSpec, GlyphsData, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, LRScheduleSpec,
     MLPSpec, ModelInit, ModelSpec, MWNSpec, NoisyLabelsData, OuterLoopSpec, ResNet12Spec, ShardingSpec, ShardsData,
     SinusoidData, Spec, StreamSpec, SyntheticImagesData, ViTSpec, WandbSpec,
 )
 
 __all__ = [
-    "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "CheckpointSpec", "ClusterSpec",
+    "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "AugmentSpec", "CheckpointSpec", "ClusterSpec",
     "Conv4Spec", "CustomModelSpec", "DataSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData",
     "IMAMLSpec", "InnerLoopSpec", "JobSpec", "KubernetesSpec", "LearnedSpec", "LoggingSpec", "LRScheduleSpec",
     "MLPSpec", "ModelInit", "ModelSpec", "MWNSpec", "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec",

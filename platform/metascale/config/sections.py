@@ -122,13 +122,82 @@ class SinusoidData(Spec):
     x_range: tuple[float, float] = (-5.0, 5.0)
 
 
+def _range(v: tuple[float, float], what: str, top: float | None) -> tuple[float, float]:
+    lo, hi = v
+    if not 0 < lo <= hi or (top is not None and hi > top):
+        raise ValueError(f"{what} must be (low, high) with 0 < low <= high{f' <= {top:g}' if top else ''}")
+    return v
+
+
+class CropSpec(Spec):
+    """Random resized crop (as torchvision's RandomResizedCrop): a box of `scale` x the image's area with aspect
+    ratio in `ratio` (log-uniform), resized back to the set's image size."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _range(v, "crop.scale", 1.0)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _range(v, "crop.ratio", None)
+
+
+class JitterSpec(Spec):
+    """Colour jitter (as torchvision's ColorJitter, in this fixed order): each factor drawn from [max(0, 1 - x), 1 + x]."""
+
+    brightness: Annotated[float, Field(ge=0, le=1)] = 0.4
+    contrast: Annotated[float, Field(ge=0, le=1)] = 0.4
+    saturation: Annotated[float, Field(ge=0, le=1)] = 0.4
+
+
+class AugmentSpec(Spec):
+    """Augmentation of packed sets (data/images.py). `rot90` makes each class 4 classes in every split (the Omniglot
+    practice); crop, flip and jitter change each training example, drawn per (seed, step, slot, example), on the
+    train split only. A list of names (`[rot90]`, `[crop, flip]`) means those with their defaults; `crop: true` too."""
+
+    rot90: bool = False
+    crop: CropSpec | None = None
+    flip: bool = False  # horizontal, with probability 1/2
+    jitter: JitterSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            bad = [n for n in v if n not in cls.model_fields]
+            if bad:
+                raise ValueError(f"unknown augmentation {bad[0]!r} (expected some of {', '.join(cls.model_fields)})")
+            return {n: True for n in v}
+        return v
+
+    @field_validator("crop", "jitter", mode="before")
+    @classmethod
+    def _on(cls, v: Any) -> Any:
+        return {} if v is True else None if v is False else v
+
+    @property
+    def per_example(self) -> bool:
+        return self.crop is not None or self.flip or self.jitter is not None
+
+    def names(self) -> list[str]:
+        return [n for n in type(self).model_fields if getattr(self, n) not in (False, None)]
+
+
 class EpisodicData(Spec):
     """Knobs shared by every N-way K-shot classification source."""
 
     ways: PositiveInt = 5
     shots: PositiveInt = 1
     queries: PositiveInt = 15
-    augment: list[Literal["rot90"]] = []
+    augment: AugmentSpec = AugmentSpec()
+    # Packed sets whose index carries the train split's per-channel mean/std (packed by this version) are read as
+    # (x - mean) / std; sets without stats, and normalize: false, give images in [0, 1] (docs/data.md).
+    normalize: bool = True
 
 
 class SyntheticImagesData(EpisodicData):
@@ -139,6 +208,12 @@ class SyntheticImagesData(EpisodicData):
     image_size: PositiveInt = 28
     channels: PositiveInt = 1
     noise: PositiveFloat = 0.5
+
+    @model_validator(mode="after")
+    def _no_augment(self) -> "SyntheticImagesData":
+        if self.augment.names():
+            raise ValueError("augment applies to packed sets (source: shards or glyphs), not to synthetic images")
+        return self
 
 
 class StreamSpec(Spec):

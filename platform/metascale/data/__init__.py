@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from metascale.config import (DataSpec, GlyphsData, JobSpec, NoisyLabelsData, ShardsData, SinusoidData,
                               SyntheticImagesData)
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
 from metascale.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
@@ -68,6 +72,7 @@ def check_episodes(spec: JobSpec) -> None:
             index = load_sample_index(data.url, data.splits, data.index).planner_view()
         else:
             index = load_index(root)
+            _check_images(spec, root, index)
         counts = {i: c.count for i, c in enumerate(index.classes)}
         need = data.shots + data.queries
         for split in splits:
@@ -82,10 +87,22 @@ def check_episodes(spec: JobSpec) -> None:
                 if planner.skipped_classes:
                     have += f", {usable} of them with shots+queries={need} examples (on_bad_sample: skip)"
                 if len(planner.virtual) != usable:
-                    have += f" ({len(planner.virtual)} with {', '.join(data.augment)})"
+                    have += f" ({len(planner.virtual)} with rot90)"
                 raise DataError(f"data: split '{split}' of {root} has {have}, fewer than ways ({data.ways})")
             if data.stream is not None:
                 StreamTasks(data, data.stream, split, spec.seed, root, on_bad).check(index)
+
+
+def _check_images(spec: JobSpec, root: str, index) -> None:
+    """The packed images have the model's channels (an RGB set needs model.in_channels: 3), and a note when the set
+    has no normalisation stats (packed before they existed): its images stay in [0, 1]."""
+    channels, want = index.shape[0], getattr(spec.model, "in_channels", None)
+    if want is not None and want != channels:
+        raise DataError(f"data: {root} holds {'RGB' if channels == 3 else f'{channels}-channel'} images, "
+                        f"model.in_channels is {want}")
+    if spec.data.normalize and index.stats is None:
+        log.warning("data: %s carries no normalisation stats (packed before metascale stored them): images are read "
+                    "in [0, 1], not normalised; re-pack it to normalise", root)
 
 
 def _shard_tasks(spec: GlyphsData | ShardsData, split: Split, seed: int, root: str, on_bad: str) -> TaskSource:

@@ -14,16 +14,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from metascale.config import EpisodicData
+from metascale.config import AugmentSpec, EpisodicData
+from metascale.data.images import ImagePipeline
 from metascale.data.index import ShardIndex, load_index
 from metascale.data.reader import OnBad
 from metascale.data.store import ClassStore, load_store
 from metascale.data.tasks import Split, Task, TaskBatch, episode_rng
 from metascale.errors import DataError
 
-# Augmentation hooks: name -> the rotations (in quarter turns) that make new classes. Omniglot practice: rot90
-# turns every class into 4 (0, 90, 180, 270 degrees), each its own class.
-AUGMENTS: dict[str, tuple[int, ...]] = {"rot90": (0, 1, 2, 3)}
+# Omniglot practice: augment.rot90 turns every class into 4 (0, 90, 180, 270 degrees), each its own class.
+ROT90_TURNS = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PlannedClass:
 class EpisodePlanner:
     """The classes of a split usable for episodes needing `need` instances each, times their rotations."""
 
-    def __init__(self, index: ShardIndex, split: Split, counts: dict[int, int], need: int, augment: Sequence[str],
+    def __init__(self, index: ShardIndex, split: Split, counts: dict[int, int], need: int, augment: AugmentSpec,
                  seed: int, on_bad: OnBad = "error", classes: Sequence[int] | None = None):
         """`classes`: plan among these (a stream window's, data/stream.py) instead of the whole split's."""
         self.split, self.seed, self.need = split, seed, need
@@ -49,7 +49,7 @@ class EpisodePlanner:
                             f"than shots+queries={need} ({len(short)} such classes; on_bad_sample: skip leaves them out)")
         self.skipped_classes = len(short)
         usable = [i for i in ids if counts.get(i, 0) >= need]
-        turns = sorted({t for a in augment for t in AUGMENTS[a]} | {0})
+        turns = ROT90_TURNS if augment.rot90 else (0,)
         self.virtual = [(i, t) for i in usable for t in turns]
         self.counts = counts
 
@@ -71,7 +71,7 @@ class EpisodePlanner:
 
 
 def materialise(store: ClassStore, plan: list[PlannedClass], shots: Sequence[int]) -> Task:
-    """Support (class-major, shots[c] per class) and query (the rest) as float32 in [0, 1]; labels 0..ways-1."""
+    """Support (class-major, shots[c] per class) and query (the rest) as uint8; labels 0..ways-1."""
     sx, sy, qx, qy = [], [], [], []
     for label, (p, k) in enumerate(zip(plan, shots)):
         imgs = store.images[store.rows(p.class_id, p.instances)]
@@ -81,25 +81,39 @@ def materialise(store: ClassStore, plan: list[PlannedClass], shots: Sequence[int
         qx.append(imgs[k:])
         sy += [label] * k
         qy += [label] * (len(imgs) - k)
-    return Task(_floats(sx), torch.tensor(sy), _floats(qx), torch.tensor(qy))
+    return Task(_uint8(sx), torch.tensor(sy), _uint8(qx), torch.tensor(qy))
 
 
-def _floats(parts: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate(parts)).to(torch.float32).mul_(1.0 / 255.0)  # as to_float
+def _uint8(parts: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts)))
 
 
 class Uint8Episodes:
-    """A TaskSource that gathers its episodes as uint8 (`batch_uint8`, what loader workers move): the float batch
-    and single tasks follow from it."""
+    """A TaskSource that gathers its episodes as uint8 (`batch_uint8`); `episodes_uint8` adds the split's
+    augmentation (what loader workers build and move), `to_float` normalises (in the trainer); the float batch and
+    single tasks follow from them. Subclasses have `spec`, `split`, `seed` and `root` (a packed set's index)."""
 
     def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
         raise NotImplementedError
+
+    @property
+    def pipeline(self) -> ImagePipeline:
+        if getattr(self, "_pipeline", None) is None:
+            stats = load_index(self.root).stats
+            self._pipeline = ImagePipeline(self.spec.augment, self.split, self.seed, stats, self.spec.normalize)
+        return self._pipeline
+
+    def episodes_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
+        return self.pipeline.augment(self.batch_uint8(step, slots), step, slots)
+
+    def to_float(self, b: TaskBatch) -> TaskBatch:
+        return self.pipeline.to_float(b)
 
     def task(self, step: int, slot: int) -> Task:
         return self.batch(step, [slot])[0]
 
     def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
-        return to_float(self.batch_uint8(step, slots))
+        return self.to_float(self.episodes_uint8(step, slots))
 
 
 class ShardTasks(Uint8Episodes):
@@ -159,12 +173,6 @@ def assemble(spec: EpisodicData, plans: list[list[PlannedClass]], take: Callable
     return TaskBatch(*halves)
 
 
-def to_float(b: TaskBatch) -> TaskBatch:
-    """uint8 images -> float32 in [0, 1]."""
-    return TaskBatch(b.support_x.to(torch.float32).mul_(1.0 / 255.0), b.support_y,
-                     b.query_x.to(torch.float32).mul_(1.0 / 255.0), b.query_y)
-
-
 class VariableEpisodes:
     """Meta-Dataset-style episodes: ways ~ U[min_ways, min(max_ways, classes)], queries per class
     min(max_queries, half the rarest chosen class), each class's shots ~ U[1, min(max_shots, count - queries)].
@@ -190,7 +198,8 @@ class VariableEpisodes:
         shots = [int(rng.integers(1, min(self.max_shots, n - queries) + 1)) for n in counts]
         plan = [PlannedClass(c, t, np.argsort(rng.random(n), kind="stable")[: k + queries])
                 for (c, t), n, k in zip(picked, counts, shots)]
-        return materialise(store, plan, shots)
+        b = TaskBatch.stack([materialise(store, plan, shots)])
+        return self.source.to_float(self.source.pipeline.augment(b, step, [slot]))[0]
 
     def tasks(self, step: int, slots: Sequence[int]) -> list[Task]:
         return [self.task(step, slot) for slot in slots]

@@ -51,6 +51,9 @@ class ShardIndex:
     classes: list[ClassEntry]
     shards: list[ShardEntry]
     source: dict[str, Any] = field(default_factory=dict)
+    # The train split's per-channel pixel mean and std in [0, 1] units ({"mean": [...], "std": [...], "images": n}),
+    # computed at pack time (data/images.py); None for sets packed before, or without a train split.
+    stats: dict[str, Any] | None = None
 
     def split_classes(self, split: Split) -> list[int]:
         return [i for i, c in enumerate(self.classes) if c.split == split]
@@ -62,6 +65,8 @@ class ShardIndex:
     def to_json(self) -> str:
         doc = {"format": FORMAT, "version": VERSION, "image": self.image, "source": self.source,
                "classes": [asdict(c) for c in self.classes], "shards": [asdict(s) for s in self.shards]}
+        if self.stats is not None:  # an optional field: readers before it ignore it, so the version stays
+            doc["stats"] = self.stats
         return json.dumps(doc, indent=1, ensure_ascii=False)
 
     @staticmethod
@@ -80,6 +85,7 @@ class ShardIndex:
                 classes=[ClassEntry(**c) for c in doc["classes"]],
                 shards=[ShardEntry(**s) for s in doc["shards"]],
                 source=doc.get("source", {}),
+                stats=doc.get("stats"),
             )
         except (KeyError, TypeError) as e:
             raise DataError(f"{where}: index is missing or has a malformed field ({e})") from None
@@ -105,6 +111,11 @@ class ShardIndex:
         for s, n in zip(self.shards, per_shard):
             if s.samples != n:
                 raise DataError(f"{where}: shard {s.name} lists {s.samples} samples, its classes count {n}")
+        if self.stats is not None:
+            st, c = self.stats, self.image["channels"]
+            ok = isinstance(st, dict) and all(isinstance(st.get(k), list) and len(st[k]) == c for k in ("mean", "std"))
+            if not ok or not all(isinstance(v, (int, float)) and v >= 0 for v in st["mean"] + st["std"]):
+                raise DataError(f"{where}: stats must hold 'mean' and 'std', {c} non-negative numbers each (got {st!r})")
 
 
 def sample_key(class_id: int) -> str:

@@ -4,8 +4,8 @@ Worker w of W produces steps w, w + W, ... in order (TaskSource.batch is pure in
 builds a step changes nothing); the DataLoader interleaves workers back into step order.
 
 Images do not travel through the DataLoader's pipes. Each worker owns a ring of shared-memory buffers allocated once
-(as ffcv and DALI do); it writes a meta-batch (uint8 images from task shards) into its next buffer and sends only
-(step, ring slot, sequence number). The trainer converts the buffer to float32, which is the one copy it needs anyway.
+(as ffcv and DALI do); it writes a meta-batch (uint8 images from task shards, augmented there: data/images.py) into its next buffer and sends only
+(step, ring slot, sequence number). The trainer converts the buffer to float32 (normalised), which is the one copy it needs anyway.
 Measured here: torch tensors through the pipes (a new shared-memory segment per tensor per item) and pickled numpy
 arrays were both slower (bench data). A buffer is reused only after the DataLoader's whole prefetch window has
 passed it, and the sequence number stamped beside it is checked after the copy, so an overwrite cannot go unseen.
@@ -13,11 +13,10 @@ passed it, and the sequence number stamped beside it is checked after the copy, 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch.utils.data
 
-from metascale.data.episodes import to_float
 from metascale.data.tasks import TaskBatch, TaskSource
 from metascale.errors import MetascaleError, from_loader_worker
 
@@ -39,9 +38,10 @@ class Ring:
         self.stamps[slot] = seq
         return slot
 
-    def take(self, slot: int, seq: int) -> TaskBatch:
-        b = TaskBatch(*(t.clone() if t.dtype != torch.uint8 else t for t in self.fields[slot]))
-        out = to_float(b) if b.support_x.dtype == torch.uint8 else b  # the copy out of the ring
+    def take(self, slot: int, seq: int, convert: Callable[[TaskBatch], TaskBatch] | None) -> TaskBatch:
+        """`convert`: the source's uint8 -> float (normalising) conversion, the copy out of the ring."""
+        b = TaskBatch(*(t.clone() if t.dtype != torch.uint8 or convert is None else t for t in self.fields[slot]))
+        out = convert(b) if convert is not None else b
         if int(self.stamps[slot]) != seq:
             raise RuntimeError(f"loader ring slot {slot} was overwritten before it was read (seq {seq})")
         return out
@@ -52,7 +52,8 @@ def _fields(b: TaskBatch) -> list[torch.Tensor]:
 
 
 def _build(source: TaskSource, step: int, slots: Sequence[int]) -> TaskBatch:
-    raw = getattr(source, "batch_uint8", None)  # task shards: move uint8, convert in the trainer
+    """Task shards: augmented here (the worker), moved as uint8, normalised to float in the trainer."""
+    raw = getattr(source, "episodes_uint8", None)
     return raw(step, slots) if raw else source.batch(step, slots)
 
 
@@ -77,8 +78,9 @@ def meta_batches(source: TaskSource, steps: range, slots: Sequence[int], workers
     ring = Ring(_build(source, steps[0], slots), workers, PREFETCH * workers + 2)
     loader = torch.utils.data.DataLoader(MetaBatches(source, steps, slots, ring), batch_size=None,
                                          num_workers=workers, prefetch_factor=PREFETCH)
+    convert = source.to_float if hasattr(source, "episodes_uint8") else None
     try:
         for step, slot, seq in loader:
-            yield int(step), ring.take(int(slot), int(seq))
+            yield int(step), ring.take(int(slot), int(seq), convert)
     except MetascaleError as e:
         raise from_loader_worker(e) from None

@@ -1,5 +1,7 @@
 """Writes class-grouped WebDataset tar shards plus index.json, atomically.
 
+The index also carries the train split's per-channel pixel mean and std (data/images.py), summed in the same pass.
+
 Every instance of a class lies in one shard (an episode then touches few shards) and a shard holds classes of one
 split only (a train reader never opens a test shard). Shards and index go to `OUT.partial-*` next to OUT; the index
 is written last and the directory renamed into place, so a killed pack leaves only a `.partial-*` directory, which
@@ -20,6 +22,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from metascale.data.images import StatsAccumulator
 from metascale.data.index import INDEX_NAME, ClassEntry, ShardEntry, ShardIndex, sample_key
 from metascale.data.tasks import SPLITS, Split
 from metascale.errors import DataError
@@ -132,6 +135,7 @@ def _write_shards(classes, tmp, source, max_classes, max_bytes, progress, total)
     entries: list[tuple[str, str, Split, int, int]] = []  # name, alphabet, split, count, shard-in-split
     closed: dict[Split, list[ShardEntry]] = {s: [] for s in SPLITS}
     shape = None
+    stats = StatsAccumulator()  # the train split's per-channel mean/std, in this same pass
     for cid, c in enumerate(tqdm(classes, total=total, desc="pack", unit="class", disable=not progress)):
         if c.split not in SPLITS:
             raise DataError(f"class '{c.name}': split '{c.split}' is not one of {SPLITS}")
@@ -143,6 +147,8 @@ def _write_shards(classes, tmp, source, max_classes, max_bytes, progress, total)
                 shape = s
             elif s != shape:
                 raise DataError(f"class '{c.name}': image shape {s} differs from the set's {shape} (resize with --size)")
+            if c.split == "train":
+                stats.add(img)
         position, done = writers[c.split].write_class(cid, c.images)
         closed[c.split] += [done] if done else []
         entries.append((c.name, c.alphabet, c.split, len(c.images), position))
@@ -155,7 +161,7 @@ def _write_shards(classes, tmp, source, max_classes, max_bytes, progress, total)
     base = {s: sum(len(closed[t]) for t in SPLITS[: SPLITS.index(s)]) for s in SPLITS}
     class_entries = [ClassEntry(n, a, sp, k, base[sp] + pos) for n, a, sp, k, pos in entries]
     image = {"channels": shape[0], "height": shape[1], "width": shape[2]}
-    index = ShardIndex(image, class_entries, shards, source)
+    index = ShardIndex(image, class_entries, shards, source, stats.result())
     index.check(str(tmp))
     return index
 
