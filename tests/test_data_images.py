@@ -39,7 +39,7 @@ def rgb(tmp_path_factory) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def _spec(root: str, **kw) -> ShardsData:
-    return ShardsData(url=root, **{"ways": 3, "shots": 2, "queries": 2, "augment": AUG, **kw})
+    return ShardsData(url=root, **{"ways": 3, "shots": 2, "queries": 2, "augment": AUG, "normalize": True, **kw})
 
 
 def test_pack_stats_are_numpys_mean_and_std_over_the_train_split(rgb):

@@ -195,9 +195,10 @@ class EpisodicData(Spec):
     shots: PositiveInt = 1
     queries: PositiveInt = 15
     augment: AugmentSpec = AugmentSpec()
-    # Packed sets whose index carries the train split's per-channel mean/std (packed by this version) are read as
-    # (x - mean) / std; sets without stats, and normalize: false, give images in [0, 1] (docs/data.md).
-    normalize: bool = True
+    # true: a packed set whose index carries the train split's per-channel mean/std is read as (x - mean) / std.
+    # Off by default, so that a spec reads the same pixels whether its set was packed before stats existed or after
+    # (the glyph set the main job renders on first use) and recorded results reproduce (docs/data.md).
+    normalize: bool = False
 
 
 class SyntheticImagesData(EpisodicData):

@@ -91,15 +91,20 @@ def _uint8(parts: list[np.ndarray]) -> torch.Tensor:
 class Uint8Episodes:
     """A TaskSource that gathers its episodes as uint8 (`batch_uint8`); `episodes_uint8` adds the split's
     augmentation (what loader workers build and move), `to_float` normalises (in the trainer); the float batch and
-    single tasks follow from them. Subclasses have `spec`, `split`, `seed` and `root` (a packed set's index)."""
+    single tasks follow from them. Subclasses have `spec`, `split` and `seed`, and say where their set's
+    normalisation stats come from (`image_stats`)."""
 
     def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
+        raise NotImplementedError
+
+    def image_stats(self) -> dict | None:
+        """The set's per-channel train mean/std, or None where it has none (then normalize reads [0, 1])."""
         raise NotImplementedError
 
     @property
     def pipeline(self) -> ImagePipeline:
         if getattr(self, "_pipeline", None) is None:
-            stats = load_index(self.root).stats
+            stats = self.image_stats()
             self._pipeline = ImagePipeline(self.spec.augment, self.split, self.seed, stats, self.spec.normalize)
         return self._pipeline
 
@@ -125,6 +130,9 @@ class ShardTasks(Uint8Episodes):
         self.spec, self.split, self.seed, self.root = spec, split, seed, root
         self.on_bad, self.load_workers = on_bad, load_workers
         self._state: tuple[ClassStore, EpisodePlanner] | None = None
+
+    def image_stats(self) -> dict | None:
+        return load_index(self.root).stats
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_state": None}

@@ -57,6 +57,9 @@ class SampleTasks(Uint8Episodes):
             self._state = (index, planner)
         return self._state
 
+    def image_stats(self) -> dict | None:
+        return None  # per-sample sets from other tools carry no pack-time stats: read in [0, 1]
+
     def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
         s = self.spec
         index, planner = self._loaded()

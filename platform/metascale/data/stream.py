@@ -85,6 +85,9 @@ class StreamTasks(Uint8Episodes):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_state": None, "_window": None}
 
+    def image_stats(self) -> dict | None:
+        return self._loaded()[0].stats
+
     def _loaded(self) -> tuple[ShardIndex, list[int], ShardCache]:
         if self._state is None:
             index = load_index(self.root)
