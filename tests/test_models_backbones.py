@@ -21,7 +21,8 @@ from metascale.config import AlgorithmSpec, CustomModelSpec, InnerLoopSpec, Synt
 from metascale.data import build_task_source
 from metascale.errors import ModelError, SpecError
 from metascale.models import build_model
-from metascale.models.norm import TaskBatchNorm
+from metascale.models.custom import per_task_norm
+from metascale.models.norm import TaskBatchNorm, TaskLayerNorm
 from metascale.train import train
 
 MODULE = "user_backbones"
@@ -47,6 +48,19 @@ SOURCE = textwrap.dedent('''
 
     def tiny_resnet(**kwargs):
         return TinyResNet(**kwargs)
+
+
+    class TinyMixer(nn.Module):
+        """Patches, then a layer norm whose input depends on earlier weights, as in a transformer."""
+
+        def __init__(self, in_chans=1, width=8):
+            super().__init__()
+            self.num_features = width
+            self.patch = nn.Conv2d(in_chans, width, 7, stride=7)
+            self.norm = nn.LayerNorm(width)
+
+        def forward(self, x):
+            return torch.tanh(self.norm(self.patch(x).flatten(2).transpose(1, 2))).mean(dim=1)
 
 
     def broken(**kwargs):
@@ -111,6 +125,31 @@ def test_vmapped_meta_gradient_equals_per_task_for_a_custom_backbone(float64, us
     assert any(float(g.abs().max()) > 0 for k, g in per_task.grads.items() if k.startswith("body."))
     for k in meta:
         assert torch.allclose(per_task.grads[k], vmapped.grads[k], rtol=0, atol=1e-10), k
+
+
+def test_layer_norm_becomes_exact_under_vmap_with_its_weights(float64, user_module):
+    """A plain nn.LayerNorm gives vmap a wrong second-order meta-gradient (models/norm.py, TaskLayerNorm)."""
+    import user_backbones
+
+    mixer = user_backbones.TinyMixer(width=6)
+    with torch.no_grad():
+        mixer.norm.weight.uniform_(0.5, 1.5)
+        mixer.norm.bias.uniform_(-0.5, 0.5)
+    weights = {k: v.clone() for k, v in mixer.norm.state_dict().items()}
+    swapped = per_task_norm(mixer).norm
+    assert type(swapped) is TaskLayerNorm and swapped.eps == 1e-5
+    assert all(torch.equal(swapped.state_dict()[k], v) for k, v in weights.items())
+    torch.manual_seed(0)
+    model = build_model(CustomModelSpec(**_custom(target=f"{MODULE}:TinyMixer")), 5).double()
+    alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=2, lr=0.5)), model)
+    meta = alg.init(dict(model.named_parameters()))
+    batch = build_task_source(SyntheticImagesData(ways=5, shots=1, queries=3), "train", 0).batch(0, range(2))
+    batch = batch.to("cpu", torch.float64)
+    per_task = meta_gradient(alg, meta, batch, "per_task")
+    vmapped = meta_gradient(alg, meta, batch, "vmap")
+    assert vmapped.strategy == "vmap"
+    for k in meta:
+        assert torch.allclose(per_task.grads[k], vmapped.grads[k], rtol=1e-8, atol=1e-12), k
 
 
 def test_custom_backbone_meta_trains_under_maml_identically_per_task_and_vmap(user_module, tmp_path, make_job):

@@ -4,8 +4,9 @@ The target, called with `kwargs`, returns a module that maps a batch of inputs t
 the N-way `head` on top, so ANIL and ProtoNets find the two apart as in every other model (models/__init__.py).
 Batch norm becomes per-task batch norm (TaskBatchNorm, as in Conv-4 and ResNet-12): the algorithms call the model
 through torch.func (functional_call, vmap), where running statistics would be in-place writes to shared buffers, and
-each task is normalised by its own batch, as in MAML. The module must be importable in every worker process too
-(installed in the image, or on PYTHONPATH).
+each task is normalised by its own batch, as in MAML. Layer norm becomes TaskLayerNorm, whose second-order gradients
+stay exact under vmap (as in the ViT). The module must be importable in every worker process too (installed in the
+image, or on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from metascale.config import CustomModelSpec
 from metascale.errors import ModelError
-from metascale.models.norm import TaskBatchNorm
+from metascale.models.norm import TaskBatchNorm, TaskLayerNorm
 
 
 def import_target(target: str) -> Callable[..., Any]:
@@ -40,7 +41,8 @@ def import_target(target: str) -> Callable[..., Any]:
 
 
 def per_task_norm(module: nn.Module) -> nn.Module:
-    """Every batch-norm layer inside `module` replaced by a TaskBatchNorm with its affine weights (if it had any)."""
+    """Every batch-norm layer inside `module` replaced by a TaskBatchNorm with its affine weights (if it had any), and
+    every plain `nn.LayerNorm` (exactly that class: subclasses may change the layout) by a TaskLayerNorm."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             norm = TaskBatchNorm(child.num_features, eps=child.eps)
@@ -48,6 +50,10 @@ def per_task_norm(module: nn.Module) -> nn.Module:
                 norm.weight.data.copy_(child.weight.data)
                 norm.bias.data.copy_(child.bias.data)
             setattr(module, name, norm)
+        elif type(child) is nn.LayerNorm:
+            layer = TaskLayerNorm(child.normalized_shape, child.eps, child.elementwise_affine, child.bias is not None)
+            layer.load_state_dict(child.state_dict())
+            setattr(module, name, layer)
         else:
             per_task_norm(child)
     return module

@@ -1,4 +1,5 @@
-"""Per-task batch normalisation, as in the MAML paper: statistics from the current batch only, no running stats.
+"""Per-task batch normalisation, as in the MAML paper: statistics from the current batch only, no running stats;
+and a layer norm that is exact under vmap (TaskLayerNorm).
 
 `nn.BatchNorm2d`'s native kernel gives wrong second-order gradients under `vmap(grad(...))` (measured with torch
 2.13: relative error 0.8% at 1 inner step, 18% at 5, float64; pytorch/functorch#534), so inside vmap the norm is written out in basic ops, which agree to ~1e-13. Outside vmap
@@ -57,6 +58,34 @@ class TaskBatchNorm(nn.Module):
         mean = x.mean(dim=dims)
         var = ((x - mean.view(_channels(x))) ** 2).mean(dim=dims)
         return _normalise(x, mean, var, self.weight, self.bias, self.eps)
+
+
+class TaskLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` whose second-order gradients are right under `vmap`: there the affine transform is applied
+    outside the kernel, `F.layer_norm(x, shape) * weight + bias`; elsewhere the native fused kernel (same function).
+
+    Why (torch 2.13; pytorch main's aten/src/ATen/functorch/BatchRulesNorm.cpp still has it; pytorch/functorch#534,
+    open, is about these norm rules): the vmap rule `native_layer_norm_backward_plumbing` computes the weight's
+    gradient as `sum((input - mean) * rstd * grad_out)` from the forward's saved `mean` and `rstd`, which autograd
+    treats as constants (native_layer_norm's statistics are non-differentiable outputs). A gradient taken *through*
+    that weight gradient (grad of vmap of grad, or autograd.grad of vmap of func.grad: second-order MAML under the
+    vmap executor) then misses d(mean, rstd)/d(input) whenever the input depends on what is differentiated. The
+    input's gradient goes through the native kernel, whose double backward is exact, so keeping the weight out of
+    the kernel removes the wrong term. Standalone repro (float64, seed 0: the two results differ by 0.09 relative;
+    with `F.layer_norm(x * w, (4,)) * w` in `f` they agree to ~1e-16):
+
+        f = lambda w, x: F.layer_norm(x * w, (4,), w).pow(3).sum()
+        one = lambda w, x, c: (torch.func.grad(f)(w, x) * c).sum()
+        w, xs, cs = 1 + 0.1 * torch.randn(4), torch.randn(2, 4), torch.randn(2, 4)
+        torch.func.grad(lambda w: torch.func.vmap(one, (None, 0, 0))(w, xs, cs).sum())(w)
+        torch.func.grad(lambda w: sum(one(w, x, c) for x, c in zip(xs, cs)))(w)  # differs from the line above
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not tasks_batched() or self.weight is None:
+            return super().forward(x)
+        out = F.layer_norm(x, self.normalized_shape, None, None, self.eps) * self.weight
+        return out if self.bias is None else out + self.bias
 
 
 def _channels(x: Tensor) -> list[int]:

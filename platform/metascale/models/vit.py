@@ -1,6 +1,7 @@
 """A plain Vision Transformer (Dosovitskiy et al. 2021) sized by the spec: the reference large backbone.
 
-Attention is written out (softmax(q k^T / sqrt(d)) v) so that it has double-backward and vmap rules everywhere.
+Attention is written out (softmax(q k^T / sqrt(d)) v) so that it has double-backward and vmap rules everywhere;
+layer norms are `TaskLayerNorm`, whose second-order gradients stay exact under vmap (models/norm.py says why).
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from torch import Tensor, nn
 
 from metascale.config import ViTSpec
 from metascale.models.checkpointing import run_blocks
+from metascale.models.norm import TaskLayerNorm
 
 
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.heads = heads
-        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm1, self.qkv, self.proj = TaskLayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         hidden = int(dim * mlp_ratio)
-        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.norm2, self.fc1, self.fc2 = TaskLayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
@@ -37,7 +39,7 @@ class ViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, spec.dim))
         self.pos = nn.Parameter(torch.randn(1, n_patches + 1, spec.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(spec.dim, spec.heads, spec.mlp_ratio) for _ in range(spec.depth))
-        self.norm = nn.LayerNorm(spec.dim)
+        self.norm = TaskLayerNorm(spec.dim)
         self.feature_dim = spec.dim
         self.head = nn.Linear(spec.dim, out_features)
         self.checkpoint_blocks = False  # activation checkpointing per block (set by the sharded runtime)
