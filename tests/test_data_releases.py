@@ -4,6 +4,7 @@ standard splits, read back as episodes through the shard reader, and every malfo
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -273,8 +274,11 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 class _Evil:
+    """A pickle that would run a command (`true`, harmless) if loaded: the classic malicious pickle. os.system, not
+    print: Ray replaces builtins.print once its tqdm is imported, and print then pickles under Ray's name."""
+
     def __reduce__(self):
-        return (print, ("a pickle's code ran",))
+        return (os.system, ("true",))
 
 
 # fmt: off
@@ -300,7 +304,7 @@ MALFORMED = {
         "label_specific": [0, 7], "label_general": [0, 0], "label_specific_str": ["a"], "label_general_str": ["g"]}),
         r"train_labels\.pkl: 'label_specific' holds label 7, outside 0\.\.0"),
     "tiered-code": ("tieredimagenet", _tiered, lambda r: _dump(r / "train_labels.pkl", _Evil()),
-                    r"train_labels\.pkl: not a readable pickle \(UnpicklingError: it refers to (__builtin__|builtins)\.print"),
+                    r"train_labels\.pkl: not a readable pickle \(UnpicklingError: it refers to (posix|os)\.system"),
     "cub-missing-labels": ("cub", _cub, lambda r: (r / "image_class_labels.txt").unlink(),
                            r"image_class_labels\.txt: does not exist"),
     "cub-bad-line": ("cub", _cub, lambda r: _edit(r / "classes.txt", "3 003", "three 003"),
