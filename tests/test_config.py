@@ -65,6 +65,8 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
         ({"algorithm": {"inner": {"differentiation": "mixed", "checkpoint": "steps"}}},
          "inner.checkpoint 'steps' recomputes reverse mode's graph of each inner step"),
         ({"algorithm": {"inner": {"differentiation": "forward"}}}, "differentiation: Input should be 'reverse' or 'mixed'"),
+        ({"algorithm": {"inner": {"mixed_stride": 3}}}, "inner.mixed_stride recomputes mixed mode's stored weights"),
+        ({"algorithm": {"inner": {"differentiation": "mixed", "mixed_stride": 0}}}, "mixed_stride: Input should be greater than 0"),
         ({"model": {"name": "vit"}, "data": {"source": "synthetic"}, "cluster": {"address": "local"},
           "algorithm": {"inner": {"differentiation": "mixed"}}, "sharding": {"engine": "deepspeed", "zero_stage": 2}},
          "algorithm.inner.differentiation 'mixed' runs un-sharded"),

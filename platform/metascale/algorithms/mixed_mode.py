@@ -9,7 +9,9 @@ tensors (Meta-SGD's per-weight rates, learned_hparams' per-layer rates). Given v
 
 and all three come from one forward-over-reverse product: `torch.func.jvp` of `torch.func.grad` of L_s w.r.t.
 (phi, h) along the tangent (u, 0) gives g_k as its primal and (H_phiphi u, H_hphi u) as its tangent. What is kept
-between the passes is phi_0..phi_{K-1} (K copies of the weights) instead of every step's double-backward graph; each
+between the passes is phi_0, phi_s, phi_2s, ... (every `stride`-th step's weights; all K with stride 1) instead of
+every step's double-backward graph; the sweep recomputes the s-1 steps after a kept one with plain gradients (the
+same ops, so the same bits) and then goes back through them, so it holds at most s-1 more copies at a time. Each
 step's product holds one support pass with its tangents at a time. Per-task batch norm is differentiated through its
 batch statistics exactly as reverse mode does (the same ops; inside `vmap`, models/norm.py's basic-op form).
 
@@ -42,9 +44,10 @@ def mixed_descent(
     *,
     steps: int,
     lr: float | Params,
+    stride: int = 1,
 ) -> Params:
     """`steps` steps p <- p - lr * dL_s/dp from `params`, differentiable w.r.t. `params`, `hparams` and tensor
-    rates `lr` (one per key of `params`) through the reverse sweep above."""
+    rates `lr` (one per key of `params`) through the reverse sweep above, keeping every `stride`-th step's weights."""
     names, hnames = list(params), list(hparams)
     rates = [lr[k] for k in names] if isinstance(lr, dict) else []
     outputs = _MixedDescent.apply(
@@ -52,6 +55,7 @@ def mixed_descent(
         names,
         hnames,
         steps,
+        stride,
         None if rates else lr,
         x,
         y,
@@ -67,56 +71,70 @@ def _support_grad(loss_fn: SupportLoss, x: Tensor, y: Tensor):
     return torch.func.grad(lambda p, h: loss_fn(p, h, x, y), argnums=(0, 1))
 
 
+def _update(phi: Params, g: Params, rates: Params | None, lr: float | None) -> Params:
+    """One inner step; the forward loop and the sweep's recomputation share it so that both give the same bits."""
+    return {k: p - (rates[k] if rates is not None else lr) * g[k] for k, p in phi.items()}
+
+
 class _MixedDescent(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(loss_fn, names, hnames, steps, lr, x, y, *tensors):
+    def forward(loss_fn, names, hnames, steps, stride, lr, x, y, *tensors):
         n = len(names)
         phi = dict(zip(names, tensors[:n]))
         rates = dict(zip(names, tensors[n : 2 * n])) if lr is None else None
         h = dict(zip(hnames, tensors[len(tensors) - len(hnames) :]))
         grad = _support_grad(loss_fn, x, y)
-        path: list[Tensor] = []  # phi_1..phi_{K-1} (phi_0 is an input)
+        kept: list[Tensor] = []  # phi_s, phi_2s, ... below K (phi_0 is an input)
         for step in range(steps):
-            if step:
-                path += [phi[k] for k in names]
-            g, _ = grad(phi, h)
-            phi = {k: phi[k] - (rates[k] if rates is not None else lr) * g[k] for k in names}
-        return (*(phi[k] for k in names), *path)
+            if step and step % stride == 0:
+                kept += [phi[k] for k in names]
+            phi = _update(phi, grad(phi, h)[0], rates, lr)
+        return (*(phi[k] for k in names), *kept)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        loss_fn, names, hnames, steps, lr, x, y, *tensors = inputs
+        loss_fn, names, hnames, steps, stride, lr, x, y, *tensors = inputs
         n = len(names)
-        ctx.loss_fn, ctx.names, ctx.hnames, ctx.steps, ctx.lr = loss_fn, names, hnames, steps, lr
+        ctx.loss_fn, ctx.names, ctx.hnames, ctx.steps, ctx.stride, ctx.lr = loss_fn, names, hnames, steps, stride, lr
         ctx.n_rates = n if lr is None else 0
         ctx.mark_non_differentiable(*output[n:])
-        # x, y, rates, h, then phi_0 (the inputs) and phi_1..phi_{K-1}
+        # no zero-filled gradients for the kept outputs (that many weight copies more at the backward's start)
+        ctx.set_materialize_grads(False)
+        # x, y, rates, h, then phi_0 (the inputs) and the kept phi_s, phi_2s, ...
         ctx.save_for_backward(x, y, *tensors[n:], *tensors[:n], *output[n:])
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        names, hnames, n = ctx.names, ctx.hnames, len(ctx.names)
+        names, hnames, n, stride = ctx.names, ctx.hnames, len(ctx.names), ctx.stride
         x, y, *saved = ctx.saved_tensors
         rates = dict(zip(names, saved[: ctx.n_rates])) if ctx.n_rates else None
         h = dict(zip(hnames, saved[ctx.n_rates : ctx.n_rates + len(hnames)]))
-        path = saved[ctx.n_rates + len(hnames) :]
+        kept = saved[ctx.n_rates + len(hnames) :]
         grad = _support_grad(ctx.loss_fn, x, y)
-        v = {k: torch.zeros_like(path[i]) if g is None else g for i, (k, g) in enumerate(zip(names, grad_outputs))}
+        v = {k: torch.zeros_like(kept[i]) if g is None else g for i, (k, g) in enumerate(zip(names, grad_outputs))}
+        del grad_outputs
         d_rates = {k: torch.zeros_like(r) for k, r in rates.items()} if rates is not None else None
         d_h = {k: torch.zeros_like(t) for k, t in h.items()}
         zeros_h = {k: torch.zeros_like(t) for k, t in h.items()}
-        for step in reversed(range(ctx.steps)):
-            phi = dict(zip(names, path[step * n : (step + 1) * n]))
-            u = {k: (rates[k] if rates is not None else ctx.lr) * v[k] for k in names}
-            (g, _), (hu, hhu) = torch.func.jvp(grad, (phi, h), (u, zeros_h))
-            if d_rates is not None:
-                for k in names:
-                    d_rates[k] = d_rates[k] - (g[k] * v[k]).sum_to_size(d_rates[k].shape)
-            d_h = {k: d_h[k] - hhu[k] for k in hnames}
-            v = {k: v[k] - hu[k] for k in names}
+        for first in reversed(range(0, ctx.steps, stride)):
+            stretch = [dict(zip(names, kept[first // stride * n : (first // stride + 1) * n]))]
+            for _ in range(first + 1, min(first + stride, ctx.steps)):
+                stretch.append(_update(stretch[-1], grad(stretch[-1], h)[0], rates, ctx.lr))
+            while stretch:
+                phi = stretch.pop()
+                u = {k: (rates[k] if rates is not None else ctx.lr) * v[k] for k in names}
+                (g, _), (hu, hhu) = torch.func.jvp(grad, (phi, h), (u, zeros_h))
+                del phi, u
+                if d_rates is not None:
+                    d_rates = {k: d_rates[k] - (g[k] * v[k]).sum_to_size(d_rates[k].shape) for k in names}
+                del g
+                d_h = {k: d_h[k] - hhu[k] for k in hnames}
+                v = {k: v[k] - hu[k] for k in names}
+                del hu, hhu
         return (
+            None,
             None,
             None,
             None,

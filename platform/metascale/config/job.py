@@ -134,6 +134,9 @@ class JobSpec(Spec):
         if alg.inner.differentiation == "mixed" and alg.inner.checkpoint == "steps":
             raise ValueError("inner.checkpoint 'steps' recomputes reverse mode's graph of each inner step; 'mixed' "
                              "keeps none: use checkpoint none (or all, for the query pass)")
+        if alg.inner.mixed_stride > 1 and alg.inner.differentiation != "mixed":
+            raise ValueError("inner.mixed_stride recomputes mixed mode's stored weights: it needs "
+                             "inner.differentiation 'mixed'")
         if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
             raise ValueError("algorithm 'imaml' needs inner.steps >= 1 and inner.checkpoint 'none' "
                              "(its memory is already independent of the inner steps)")

@@ -313,6 +313,10 @@ class InnerLoopSpec(Spec):
     # double-backward graph; 'mixed' keeps only each step's parameters and sweeps back with forward-over-reverse
     # Hessian-vector products (algorithms/mixed_mode.py; memory/time model in docs/architecture.md).
     differentiation: Literal["reverse", "mixed"] = "reverse"
+    # 'mixed' keeps the weights of every `mixed_stride`-th step and recomputes the others in the backward pass, one
+    # stretch at a time: about K/s + s weight copies instead of K, for K - K/s more plain gradients (s ~ sqrt(K) is
+    # the lowest peak). 1 keeps every step.
+    mixed_stride: PositiveInt = 1
 
 
 CHUNKED_QUERY = ("maml", "fomaml", "metasgd", "learned_loss", "learned_hparams")
