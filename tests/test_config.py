@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from metascale.config import JobSpec, load_spec, parse_spec
+from metascale.config import JobSpec, dump_spec, load_spec, parse_spec
 from metascale.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,3 +211,13 @@ def test_cli_validate_prints_the_full_spec(tmp_path):
     r = _cli("validate", str(path))
     assert r.returncode == 0
     assert parse_spec(__import__("yaml").safe_load(r.stdout)).name == "ok"
+
+
+@pytest.mark.parametrize("layout", ["classes", "samples"])
+def test_a_dumped_shards_spec_loads_again(layout):
+    """submit packages the spec as dumped YAML, every default written out: the shards layout rules must judge values,
+    not which fields were written."""
+    import yaml
+
+    spec = parse_spec({"model": {"name": "conv4"}, "data": {"source": "shards", "url": "data/set", "layout": layout}})
+    assert parse_spec(yaml.safe_load(dump_spec(spec))) == spec

@@ -2,17 +2,20 @@
 
 A spec is YAML; every field has a default that runs, so `name: x` alone is a valid job (sinusoid MAML).
 `load_spec` turns any problem into a `SpecError` whose lines read `field.path: what was expected (got ...)`.
-sections.py holds one model per section, job.py the whole job and the rules across sections, load.py YAML and errors.
+sections.py holds one model per section (data.py the data section's), job.py the whole job and the rules across sections, load.py YAML and errors.
 """
 
 from metascale.config.job import SECOND_ORDER, SHARDED_FIRST_ORDER, JobSpec, pod_processes, sharding_problem
 from metascale.config.kubernetes import KubernetesSpec, Volume, VolumeMount
 from metascale.config.load import dump_spec, load_spec, parse_spec
+from metascale.config.data import (
+    AugmentSpec, DataSpec, EpisodicData, GlyphsData, NoisyLabelsData, ShardsData, SinusoidData, StreamSpec,
+    SyntheticImagesData,
+)
 from metascale.config.sections import (
-    CHUNKED_QUERY, AlgorithmSpec, AugmentSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, DataSpec, EpisodicData,
-    ESSpec, EvalSpec, ExecutorSpec, GlyphsData, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, LRScheduleSpec,
-    MLPSpec, ModelInit, ModelSpec, MWNSpec, NoisyLabelsData, OuterLoopSpec, ResNet12Spec, ShardingSpec, ShardsData,
-    SinusoidData, Spec, StreamSpec, SyntheticImagesData, ViTSpec, WandbSpec,
+    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, ESSpec, EvalSpec,
+    ExecutorSpec, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, LRScheduleSpec, MLPSpec, ModelInit, ModelSpec,
+    MWNSpec, OuterLoopSpec, ResNet12Spec, ShardingSpec, Spec, ViTSpec, WandbSpec,
 )
 
 __all__ = [

@@ -7,9 +7,10 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from metascale.config.kubernetes import KubernetesSpec, cpu_millis
+from metascale.config.data import DataSpec, NoisyLabelsData, SinusoidData
 from metascale.config.sections import (
-    CHUNKED_QUERY, MIXED_MODE, AlgorithmSpec, CheckpointSpec, ClusterSpec, DataSpec, EvalSpec, ExecutorSpec, LoggingSpec,
-    MLPSpec, ModelSpec, NoisyLabelsData, NonNegInt, OuterLoopSpec, ShardingSpec, SinusoidData, Spec,
+    CHUNKED_QUERY, MIXED_MODE, AlgorithmSpec, CheckpointSpec, ClusterSpec, EvalSpec, ExecutorSpec, LoggingSpec,
+    MLPSpec, ModelSpec, NonNegInt, OuterLoopSpec, ShardingSpec, Spec,
 )
 
 

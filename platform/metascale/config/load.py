@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from metascale.config.job import JobSpec
-from metascale.config.sections import DataSpec, ModelSpec
+from metascale.config.data import DataSpec
+from metascale.config.sections import ModelSpec
 from metascale.errors import SpecError
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; a bigger file is a wrong path (a data file, /dev/zero)
