@@ -158,6 +158,28 @@ def ray_head_ports() -> dict[str, int]:
     return ports
 
 
+@pytest.fixture
+def kill_tree():
+    """SIGKILL a `metascale run` subprocess, then the Ray processes it started (ours, by pid), so nothing outlives
+    the test."""
+    import signal
+
+    import psutil
+
+    def kill(proc) -> None:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(children, timeout=30)
+
+    return kill
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """An embedded Ray for one test module (4 logical CPUs on a 2-core machine: the workers mostly wait on each

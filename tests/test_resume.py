@@ -36,21 +36,9 @@ def _run(path, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the coordinator, then the Ray processes it started (ours, by pid), so nothing outlives the test."""
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    for child in children:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(children, timeout=30)
-
 
 @pytest.mark.parametrize("how", ["--resume", "--auto-resume"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job, how):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job, how, kill_tree):
     """`--resume`, and `--auto-resume` (what a submitted job runs, every attempt): the first attempt starts fresh in
     an empty directory, the one after the SIGKILL continues from the newest checkpoint."""
     # The reference runs in this process without Ray: one worker computes the same slot group either way.
@@ -66,7 +54,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job, ho
     while time.time() < deadline and not [s for s in checkpoint.list_steps(ckpt_dir) if s >= 4]:
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)
-    _kill_tree(proc)
+    kill_tree(proc)
     killed_at = checkpoint.list_steps(ckpt_dir)[-1]
     assert 4 <= killed_at < 24, "the kill must land mid-run"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -170,20 +168,9 @@ def _run(path: Path, endpoint: str, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    for child in children:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(children, timeout=30)
-
 
 def test_a_job_killed_mid_run_auto_resumes_from_s3_past_a_torn_upload_and_matches_a_local_run(
-        bucket, s3_endpoint, tmp_path, make_job):
+        bucket, s3_endpoint, tmp_path, make_job, kill_tree):
     clean, _ = _spec_file(make_job, tmp_path, "clean", cluster__address="inline")
     train(clean)
     reference = checkpoint.load_latest(clean.path(clean.checkpoint.dir))[1]["params"]
@@ -195,7 +182,7 @@ def test_a_job_killed_mid_run_auto_resumes_from_s3_past_a_torn_upload_and_matche
     while time.time() < deadline and not [s for s in checkpoint.list_steps(d) if s >= 6]:
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
-    _kill_tree(proc)
+    kill_tree(proc)
     steps = checkpoint.list_steps(d)
     assert 6 <= steps[-1] < 24, "the kill must land mid-run"
 

@@ -358,13 +358,7 @@ def _read_legacy(fs: Any, p: str, path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: truncated before its checksum (torn write)")
     if _sha256(payload).encode() != header[len(MAGIC):]:
         raise CheckpointError(f"{path}: checksum mismatch (torn or corrupt write)")
-    try:
-        state = torch.load(io.BytesIO(payload), weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"{path}: payload does not load ({_first_line(e)})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: payload is a {type(state).__name__}, not a checkpoint's state dict")
-    return state
+    return _load_torch(payload, f"{path}: payload")
 
 
 def load_latest(directory: str) -> tuple[int, dict[str, Any]] | None:
