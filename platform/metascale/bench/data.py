@@ -53,15 +53,16 @@ def tune_malloc() -> bool:
     return all(libc.mallopt(opt, val) == 1 for opt, val in ((m_mmap, 32 << 20), (m_trim, 1 << 30), (m_top_pad, 256 << 20)))
 
 
-def maml_step_seconds(batch) -> float:
-    """One second-order MAML Conv-4 meta-step (1 inner step) on `batch`, 1 thread: what training consumes."""
+def maml_step_seconds(batch, model_spec=None, inner_lr: float = 0.4) -> float:
+    """One second-order MAML meta-step (1 inner step) on `batch` after a warm-up, 1 thread: what training consumes.
+    The model is Conv-4 unless `model_spec` says otherwise (bench data --rgb: ResNet-12)."""
     from metascale.algorithms import build_algorithm
     from metascale.algorithms.executor import meta_gradient
     from metascale.config import AlgorithmSpec, Conv4Spec, InnerLoopSpec
     from metascale.models import build_model
 
-    model = build_model(Conv4Spec(), 5)
-    alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=1, lr=0.4)), model)
+    model = build_model(model_spec or Conv4Spec(), 5)
+    alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=1, lr=inner_lr)), model)
     meta = alg.init(dict(model.named_parameters()))
     meta_gradient(alg, meta, batch)  # warm-up
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from metascale.bench.data import tune_malloc
+from metascale.bench.data import maml_step_seconds, tune_malloc
 
 MEAN, STD = np.array([0.5, 0.5, 0.5], np.float32), np.array([0.25, 0.25, 0.25], np.float32)
 
@@ -78,24 +78,8 @@ def _make_set(root: str, classes: int, per_class: int) -> None:
     )
 
 
-def maml_resnet12_step_seconds(batch) -> float:
-    """One second-order MAML meta-step (1 inner step) of ResNet-12 (84x84 RGB) on `batch`, after a warm-up."""
-    from metascale.algorithms import build_algorithm
-    from metascale.algorithms.executor import meta_gradient
-    from metascale.config import AlgorithmSpec, InnerLoopSpec, ResNet12Spec
-    from metascale.models import build_model
-
-    model = build_model(ResNet12Spec(), 5)
-    alg = build_algorithm(AlgorithmSpec(name="maml", inner=InnerLoopSpec(steps=1, lr=0.01)), model)
-    meta = alg.init(dict(model.named_parameters()))
-    meta_gradient(alg, meta, batch)
-    t0 = time.perf_counter()
-    meta_gradient(alg, meta, batch)
-    return time.perf_counter() - t0
-
-
 def run(episodes: int, meta_batch: int, workers: int, classes: int, repeats: int = 3) -> dict:
-    from metascale.config import ShardsData
+    from metascale.config import ResNet12Spec, ShardsData
     from metascale.data.episodes import ShardTasks
     from metascale.data.loader import meta_batches
 
@@ -132,7 +116,7 @@ def run(episodes: int, meta_batch: int, workers: int, classes: int, repeats: int
         rounds = [(ours(), base()) for _ in range(repeats)]
         mine, theirs = max(r[0] for r in rounds), max(r[1] for r in rounds)
         batch = source.batch(0, range(1))
-        step_s = maml_resnet12_step_seconds(batch)
+        step_s = maml_step_seconds(batch, ResNet12Spec(), inner_lr=0.01)
     return {
         "bench": "data-rgb",
         "episode": "5-way 5-shot 15-query RGB 84x84, crop+flip+jitter, normalised",
