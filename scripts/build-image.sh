@@ -76,6 +76,15 @@ trim_rootfs() {  # what an image never needs: apt's caches and lists, documentat
   find "$root"/usr/share/doc -mindepth 1 -type d -empty -delete
 }
 
+clear_rootfs() {  # a debootstrap stopped midway leaves proc (and sys) mounted in its chroot: unmount whatever is mounted
+  # below the folder, deepest first, then remove it without crossing into any mount that is left
+  local root=$1 mnt
+  awk -v r="$root/" 'index($2, r) == 1 {print $2}' /proc/mounts | sort -r | while read -r mnt; do
+    umount "$mnt" 2>/dev/null || umount -l "$mnt"
+  done
+  rm -rf --one-file-system "$root"
+}
+
 debian_mirror() {  # the Debian mirror apt uses on this machine (deb822 or one-line sources), else Debian's own
   local uri
   uri=$(awk '/^URIs:/ {u=$2} /^Suites:/ && / '"$SUITE"'( |$)/ && u {print u; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
@@ -103,13 +112,13 @@ else
     fi
     mirror=$(debian_mirror)
     rootfs=$CACHE/rootfs.tmp log=$CACHE/debootstrap.log
-    rm -rf "$rootfs"
+    clear_rootfs "$rootfs"
     debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" "$mirror" >"$log" 2>&1 \
       || die "debootstrap of $SUITE from $mirror failed: $(grep -E '^(E|W):' "$log" | tail -1) (log: $log)"
     trim_rootfs "$rootfs"
     rm -f "$CACHE"/base-"$SUITE"-*.tar
     tar --numeric-owner -C "$rootfs" -cf "$base_tar.tmp" . && mv "$base_tar.tmp" "$base_tar"
-    rm -rf "$rootfs"
+    clear_rootfs "$rootfs"
     log="" base_how="debootstrap from $mirror"
   fi
   step="base (docker import)"
