@@ -13,7 +13,7 @@ import torch
 
 from metascale.config import ShardsData
 from metascale.data import build_task_source
-from metascale.data.episodes import ShardTasks, VariableEpisodes
+from metascale.data.episodes import ShardTasks
 from metascale.data.index import load_index
 from metascale.data.loader import meta_batches
 from metascale.data.pack import SourceClass, pack
@@ -95,19 +95,6 @@ def test_rot90_makes_rotated_copies_new_classes(shards):
             np.testing.assert_array_equal(got, np.rot90(original, p.quarter_turns))
             turns.add(p.quarter_turns)
     assert turns == {0, 1, 2, 3}
-
-
-def test_variable_way_and_shot_episodes(shards):
-    src = ShardTasks(ShardsData(url=shards, ways=5, shots=1, queries=1), "train", 0, shards)
-    var = VariableEpisodes(src, min_ways=3, max_ways=12, max_shots=6, max_queries=4)
-    tasks = var.tasks(0, range(12))
-    assert len({len(t.support_y) for t in tasks}) > 1 and len({int(t.query_y.max()) for t in tasks}) > 1
-    for t in tasks:
-        ways = int(t.query_y.max()) + 1
-        assert 3 <= ways <= 12 and sorted(set(t.support_y.tolist())) == list(range(ways))
-        assert t.support_y.tolist() == sorted(t.support_y.tolist())  # class-major
-    again = VariableEpisodes(ShardTasks(src.spec, "train", 0, shards), 3, 12, 6, 4).task(0, 5)
-    assert torch.equal(again.support_x, tasks[5].support_x)
 
 
 def test_rank_and_worker_splits_partition_the_shards(shards):

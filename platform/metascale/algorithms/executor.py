@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import MetaAlgorithm, Params
-from metascale.data.tasks import Task, TaskBatch
+from metascale.data.tasks import Task, TaskBatch, TaskList
 from metascale.models.norm import batched_tasks
 
 Strategy = Literal["per_task", "vmap"]
@@ -46,24 +46,25 @@ def leaf_params(params: Params) -> Params:
 def meta_gradient(
     alg: MetaAlgorithm,
     meta_params: Params,
-    batch: TaskBatch,
+    batch: TaskBatch | TaskList,
     strategy: Strategy = "per_task",
     slots: Sequence[int] | None = None,
 ) -> MetaGradient:
     """The summed meta-gradient of `batch` at `meta_params`; `slots` names the tasks in reports (default 0..T-1).
 
     Checkpointed inner loops and chunked query passes run per task whatever the strategy (`torch.func.grad` refuses
-    checkpointing's hooks; the chunked pass's backward is not a vmap rule)."""
+    checkpointing's hooks; the chunked pass's backward is not a vmap rule), and so do episodes of different shapes
+    (a TaskList: `auto` on a GPU gets here; an explicit `vmap` with them is refused by the spec)."""
     slots = list(range(len(batch))) if slots is None else list(slots)
     inner = alg.spec.inner
-    if strategy == "vmap" and alg.differentiable and inner.checkpoint == "none" and inner.query_chunk is None:
+    if strategy == "vmap" and isinstance(batch, TaskBatch) and alg.differentiable and inner.checkpoint == "none" and inner.query_chunk is None:
         result = _vmapped(alg, meta_params, batch)
         if result is not None:
             return result  # else: something was not finite; the per-task path finds which task
     return _per_task(alg, meta_params, batch, slots)
 
 
-def _per_task(alg: MetaAlgorithm, meta_params: Params, batch: TaskBatch, slots: list[int]) -> MetaGradient:
+def _per_task(alg: MetaAlgorithm, meta_params: Params, batch: TaskBatch | TaskList, slots: list[int]) -> MetaGradient:
     params = leaf_params(meta_params)
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     metrics: dict[str, float] = {}

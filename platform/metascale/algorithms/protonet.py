@@ -3,6 +3,7 @@ distance to each class's mean support embedding (the prototype). No inner loop: 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -11,10 +12,14 @@ from metascale.data.tasks import Task
 
 
 def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
-    """-||q - c_k||^2 for every query q and class mean c_k (one-hot averaging: no data-dependent shapes, so vmap works)."""
+    """-||q - c_k||^2 for every query q and class mean c_k (one-hot averaging: no data-dependent shapes, so vmap works).
+    `ways` is the most classes an episode can have: a class absent from the support set (a variable-way episode with
+    fewer) gets logit -inf, so it takes no probability and no gradient."""
     onehot = F.one_hot(support_y, ways).to(support.dtype)  # [S, N]
-    protos = (onehot.T @ support) / onehot.sum(0).unsqueeze(1)  # [N, D]
-    return -((query.unsqueeze(1) - protos.unsqueeze(0)) ** 2).sum(-1)
+    counts = onehot.sum(0)
+    protos = (onehot.T @ support) / counts.clamp(min=1).unsqueeze(1)  # [N, D]
+    logits = -((query.unsqueeze(1) - protos.unsqueeze(0)) ** 2).sum(-1)
+    return torch.where(counts > 0, logits, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 @register

@@ -19,7 +19,9 @@ import os
 import signal
 from typing import Sequence
 
-from metascale.data.tasks import TaskBatch
+import torch
+
+from metascale.data.tasks import TaskBatch, TaskList
 
 FAULT, ONCE = "METASCALE_FAULT", "METASCALE_FAULT_ONCE"
 
@@ -54,11 +56,16 @@ def maybe_fire(step: int | None, worker: int, rank: int = 0) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)  # a hang the process cannot notice itself: only a timeout finds it
 
 
-def poison(batch: TaskBatch, step: int | None, slots: Sequence[int]) -> TaskBatch:
+def poison(batch: TaskBatch | TaskList, step: int | None, slots: Sequence[int]) -> TaskBatch | TaskList:
     """The nan drill: episode (step, slot)'s query inputs replaced by NaN where the drill names one of `slots`."""
     drill = _drill()
     if drill is None or drill[0] != "nan" or step is None or drill[1][:1] != [step] or drill[1][1] not in slots:
         return batch
+    at = list(slots).index(drill[1][1])
+    if isinstance(batch, TaskList):  # episodes of different shapes
+        tasks = batch.tasks()
+        tasks[at] = dataclasses.replace(tasks[at], query_x=torch.full_like(tasks[at].query_x, float("nan")))
+        return TaskList(tuple(tasks))
     query_x = batch.query_x.clone()
-    query_x[list(slots).index(drill[1][1])] = float("nan")
+    query_x[at] = float("nan")
     return dataclasses.replace(batch, query_x=query_x)

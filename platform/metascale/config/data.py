@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from metascale.config.samplers import FixedSampler, SamplerSpec, _by_name
 from metascale.config.sections import PositiveFloat, PositiveInt, Spec
 
 # ----------------------------------------------------------------------------------------------- data
@@ -100,6 +101,31 @@ class EpisodicData(Spec):
     # Off by default, so that a spec reads the same pixels whether its set was packed before stats existed or after
     # (the glyph set the main job renders on first use) and recorded results reproduce (docs/data.md).
     normalize: bool = False
+    # 'fixed' (ways/shots/queries above) or 'meta_dataset' (variable ways and shots, config/samplers.py)
+    sampler: SamplerSpec = FixedSampler()
+
+    _sampler_by_name = field_validator("sampler", mode="before")(_by_name)
+
+    @model_validator(mode="after")
+    def _shape_knobs(self) -> "EpisodicData":
+        """ways/shots/queries belong to the fixed sampler; judged by value (a dumped spec holds every default)."""
+        if self.sampler.name != "fixed":
+            moved = [f for f in ("ways", "shots", "queries") if getattr(self, f) != EpisodicData.model_fields[f].default]
+            if moved:
+                raise ValueError(f"{', '.join(moved)}: set by sampler 'fixed' only; sampler '{self.sampler.name}' "
+                                 "draws them (its min_ways, max_ways, max_queries, max_support)")
+            if getattr(self, "stream", None) is not None:
+                raise ValueError(f"sampler '{self.sampler.name}' reads the whole split (no stream)")
+        return self
+
+    @property
+    def variable(self) -> bool:
+        """Episodes of different shapes (they do not stack into one TaskBatch)."""
+        return self.sampler.name != "fixed"
+
+    @property
+    def max_ways(self) -> int:
+        return self.sampler.max_ways if self.variable else self.ways
 
 
 class SyntheticImagesData(EpisodicData):
@@ -115,6 +141,9 @@ class SyntheticImagesData(EpisodicData):
     def _no_augment(self) -> "SyntheticImagesData":
         if self.augment.names():
             raise ValueError("augment applies to packed sets (source: shards or glyphs), not to synthetic images")
+        if self.variable:
+            raise ValueError("sampler 'meta_dataset' samples packed sets' class sizes (source: shards, glyphs or "
+                             "multi), synthetic images have none")
         return self
 
 
@@ -196,6 +225,48 @@ class NoisyLabelsData(Spec):
     noise: PositiveFloat = 0.5  # base 'synthetic': instance noise around each class prototype
 
 
+class SourceSpec(Spec):
+    """One packed set of a multi-source mix: where it is (as ShardsData), its weight, the splits it serves."""
+
+    url: str
+    weight: PositiveFloat = 1.0
+    layout: Literal["classes", "samples"] = "classes"
+    splits: dict[Literal["train", "val", "test"], Annotated[str, Field(min_length=1)]] = SAMPLE_SPLITS
+    index: Annotated[str, Field(min_length=1)] | None = None
+    on_bad_sample: Literal["error", "skip"] = "error"
+    # the splits whose episodes may come from this set (Meta-Dataset keeps some sets for testing only)
+    serves: Annotated[list[Literal["train", "val", "test"]], Field(min_length=1)] = ["train", "val", "test"]
+
+
+class MultiData(EpisodicData):
+    """Several packed sets (data/multi.py): each episode draws its set by weight among those serving its split,
+    then its classes and examples from that set. All sets must hold images of one shape."""
+
+    source: Literal["multi"] = "multi"
+    sources: Annotated[list[SourceSpec], Field(min_length=2)]
+
+    @model_validator(mode="after")
+    def _sources(self) -> "MultiData":
+        for i in range(len(self.sources)):
+            try:
+                self.source_spec(i)
+            except ValueError as e:  # pydantic's ValidationError: its first error's message
+                msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+                raise ValueError(f"sources[{i}]: {msg.removeprefix('Value error, ')}") from None
+        return self
+
+    def source_spec(self, i: int) -> ShardsData:
+        """Source i as a one-set spec with this mix's episode knobs (what its reader takes)."""
+        src = self.sources[i]
+        keep = {k: getattr(self, k) for k in EpisodicData.model_fields}
+        return ShardsData(url=src.url, layout=src.layout, splits=src.splits, index=src.index,
+                          on_bad_sample=src.on_bad_sample, **keep)
+
+    def serving(self, split: str) -> list[int]:
+        return [i for i, s in enumerate(self.sources) if split in s.serves]
+
+
 DataSpec = Annotated[
-    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, NoisyLabelsData], Field(discriminator="source")
+    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, MultiData, NoisyLabelsData],
+    Field(discriminator="source"),
 ]

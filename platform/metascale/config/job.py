@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from metascale.config.kubernetes import KubernetesSpec, cpu_millis
 from metascale.config.data import DataSpec, NoisyLabelsData, SinusoidData
+from metascale.config.samplers import episodes_problem
 from metascale.config.sections import (
     CHUNKED_QUERY, MIXED_MODE, AlgorithmSpec, CheckpointSpec, ClusterSpec, EvalSpec, ExecutorSpec, LoggingSpec,
     MLPSpec, ModelSpec, NonNegInt, OuterLoopSpec, ShardingSpec, Spec,
@@ -107,6 +108,8 @@ class JobSpec(Spec):
         if not regression and self.model.name == "mlp":
             raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")
         self._survey_compatible()
+        if (problem := episodes_problem(self)) is not None:
+            raise ValueError(problem)
         if (problem := sharding_problem(self)) is not None:
             raise ValueError(problem)
         worker_cpu, per_pod = self.kubernetes.worker.cpu, pod_processes(self)[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from metascale.config import (DataSpec, GlyphsData, JobSpec, NoisyLabelsData, ShardsData, SinusoidData,
+from metascale.config import (DataSpec, GlyphsData, JobSpec, MultiData, NoisyLabelsData, ShardsData, SinusoidData,
                               SyntheticImagesData)
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
 from metascale.errors import DataError
@@ -25,6 +25,10 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         return SampleTasks(spec, split, seed)
     if isinstance(spec, (GlyphsData, ShardsData)):
         return _shard_tasks(spec, split, seed, *_shard_root(spec))
+    if isinstance(spec, MultiData):  # several packed sets, one per episode
+        from metascale.data.multi import MultiTasks
+
+        return MultiTasks(spec, split, seed)
     if isinstance(spec, NoisyLabelsData):  # one many-shot task (Meta-Weight-Net's setting)
         from metascale.data.noisy_labels import NoisyLabelTasks
 
@@ -60,37 +64,56 @@ def check_episodes(spec: JobSpec) -> None:
             if n < data.ways:
                 raise DataError(f"data: split '{split}' has {n} classes (of data.classes={data.classes}), fewer than "
                                 f"ways ({data.ways})")
+    elif isinstance(data, MultiData):
+        from metascale.data.multi import shape_mismatch
+
+        first: dict[str, tuple[int, tuple]] = {}
+        for i in range(len(data.sources)):
+            served = [sp for sp in splits if sp in data.sources[i].serves]
+            if served:
+                shape = _check_set(spec, data.source_spec(i), served)
+                for sp in served:
+                    j, want = first.setdefault(sp, (i, shape))
+                    if shape != want:
+                        raise DataError(shape_mismatch(data, j, want, i, shape))
     elif isinstance(data, (GlyphsData, ShardsData)):
-        from metascale.data.episodes import EpisodePlanner
-        from metascale.data.index import load_index
-        from metascale.data.stream import StreamTasks
+        _check_set(spec, data, splits)
 
-        root, on_bad = _shard_root(data)
-        if isinstance(data, ShardsData) and data.layout == "samples":  # builds (or reuses) the class index
-            from metascale.data.samples import load_sample_index
 
-            index = load_sample_index(data.url, data.splits, data.index).planner_view()
-        else:
-            index = load_index(root)
-            _check_images(spec, root, index)
-        counts = {i: c.count for i, c in enumerate(index.classes)}
-        need = data.shots + data.queries
-        for split in splits:
-            try:  # with on_bad 'error', a class short of shots+queries is an error, as when training reads it
-                planner = EpisodePlanner(index, split, counts, need, data.augment, spec.seed, on_bad)
-            except DataError as e:
-                raise DataError(f"data: {root}: {e}") from None
-            if len(planner.virtual) < data.ways:
-                total = len(index.split_classes(split))
-                usable = total - planner.skipped_classes
-                have = f"{total} classes"
-                if planner.skipped_classes:
-                    have += f", {usable} of them with shots+queries={need} examples (on_bad_sample: skip)"
-                if len(planner.virtual) != usable:
-                    have += f" ({len(planner.virtual)} with rot90)"
-                raise DataError(f"data: split '{split}' of {root} has {have}, fewer than ways ({data.ways})")
-            if data.stream is not None:
-                StreamTasks(data, data.stream, split, spec.seed, root, on_bad).check(index)
+def _check_set(spec: JobSpec, data: GlyphsData | ShardsData, splits: list[Split]) -> tuple[int, int, int]:
+    """`check_episodes` for one packed set; returns its image shape (C, H, W)."""
+    from metascale.data.episodes import EpisodePlanner, examples_needed
+    from metascale.data.index import load_index
+    from metascale.data.stream import StreamTasks
+
+    root, on_bad = _shard_root(data)
+    if isinstance(data, ShardsData) and data.layout == "samples":  # builds (or reuses) the class index
+        from metascale.data.samples import load_sample_index
+
+        index = load_sample_index(data.url, data.splits, data.index).planner_view()
+    else:
+        index = load_index(root)
+        _check_images(spec, root, index)
+    counts = {i: c.count for i, c in enumerate(index.classes)}
+    need = examples_needed(data)
+    ways, what = (data.sampler.min_ways, "sampler.min_ways") if data.variable else (data.ways, "ways")
+    for split in splits:
+        try:  # with on_bad 'error', a class short of shots+queries is an error, as when training reads it
+            planner = EpisodePlanner(index, split, counts, need, data.augment, spec.seed, on_bad)
+        except DataError as e:
+            raise DataError(f"data: {root}: {e}") from None
+        if len(planner.virtual) < ways:
+            total = len(index.split_classes(split))
+            usable = total - planner.skipped_classes
+            have = f"{total} classes"
+            if planner.skipped_classes:
+                have += f", {usable} of them with {'' if data.variable else 'shots+queries='}{need} examples (on_bad_sample: skip)"
+            if len(planner.virtual) != usable:
+                have += f" ({len(planner.virtual)} with rot90)"
+            raise DataError(f"data: split '{split}' of {root} has {have}, fewer than {what} ({ways})")
+        if data.stream is not None:
+            StreamTasks(data, data.stream, split, spec.seed, root, on_bad).check(index)
+    return tuple(index.shape)
 
 
 def _check_images(spec: JobSpec, root: str, index) -> None:
@@ -117,8 +140,11 @@ def _shard_tasks(spec: GlyphsData | ShardsData, split: Split, seed: int, root: s
 
 
 def output_dim(spec: DataSpec) -> int:
-    """What the model's head must produce: 1 for sinusoid regression, `ways` logits for classification."""
-    return 1 if isinstance(spec, SinusoidData) else spec.ways
+    """What the model's head must produce: 1 for sinusoid regression, `ways` logits for classification (the most
+    ways an episode can have: ProtoNets' prototypes take any number up to it)."""
+    if isinstance(spec, SinusoidData):
+        return 1
+    return spec.max_ways if hasattr(spec, "max_ways") else spec.ways
 
 
 __all__ = ["Split", "Task", "TaskBatch", "TaskSource", "build_task_source", "check_episodes", "output_dim"]

@@ -3,7 +3,8 @@
 `EpisodePlanner` decides which classes (and rotations) and which instances an episode uses from class counts alone;
 `ShardTasks` (the TaskSource of `source: shards|glyphs`) gathers the planned rows from the decoded `ClassStore`.
 Any worker can therefore recompute any slot of any meta-step after a fault, and resume reproduces the data exactly.
-`VariableEpisodes` draws Meta-Dataset-style episodes (variable ways and shots), which do not stack: list[Task].
+With `data.sampler: meta_dataset` the same planner's classes feed data/sampler.py's variable-way variable-shot
+episodes, which do not stack: a TaskList.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from metascale.data.images import ImagePipeline
 from metascale.data.index import ShardIndex, load_index
 from metascale.data.reader import OnBad
 from metascale.data.store import ClassStore, load_store
-from metascale.data.tasks import Split, Task, TaskBatch, episode_rng
+from metascale.data.tasks import Split, Task, TaskBatch, TaskList, episode_rng
 from metascale.errors import DataError
 
 # Omniglot practice: augment.rot90 turns every class into 4 (0, 90, 180, 270 degrees), each its own class.
@@ -31,6 +32,11 @@ class PlannedClass:
     class_id: int
     quarter_turns: int
     instances: np.ndarray  # rows within the class: support first, then query
+
+
+def examples_needed(spec: EpisodicData) -> int:
+    """A class's fewest examples for an episode: shots+queries, or two for the variable sampler (data/sampler.py)."""
+    return 2 if spec.variable else spec.shots + spec.queries
 
 
 class EpisodePlanner:
@@ -70,31 +76,13 @@ class EpisodePlanner:
         return [PlannedClass(c, t, order[i, :n]) for i, ((c, t), n) in enumerate(zip(classes, per_class))]
 
 
-def materialise(store: ClassStore, plan: list[PlannedClass], shots: Sequence[int]) -> Task:
-    """Support (class-major, shots[c] per class) and query (the rest) as uint8; labels 0..ways-1."""
-    sx, sy, qx, qy = [], [], [], []
-    for label, (p, k) in enumerate(zip(plan, shots)):
-        imgs = store.images[store.rows(p.class_id, p.instances)]
-        if p.quarter_turns:
-            imgs = np.rot90(imgs, p.quarter_turns, axes=(-2, -1))
-        sx.append(imgs[:k])
-        qx.append(imgs[k:])
-        sy += [label] * k
-        qy += [label] * (len(imgs) - k)
-    return Task(_uint8(sx), torch.tensor(sy), _uint8(qx), torch.tensor(qy))
-
-
-def _uint8(parts: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts)))
-
-
 class Uint8Episodes:
     """A TaskSource that gathers its episodes as uint8 (`batch_uint8`); `episodes_uint8` adds the split's
     augmentation (what loader workers build and move), `to_float` normalises (in the trainer); the float batch and
     single tasks follow from them. Subclasses have `spec`, `split` and `seed`, and say where their set's
     normalisation stats come from (`image_stats`)."""
 
-    def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
+    def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch | TaskList:
         raise NotImplementedError
 
     def image_stats(self) -> dict | None:
@@ -108,16 +96,23 @@ class Uint8Episodes:
             self._pipeline = ImagePipeline(self.spec.augment, self.split, self.seed, stats, self.spec.normalize)
         return self._pipeline
 
-    def episodes_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
-        return self.pipeline.augment(self.batch_uint8(step, slots), step, slots)
+    def episodes_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch | TaskList:
+        b = self.batch_uint8(step, slots)
+        if isinstance(b, TaskList):
+            from metascale.data.sampler import per_task
 
-    def to_float(self, b: TaskBatch) -> TaskBatch:
+            return per_task(lambda one, at: self.pipeline.augment(one, step, at), b, slots)
+        return self.pipeline.augment(b, step, slots)
+
+    def to_float(self, b: TaskBatch | TaskList) -> TaskBatch | TaskList:
+        if isinstance(b, TaskList):
+            return TaskList(tuple(self.pipeline.to_float(TaskBatch.stack([t]))[0] for t in b.tasks()))
         return self.pipeline.to_float(b)
 
     def task(self, step: int, slot: int) -> Task:
         return self.batch(step, [slot])[0]
 
-    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
+    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch | TaskList:
         return self.to_float(self.episodes_uint8(step, slots))
 
 
@@ -149,15 +144,20 @@ class ShardTasks(Uint8Episodes):
         if self._state is None:
             index = load_index(self.root)
             store = load_store(index, self.root, self.split, self.on_bad, self.load_workers)
-            need = self.spec.shots + self.spec.queries
+            need = examples_needed(self.spec)
             planner = EpisodePlanner(index, self.split, store.counts, need, self.spec.augment, self.seed, self.on_bad)
             self._state = (store, planner)
         return self._state
 
-    def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
+    def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch | TaskList:
         """The batch with images still uint8 (4x less to move between processes), gathered from the cache."""
         s = self.spec
         store, planner = self._loaded()
+        if s.variable:
+            from metascale.data.sampler import variable_uint8
+
+            return variable_uint8(planner, step, slots, s.sampler,
+                                  lambda cid, instances: store.images[store.offsets[cid] + instances])
         plans = [planner.plan(step, slot, s.ways, s.shots + s.queries) for slot in slots]
         offsets = np.array([[store.offsets[p.class_id] for p in plan] for plan in plans])[:, :, None]  # [T, ways, 1]
         return assemble(s, plans, lambda instances: store.images[offsets + instances])
@@ -179,36 +179,3 @@ def assemble(spec: EpisodicData, plans: list[list[PlannedClass]], take: Callable
         x = x.reshape(n, spec.ways * (hi - lo), *x.shape[3:])  # class-major
         halves += [torch.from_numpy(x), torch.arange(spec.ways).repeat_interleave(hi - lo).expand(n, -1)]
     return TaskBatch(*halves)
-
-
-class VariableEpisodes:
-    """Meta-Dataset-style episodes: ways ~ U[min_ways, min(max_ways, classes)], queries per class
-    min(max_queries, half the rarest chosen class), each class's shots ~ U[1, min(max_shots, count - queries)].
-    Shapes differ per episode, so `tasks` returns list[Task]; still pure in (seed, split, step, slot)."""
-
-    def __init__(self, source: ShardTasks, min_ways: int = 5, max_ways: int = 50, max_shots: int = 10,
-                 max_queries: int = 10):
-        if not 2 <= min_ways <= max_ways:
-            raise ValueError(f"need 2 <= min_ways <= max_ways (got {min_ways}, {max_ways})")
-        self.source, self.min_ways, self.max_ways = source, min_ways, max_ways
-        self.max_shots, self.max_queries = max_shots, max_queries
-
-    def task(self, step: int, slot: int) -> Task:
-        store, planner = self.source._loaded()
-        rng = episode_rng(self.source.seed, self.source.split, step, slot)
-        top = min(self.max_ways, len(planner.virtual))
-        if top < self.min_ways:
-            raise DataError(f"split '{planner.split}' has {top} usable classes, fewer than min_ways={self.min_ways}")
-        ways = int(rng.integers(self.min_ways, top + 1))
-        picked = [planner.virtual[j] for j in np.argpartition(rng.random(len(planner.virtual)), ways - 1)[:ways]]
-        counts = [planner.counts[c] for c, _ in picked]
-        queries = max(1, min(self.max_queries, min(counts) // 2))
-        shots = [int(rng.integers(1, min(self.max_shots, n - queries) + 1)) for n in counts]
-        plan = [PlannedClass(c, t, np.argsort(rng.random(n), kind="stable")[: k + queries])
-                for (c, t), n, k in zip(picked, counts, shots)]
-        b = TaskBatch.stack([materialise(store, plan, shots)])
-        return self.source.to_float(self.source.pipeline.augment(b, step, [slot]))[0]
-
-    def tasks(self, step: int, slots: Sequence[int]) -> list[Task]:
-        return [self.task(step, slot) for slot in slots]
-

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from metascale.config import ShardsData
-from metascale.data.episodes import EpisodePlanner, Uint8Episodes, assemble
+from metascale.data.episodes import EpisodePlanner, Uint8Episodes, assemble, examples_needed
 from metascale.data.samples import SampleIndex, load_sample_index
-from metascale.data.tasks import Split, TaskBatch
+from metascale.data.tasks import Split, TaskBatch, TaskList
 from metascale.data.urls import join
 from metascale.errors import DataError
 
@@ -52,7 +52,7 @@ class SampleTasks(Uint8Episodes):
             index = load_sample_index(s.url, s.splits, s.index)
             counts = {i: len(m) for i, m in enumerate(index.members)}
             planner = EpisodePlanner(
-                index.planner_view(), self.split, counts, s.shots + s.queries, s.augment, self.seed
+                index.planner_view(), self.split, counts, examples_needed(s), s.augment, self.seed
             )
             self._state = (index, planner)
         return self._state
@@ -60,9 +60,14 @@ class SampleTasks(Uint8Episodes):
     def image_stats(self) -> dict | None:
         return None  # per-sample sets from other tools carry no pack-time stats: read in [0, 1]
 
-    def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch:
+    def batch_uint8(self, step: int, slots: Sequence[int]) -> TaskBatch | TaskList:
         s = self.spec
         index, planner = self._loaded()
+        if s.variable:
+            from metascale.data.sampler import variable_uint8
+
+            return variable_uint8(planner, step, slots, s.sampler,
+                                  lambda cid, instances: self.read(np.array([[cid]]), instances[None, None])[0, 0])
         plans = [planner.plan(step, slot, s.ways, s.shots + s.queries) for slot in slots]
         cids = np.array([[p.class_id for p in plan] for plan in plans])[:, :, None]  # [T, ways, 1]
         return assemble(s, plans, lambda instances: self.read(cids, instances))

@@ -58,6 +58,26 @@ class TaskBatch:
         return TaskBatch(*(_move(getattr(self, f.name), device, dtype) for f in fields(self)))
 
 
+@dataclass(frozen=True)
+class TaskList:
+    """Tasks of different shapes (variable-way variable-shot episodes, data/sampler.py): what TaskBatch offers but
+    the stacked tensors. The per-task executor, evaluation and ES read only `tasks()`; vmap needs a TaskBatch."""
+
+    items: tuple[Task, ...]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Task:
+        return self.items[i]
+
+    def tasks(self) -> list[Task]:
+        return list(self.items)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskList":
+        return TaskList(tuple(t.to(device, dtype) for t in self.items))
+
+
 def _move(t: Tensor, device: torch.device | str, dtype: torch.dtype | None) -> Tensor:
     """Moves to device; casts only floating tensors (labels keep their integer type)."""
     if dtype is not None and t.is_floating_point():
