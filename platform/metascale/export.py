@@ -69,12 +69,34 @@ def export_model(source: str, to: str) -> dict[str, Any]:
     from safetensors.torch import save as save_safetensors
 
     spec, step, state = _source(source)
+    if spec.algorithm.name == "distill":  # no model weights: the distilled set itself
+        return export_distilled(spec, step, state, to)
     weights, buffers = model_weights(spec, state, f"export of {source}")
     metadata = {"format": "pt", "metascale.job": spec.name, "metascale.step": str(step),
                 "metascale.model": json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)}
     data = save_safetensors(weights, metadata=metadata)
     _write(to, data)
     return {"exported": to, "step": step, "tensors": len(weights), "buffers": len(buffers), "bytes": len(data)}
+
+
+def export_distilled(spec: JobSpec, step: int | None, state: dict[str, Any], to: str) -> dict[str, Any]:
+    """A distilled set (algorithms/distill.py) as a NumPy .npz any tool reads: `images` [N, *shape] float, `labels`
+    [N] int64 (class i's images_per_class images in a row), `inner_lr` (the learned rate the set trains with)."""
+    import io
+
+    import numpy as np
+
+    from metascale.algorithms.distill import IMAGES, LOG_LR
+
+    if not to.endswith(".npz"):
+        raise MetascaleError(f"{to}: a distilled set exports as a .npz file (arrays images, labels, inner_lr)")
+    images = state["params"][IMAGES].detach().cpu().numpy()
+    per_class = spec.algorithm.distill.images_per_class
+    labels = np.repeat(np.arange(len(images) // per_class), per_class)
+    buf = io.BytesIO()
+    np.savez(buf, images=images, labels=labels, inner_lr=np.exp(float(state["params"][LOG_LR])))
+    _write(to, buf.getvalue())
+    return {"exported": to, "step": step, "images": len(images), "bytes": len(buf.getvalue())}
 
 
 def _write(to: str, data: bytes) -> None:

@@ -9,21 +9,21 @@ from metascale.config.job import SECOND_ORDER, SHARDED_FIRST_ORDER, JobSpec, pod
 from metascale.config.kubernetes import KubernetesSpec, Volume, VolumeMount
 from metascale.config.load import dump_spec, load_spec, parse_spec
 from metascale.config.data import (
-    AugmentSpec, DataSpec, EpisodicData, GlyphsData, MultiData, NoisyLabelsData, ShardsData, SinusoidData, SourceSpec,
-    StreamSpec, SyntheticImagesData,
+    AugmentSpec, DataSpec, DomainsData, EpisodicData, GlyphsData, MultiData, NoisyLabelsData, ShardsData,
+    SinusoidData, SourceSpec, StreamSpec, SyntheticImagesData,
 )
 from metascale.config.samplers import FixedSampler, MetaDatasetSampler
 from metascale.config.sections import (
     CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, ESSpec, EvalSpec,
     ExecutorSpec, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, LRScheduleSpec, MLPSpec, ModelInit, ModelSpec,
-    MWNSpec, OuterLoopSpec, ResNet12Spec, ShardingSpec, Spec, ViTSpec, WandbSpec,
+    DistillSpec, MLDGSpec, MWNSpec, OuterLoopSpec, ResNet12Spec, ShardingSpec, Spec, ViTSpec, WandbSpec,
 )
 
 __all__ = [
     "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "AugmentSpec", "CheckpointSpec", "ClusterSpec",
-    "Conv4Spec", "CustomModelSpec", "DataSpec", "FixedSampler", "MetaDatasetSampler", "MultiData", "SourceSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData",
+    "Conv4Spec", "CustomModelSpec", "DataSpec", "DistillSpec", "DomainsData", "FixedSampler", "MetaDatasetSampler", "MultiData", "SourceSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData",
     "IMAMLSpec", "InnerLoopSpec", "JobSpec", "KubernetesSpec", "LearnedSpec", "LoggingSpec", "LRScheduleSpec",
-    "MLPSpec", "ModelInit", "ModelSpec", "MWNSpec", "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec",
+    "MLDGSpec", "MLPSpec", "ModelInit", "ModelSpec", "MWNSpec", "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec",
     "ShardingSpec", "ShardsData", "SinusoidData", "Spec", "StreamSpec", "SyntheticImagesData", "ViTSpec", "Volume",
     "VolumeMount", "WandbSpec", "dump_spec", "load_spec", "parse_spec", "pod_processes", "sharding_problem",
 ]

@@ -266,7 +266,41 @@ class MultiData(EpisodicData):
         return [i for i, s in enumerate(self.sources) if split in s.serves]
 
 
+GlyphStyle = Literal["plain", "thin", "bold", "slant", "rotated", "small"]  # data/domains.py: one domain each
+
+
+class DomainsData(Spec):
+    """Domain generalisation (MLDG's setting, data/domains.py): `ways` glyph classes rendered in each stroke style of
+    `domains`, one a domain; `target` is held out (test split), the others are the sources a train step samples
+    `batch` examples from per domain, `meta_test_domains` of them as the step's meta-test domains."""
+
+    source: Literal["domains"] = "domains"
+    ways: PositiveInt = 10
+    domains: list[GlyphStyle] = ["thin", "bold", "slant", "small", "rotated"]
+    target: GlyphStyle = "rotated"
+    per_class: PositiveInt = 20  # training images per class and source domain
+    test_per_class: PositiveInt = 10  # held-out images per class and domain (target: test split; sources: val)
+    batch: PositiveInt = 20  # examples per domain in a train step
+    eval_batch: PositiveInt = 50  # examples per evaluation slot
+    meta_test_domains: PositiveInt = 1
+    image_size: PositiveInt = 28
+
+    @model_validator(mode="after")
+    def _domains(self) -> "DomainsData":
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError("domains: each style at most once")
+        if self.target not in self.domains:
+            raise ValueError(f"target '{self.target}' is not one of domains {self.domains}")
+        if len(self.domains) - 1 < self.meta_test_domains + 1:
+            raise ValueError(f"{len(self.domains) - 1} source domains cannot be split into meta-train and "
+                             f"{self.meta_test_domains} meta-test domain(s): add domains or lower meta_test_domains")
+        if self.batch > self.ways * self.per_class:
+            raise ValueError(f"batch ({self.batch}) exceeds a domain's training images (ways x per_class = "
+                             f"{self.ways * self.per_class})")
+        return self
+
+
 DataSpec = Annotated[
-    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, MultiData, NoisyLabelsData],
+    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, MultiData, NoisyLabelsData, DomainsData],
     Field(discriminator="source"),
 ]

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from metascale.config.kubernetes import KubernetesSpec, cpu_millis
-from metascale.config.data import DataSpec, NoisyLabelsData, SinusoidData
+from metascale.config.data import DataSpec, DomainsData, NoisyLabelsData, SinusoidData
 from metascale.config.samplers import episodes_problem
 from metascale.config.sections import (
     CHUNKED_QUERY, MIXED_MODE, AlgorithmSpec, CheckpointSpec, ClusterSpec, EvalSpec, ExecutorSpec, LoggingSpec,
@@ -120,12 +120,21 @@ class JobSpec(Spec):
 
     def _survey_compatible(self) -> None:
         """Combinations of the survey's other axes (docs/survey-map.md) that cannot mean anything."""
-        alg, single_task = self.algorithm, isinstance(self.data, NoisyLabelsData)
-        if (alg.name in ("mwn", "erm")) != single_task:
+        alg, single_task = self.algorithm, isinstance(self.data, (NoisyLabelsData, DomainsData))
+        if (alg.name in ("mwn", "erm", "distill")) != isinstance(self.data, NoisyLabelsData):
             raise ValueError(
-                f"algorithm '{alg.name}' with data.source '{self.data.source}': 'mwn' and 'erm' train one many-shot "
-                "task and need data.source 'noisy_labels', which no other algorithm takes"
+                f"algorithm '{alg.name}' with data.source '{self.data.source}': 'mwn', 'erm' and 'distill' train on "
+                "one many-shot set and need data.source 'noisy_labels', which no other algorithm takes"
             )
+        if (alg.name in ("mldg", "erm_pooled")) != isinstance(self.data, DomainsData):
+            raise ValueError(
+                f"algorithm '{alg.name}' with data.source '{self.data.source}': 'mldg' and 'erm_pooled' learn across "
+                "domains and need data.source 'domains', which no other algorithm takes"
+            )
+        self._distill_compatible()
+        if alg.name == "mldg" and alg.inner.steps != 1:
+            raise ValueError(f"algorithm 'mldg' takes one virtual step of inner.lr on the meta-train domains: "
+                             f"inner.steps must be 1 (got {alg.inner.steps})")
         if alg.name in ("learned_hparams", "learned_loss") and (alg.inner.first_order or alg.inner.steps == 0):
             raise ValueError(
                 f"algorithm '{alg.name}' learns through the inner loop's gradients: it needs inner.steps >= 1 and "
@@ -147,9 +156,9 @@ class JobSpec(Spec):
         if alg.inner.query_chunk is not None and alg.name not in CHUNKED_QUERY:
             raise ValueError(f"inner.query_chunk splits the adapted model's query pass: algorithms "
                              f"{', '.join(CHUNKED_QUERY)}, not '{alg.name}'")
-        if alg.name in ("mwn", "erm") and self.executor.strategy == "vmap":
+        if alg.name in ("mwn", "erm", "mldg", "erm_pooled", "distill") and self.executor.strategy == "vmap":
             raise ValueError(f"algorithm '{alg.name}' runs per task (executor.strategy 'per_task' or 'auto'), not vmap")
-        if self.outer.estimator == "es" and alg.name in ("mwn", "erm"):
+        if self.outer.estimator == "es" and single_task:
             raise ValueError(f"outer.estimator 'es' needs a few-shot task stream, not algorithm '{alg.name}'")
         if self.outer.estimator == "es" and self.outer.es.objective == "error" and isinstance(self.data, SinusoidData):
             raise ValueError("outer.es.objective 'error' needs classification data (sinusoid has no accuracy)")
@@ -160,7 +169,28 @@ class JobSpec(Spec):
             raise ValueError("cluster.aggregation 'allreduce' is for replicated workers; with sharding.engine "
                              "deepspeed the rank group already reduces (docs/sharding.md); use aggregation: coordinator")
         if self.outer.estimator == "ftml" and single_task:
-            raise ValueError("outer.estimator 'ftml' streams few-shot tasks; data.source 'noisy_labels' is one task")
+            raise ValueError(f"outer.estimator 'ftml' streams few-shot tasks; data.source '{self.data.source}' is "
+                             "one task")
+
+    def _distill_compatible(self) -> None:
+        """Dataset distillation's meaningless combinations (algorithms/distill.py)."""
+        alg, data = self.algorithm, self.data
+        if alg.name != "distill" or not isinstance(data, NoisyLabelsData):
+            return
+        if alg.inner.first_order or alg.inner.steps == 0:
+            raise ValueError("algorithm 'distill' learns its images through the inner steps' gradients: it needs "
+                             "inner.steps >= 1 and inner.first_order false")
+        if data.label_noise or data.imbalance != 1:
+            raise ValueError("algorithm 'distill' distils a clean, balanced set: data.label_noise 0, imbalance 1")
+        if data.meta_per_class < alg.distill.images_per_class or data.meta_batch_size < data.ways * data.meta_per_class:
+            raise ValueError(f"algorithm 'distill': its baseline takes images_per_class ({alg.distill.images_per_class}) "
+                             "real images of each class from an evaluation task's support (the whole meta set): it "
+                             "needs data.meta_per_class >= images_per_class and meta_batch_size >= ways x meta_per_class")
+        if list(alg.distill.shape) != [1, data.image_size, data.image_size]:
+            raise ValueError(f"algorithm.distill.shape {list(alg.distill.shape)} is not the data's example shape "
+                             f"[1, {data.image_size}, {data.image_size}]")
+        if self.model.init_from is not None:
+            raise ValueError("algorithm 'distill' trains a fresh model for every task: model.init_from means nothing")
 
     def path(self, template: str) -> str:
         return template.format(name=self.name)

@@ -162,10 +162,26 @@ class MWNSpec(Spec):
     hidden: PositiveInt = 100
 
 
+class MLDGSpec(Spec):
+    """MLDG (Li et al. 2018): objective L_tr(theta) + beta * L_te(theta - inner.lr * grad L_tr(theta))."""
+
+    beta: PositiveFloat = 1.0
+
+
+class DistillSpec(Spec):
+    """Dataset distillation (Wang et al. 2018): `images_per_class` synthetic examples of `shape` per class and the
+    inner learning rate (starting at `init_lr`) are the meta-parameters (algorithms/distill.py)."""
+
+    images_per_class: PositiveInt = 1
+    shape: list[PositiveInt] = [1, 28, 28]  # one example's shape: the data's (channels, size, size)
+    init_lr: PositiveFloat = 0.02
+
+
 class AlgorithmSpec(Spec):
     name: Literal[
         "maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
         "imaml", "learned_hparams", "learned_loss", "mwn", "erm",
+        "mldg", "erm_pooled", "distill",
     ] = "maml"
     inner: InnerLoopSpec = InnerLoopSpec()
     # ANIL adapts only parameters whose name starts with this prefix (the classifier head).
@@ -175,6 +191,8 @@ class AlgorithmSpec(Spec):
     imaml: IMAMLSpec = IMAMLSpec()
     learned: LearnedSpec = LearnedSpec()
     mwn: MWNSpec = MWNSpec()
+    mldg: MLDGSpec = MLDGSpec()
+    distill: DistillSpec = DistillSpec()
 
 
 # -------------------------------------------------------------------------------------- outer / eval

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from metascale.config import (DataSpec, GlyphsData, JobSpec, MultiData, NoisyLabelsData, ShardsData, SinusoidData,
-                              SyntheticImagesData)
+from metascale.config import (DataSpec, DomainsData, GlyphsData, JobSpec, MultiData, NoisyLabelsData, ShardsData,
+                              SinusoidData, SyntheticImagesData)
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
 from metascale.errors import DataError
 
@@ -33,6 +33,10 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         from metascale.data.noisy_labels import NoisyLabelTasks
 
         return NoisyLabelTasks(spec, split, seed)
+    if isinstance(spec, DomainsData):  # glyph stroke styles as domains (MLDG's setting)
+        from metascale.data.domains import DomainTasks
+
+        return DomainTasks(spec, split, seed)
     raise NotImplementedError(f"data source '{spec.source}'")
 
 

@@ -144,18 +144,24 @@ def render(glyph: Glyph, rng: np.random.Generator | None, size: int, instances: 
         pts, widths = g.points[None], np.array([0.07])
     else:
         pts, widths, g = jitter(glyph, rng, instances)
+    return draw(pts, widths, g, size)
+
+
+def draw(pts: np.ndarray, widths: np.ndarray, g: _Prepared, size: int) -> np.ndarray:
+    """uint8 [instances, size, size] from points [instances, P, 2] in the unit square and pen widths (fractions of
+    the side), as `jitter` makes them (data/domains.py restyles them first)."""
     over = 4 if size <= 32 else 2
     canvas = size * over
     out = np.empty((len(pts), size, size), np.uint8)
     for i, (p, width) in enumerate(zip(pts * canvas, widths)):
         im = Image.new("L", (canvas, canvas), 0)
-        draw = ImageDraw.Draw(im)
+        pen = ImageDraw.Draw(im)
         w = max(1, round(float(width) * canvas))
         r = w / 2
         for a, b in g.bounds:
-            draw.line(p[a:b].ravel().tolist(), fill=255, width=w)
+            pen.line(p[a:b].ravel().tolist(), fill=255, width=w)
         for x, y in p[g.dots].tolist():
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+            pen.ellipse((x - r, y - r, x + r, y + r), fill=255)
         out[i] = np.asarray(im.reduce(over), dtype=np.uint8)
     return out
 
