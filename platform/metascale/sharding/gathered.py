@@ -4,7 +4,7 @@ ZeRO-3 keeps each meta-parameter as a flat partition per rank and gathers whole 
 engine's modules; torch.func's functional_call swaps whole tensors into the module and differentiates through the
 inner loop (double backward, forward-over-reverse), which those hooks cannot serve. So a work item runs in three
 phases instead of through the engine's forward and backward:
-  gather   `deepspeed.zero.GatheredParameters` over every meta-parameter (one all-gather): whole tensors on every
+  gather   `deepspeed.zero.GatheredParameters` over every meta-parameter at once: whole tensors on every
            rank for the item's duration;
   compute  tasks dealt in rounds (rank r takes tasks r, r + world, ...); each rank runs the algorithm's own
            `task_objective` on the whole tensors, through a hook-free twin of the model (its weights on the meta
@@ -34,8 +34,8 @@ from metascale.sharding.second_order import cast_task, meta_module, sum_over_ran
 
 
 def hook_free_twin(make_model: Any, model: nn.Module) -> nn.Module:
-    """The model's structure without its weights (meta device) and with `model`'s buffers: what the algorithm's
-    functional_call runs, so that DeepSpeed's hooks on `model` never see the whole tensors swapped in."""
+    """The model's structure without its weights (meta device) and with `model`'s (persistent) buffers: what the
+    algorithm's functional_call runs, so that DeepSpeed's hooks on `model` never see the whole tensors swapped in."""
     with torch.device("meta"):
         twin = make_model()
     twin.load_state_dict(dict(model.named_buffers()), strict=False, assign=True)
@@ -74,7 +74,7 @@ class GatheredSecondOrderLearner:
 
     def _gathered(self) -> Any:
         """Whole meta-parameters on every rank inside the context, partitions again after it (modifier_rank None:
-        nothing is written back; DeepSpeed checks that nothing was modified in place)."""
+        nothing is broadcast back, and nothing here writes to the gathered tensors)."""
         return require("deepspeed").zero.GatheredParameters(list(self.params().values()), modifier_rank=None)
 
     def _whole(self) -> Params:
