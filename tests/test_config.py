@@ -69,7 +69,7 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
         ({"algorithm": {"inner": {"differentiation": "mixed", "mixed_stride": 0}}}, "mixed_stride: Input should be greater than 0"),
         ({"model": {"name": "vit"}, "data": {"source": "synthetic"}, "cluster": {"address": "local"},
           "algorithm": {"inner": {"differentiation": "mixed"}}, "sharding": {"engine": "deepspeed", "zero_stage": 2}},
-         "algorithm.inner.differentiation 'mixed' runs un-sharded"),
+         "algorithm.inner.differentiation 'mixed' runs sharded at zero_stage 3 only"),
         ({"cluster": {"cpus_per_process": 2}, "kubernetes": {"worker": {"cpu": "1500m", "memory": "1Gi"}}},
          "kubernetes.worker.cpu (1500m) is below what a worker pod's processes need (cluster.cpus_per_process x 1 = 2)"),
     ],

@@ -61,16 +61,22 @@ def assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
         assert float((got[k] - g).norm()) <= 1e-5 * max(float(g.norm()), 1e-6), k
 
 
-def sharded_step(spec: JobSpec, step: int, *, drill_slot: int | None = None, drill=None) -> tuple[Any, Any, Any]:
+def sharded_step(spec: JobSpec, step: int, *, drill_slot: int | None = None, drill=None,
+                 episodes: list | None = None) -> tuple[Any, Any, Any]:
     """One meta_gradient item of `spec`'s slots at `step` through a pool of one rank group: (result, the
-    coordinator's parameters, what each rank holds)."""
+    coordinator's parameters, what each rank holds). With `episodes`, an evaluate item of the same episodes runs
+    after it and its per-episode metrics are appended there."""
     if drill_slot is not None:
         drill(f"nan:{step}:{drill_slot}")
     coord = Coordinator(spec)
     pool = RayPool(spec)
     try:
-        [result] = pool.run(items("meta_gradient", step, spec.outer.meta_batch, 1), pool.put(coord.published()))
+        published = pool.put(coord.published())
+        [result] = pool.run(items("meta_gradient", step, spec.outer.meta_batch, 1), published)
         held = pool.workers[0].held()
+        if episodes is not None:
+            [scored] = pool.run(items("evaluate", step, spec.outer.meta_batch, 1), published)
+            episodes += scored.episodes
     finally:
         pool.shutdown()
     return result, coord.params, held
@@ -100,16 +106,34 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
     assert_equal(whole(result), reference(job(), params, 1, [0, 1, 2]))
 
 
-@pytest.mark.parametrize("algorithm,zero", [("maml", 2), ("metasgd", 0)])
-def test_second_order_equals_plain_torch(local_ray, algorithm, zero):
-    """3 tasks over 2 ranks: the second round has a task on rank 0 only (rank 1 back-propagates a blank)."""
-    spec = job(algorithm={"name": algorithm, "inner": {"steps": 1, "lr": 0.1}}, sharding={"zero_stage": zero})
-    result, params, _ = sharded_step(spec, 2)
-    assert result.tasks == 3
+@pytest.mark.parametrize("algorithm,zero,mode", [
+    ("maml", 2, "reverse"), ("metasgd", 0, "reverse"),
+    ("maml", 3, "reverse"), ("metasgd", 3, "mixed"),  # ZeRO-3 gathers the whole tensors (sharding/gathered.py)
+])
+def test_second_order_equals_plain_torch(local_ray, algorithm, zero, mode):
+    """3 tasks over 2 ranks: the second round has a task on rank 0 only (stages 0-2: rank 1 back-propagates a blank).
+    ZeRO-3 gathers the meta-parameters for the item and releases them after: at rest each rank holds only its
+    partitions (Meta-SGD's learning rates included) and no whole copy."""
+    spec = job(algorithm={"name": algorithm, "inner": {"steps": 2, "lr": 0.1, "differentiation": mode}},
+               sharding={"zero_stage": zero})
+    episodes: list = []
+    result, params, held = sharded_step(spec, 2, episodes=episodes if zero == 3 else None)
+    assert result.tasks == 3 and not result.nonfinite_slots
     assert_equal(whole(result), reference(spec, params, 2, [0, 1, 2]))
+    if zero == 3:  # evaluation adapts on the gathered whole tensors too (tasks dealt to the ranks, put back in order)
+        alg = build_algorithm(spec.algorithm, build_model(spec.model, output_dim(spec.data)))
+        tasks = build_task_source(spec.data, "train", spec.seed).batch(2, [0, 1, 2]).tasks()
+        with torch.no_grad():
+            expected = [{k: float(v) for k, v in alg.task_objective(params, t).metrics.items()} for t in tasks]
+        assert [sorted(e) for e in episodes] == [sorted(e) for e in expected]
+        for got, want in zip(episodes, expected):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+        for r in held:
+            assert r["whole_numel"] / 2 <= r["local_numel"] <= r["whole_numel"] / 2 + len(params)
+            assert r["resident_numel"] == 0
 
 
-@pytest.mark.parametrize("algorithm,zero", [("fomaml", 3), ("maml", 2)])
+@pytest.mark.parametrize("algorithm,zero", [("fomaml", 3), ("maml", 2), ("maml", 3)])
 def test_a_non_finite_task_is_left_out_and_named(local_ray, drill, algorithm, zero):
     """Slot 1's query set is NaN (the nan drill): the group leaves it out of its sum and names it; the sum is the
     other two tasks' (second order: its rank back-propagated a blank in that round, adding exactly nothing)."""

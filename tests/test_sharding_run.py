@@ -33,7 +33,6 @@ def last_json(text: str) -> dict:
 
 
 @pytest.mark.parametrize("algorithm,sharding,field,instead", [
-    ("maml", {"zero_stage": 3}, "sharding.zero_stage", "use zero_stage <= 2"),
     ("fomaml", {"precision": "fp16"}, "precision fp16", "use precision: bf16"),
     ("fomaml", {"offload": "cpu"}, "offload cpu", "zero_stage >= 1"),
     ("maml", {"support_backprop_subset": 2}, "sharding.support_backprop_subset", "use algorithm fomaml"),
@@ -53,16 +52,20 @@ def test_sharded_jobs_take_any_number_of_groups_any_address_and_every_nonfinite_
             "sharding": {"engine": "deepspeed", "ranks": 2, "zero_stage": 2}}
     for cluster in ({"workers": 3}, {"address": "auto", "workers": 4}, {"address": "ray://head:10001"}):
         parse_spec({**base, "cluster": cluster, "executor": {"nonfinite": "skip_step"}})
+    for name in ("maml", "metasgd", "anil"):  # second order at ZeRO-3 (gathered), mixed mode where it applies
+        mixed = {"differentiation": "mixed"} if name != "anil" else {}
+        parse_spec({**base, "algorithm": {"name": name, "inner": mixed}, "sharding": {**base["sharding"], "zero_stage": 3}})
     with pytest.raises(SpecError, match="rank groups as Ray actors"):
         parse_spec({**base, "cluster": {"address": "inline"}})
 
 
 def test_validate_cli_prints_the_reason_without_a_traceback(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"model": VIT, "data": DATA, "sharding": {"engine": "deepspeed", "zero_stage": 3}}))
+    path.write_text(yaml.safe_dump({"model": VIT, "data": DATA, "algorithm": {"inner": {"differentiation": "mixed"}},
+                                    "sharding": {"engine": "deepspeed", "zero_stage": 2}}))
     out = metascale("validate", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "sharding.zero_stage 3 cannot run second-order 'maml'" in out.stderr + out.stdout
+    assert "'mixed' runs sharded at zero_stage 3 only" in out.stderr + out.stdout
 
 
 def _spec_file(tmp_path: Path, **over) -> Path:

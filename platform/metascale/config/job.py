@@ -30,15 +30,13 @@ def sharding_problem(job: "JobSpec") -> str | None:
     second_order = alg.name in SECOND_ORDER and not alg.inner.first_order
     first_order_anil = alg.name == "anil" and alg.inner.first_order  # the head adapts, the sharded body is frozen
     if alg.name not in SHARDED_FIRST_ORDER and not second_order and not first_order_anil:
-        return (f"sharding.engine deepspeed runs {', '.join(SHARDED_FIRST_ORDER)} and first-order anil (any "
-                f"zero_stage) and second-order {', '.join(SECOND_ORDER)} (zero_stage <= 2), not algorithm '{alg.name}'"
+        return (f"sharding.engine deepspeed runs {', '.join(SHARDED_FIRST_ORDER)}, first-order anil and second-order "
+                f"{', '.join(SECOND_ORDER)} (any zero_stage), not algorithm '{alg.name}'"
                 + (" with inner.first_order: use fomaml" if alg.name in SECOND_ORDER else "; use sharding.engine: none"))
-    if alg.inner.differentiation == "mixed":
-        return ("algorithm.inner.differentiation 'mixed' runs un-sharded (sharded second order is reverse mode at "
-                "zero_stage <= 2): set differentiation reverse or sharding.engine none")
-    if second_order and s.zero_stage == 3:
-        return (f"sharding.zero_stage 3 cannot run second-order '{alg.name}': torch.func needs whole parameters on "
-                "every rank and ZeRO-3 keeps only partitions; use zero_stage <= 2, or algorithm fomaml/reptile")
+    if alg.inner.differentiation == "mixed" and s.zero_stage != 3:
+        return ("algorithm.inner.differentiation 'mixed' runs sharded at zero_stage 3 only (stages 0-2 differentiate "
+                "through the engine's backward, reverse mode): set zero_stage 3, differentiation reverse or "
+                "sharding.engine none")
     if s.support_backprop_subset is not None:
         if second_order:
             return ("sharding.support_backprop_subset (LITE) applies to the first-order sharded inner loop; "

@@ -32,13 +32,14 @@ def use_group(backend: str, timeout: datetime.timedelta) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
 
 
-def ds_config(s: ShardingSpec) -> dict[str, Any]:
+def ds_config(s: ShardingSpec, zero_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine's config. Every parameter is partitioned under ZeRO-3 (persistence threshold 0: the default keeps
     parameters under 100k elements whole on every rank); optimisers are the client's torch ones (no compiled ops).
     Gradient clipping is 0: DeepSpeed's default, 1.0, silently clipped every inner step (the first sharded FOMAML
     was 5x off), and the meta-gradient is clipped by the coordinator. One micro-batch per step: a work item's tasks
-    are summed by the learners themselves, so the engine's accumulation count never spans two items."""
-    zero: dict[str, Any] = {"stage": s.zero_stage}
+    are summed by the learners themselves, so the engine's accumulation count never spans two items. `zero_extra`:
+    a learner's own zero_optimization keys."""
+    zero: dict[str, Any] = {"stage": s.zero_stage, **(zero_extra or {})}
     if s.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     if s.offload == "cpu":
@@ -55,12 +56,12 @@ def ds_config(s: ShardingSpec) -> dict[str, Any]:
     }
 
 
-def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any) -> Any:
+def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any, zero_extra: dict[str, Any] | None = None) -> Any:
     """`make_model()` under `zero.Init` at stage 3 (each rank materialises only its partitions, never the whole
     model), then `deepspeed.initialize` with `make_optimizer(model)` as the client optimiser."""
     deepspeed = require("deepspeed")
 
-    cfg = ds_config(s)
+    cfg = ds_config(s, zero_extra)
     if s.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=cfg):
             model = make_model()

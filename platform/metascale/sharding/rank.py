@@ -3,7 +3,7 @@ work item through a DeepSpeed engine (first order: sharding/first_order.py, seco
 
 Every rank of a group receives the same WorkItem and the same published meta-parameters, materialises the same
 tasks (pure functions of seed, step and slot; LITE's subsets come from a generator seeded the same way, so every
-rank draws the same subset) and returns its part of the result: under ZeRO-3 (first order) its partition of the
+rank draws the same subset) and returns its part of the result: under ZeRO-3 its partition of the
 summed meta-gradient, otherwise rank 0 the whole of it. The driver's side of the group is sharding/group.py.
 """
 
@@ -33,13 +33,17 @@ def lite_generator(seed: int, step: int, slot: int) -> torch.Generator:
 
 def build_learner(spec: JobSpec, rank: int, world: int) -> Any:
     from metascale.sharding.first_order import FirstOrderLearner
+    from metascale.sharding.gathered import GatheredSecondOrderLearner
     from metascale.sharding.second_order import SecondOrderLearner
 
     def make_model() -> torch.nn.Module:
         torch.manual_seed(spec.seed)  # any initialisation will do: the published meta-parameters replace it
         return build_model(spec.model, output_dim(spec.data))
 
-    return (SecondOrderLearner if is_second_order(spec) else FirstOrderLearner)(spec, make_model, rank, world)
+    if not is_second_order(spec):
+        return FirstOrderLearner(spec, make_model, rank, world)
+    learner = GatheredSecondOrderLearner if spec.sharding.zero_stage == 3 else SecondOrderLearner
+    return learner(spec, make_model, rank, world)
 
 
 def is_second_order(spec: JobSpec) -> bool:
@@ -47,8 +51,8 @@ def is_second_order(spec: JobSpec) -> bool:
 
 
 def is_partitioned(spec: JobSpec) -> bool:
-    """Whether the group's meta-gradient comes back one partition per rank (ZeRO-3: first order only)."""
-    return spec.sharding.zero_stage == 3 and not is_second_order(spec)
+    """Whether the group's meta-gradient comes back one partition per rank (ZeRO-3, first and second order)."""
+    return spec.sharding.zero_stage == 3
 
 
 class Rank:

@@ -1,7 +1,8 @@
-"""Second-order meta-learning (MAML, Meta-SGD, ANIL) through a DeepSpeed engine at ZeRO stages 0-2.
+"""Second-order meta-learning (MAML, Meta-SGD, ANIL) through a DeepSpeed engine at ZeRO stages 0-2 (stage 3:
+sharding/gathered.py).
 
 The engine's module holds the published meta-parameters (the model plus, for Meta-SGD, the per-weight learning
-rates), whole on every rank: torch.func needs whole parameters, which is why ZeRO-3 is refused by the job spec.
+rates), whole on every rank, as torch.func needs them.
 Tasks are dealt to the ranks in rounds (rank r takes tasks r, r + world, ...); in each round every rank runs the
 algorithm's own `task_objective` on its task (functional_call on the module's parameters, inner gradients with
 create_graph) and calls `engine.backward` once, so the engine's reduction sums the round's meta-gradients over the
@@ -40,17 +41,29 @@ class MetaParameters(nn.Module):
         return {**dict(self.model.named_parameters()), **{k.replace(SEP, "."): v for k, v in self.extra.items()}}
 
 
+def meta_module(spec: JobSpec, make_model: Any) -> Any:
+    """A maker of the MetaParameters module (the engine's module of a second-order learner)."""
+
+    def make() -> nn.Module:
+        model = make_model()
+        alg = build_algorithm(spec.algorithm, model)
+        own = {k: _shaped(p) for k, p in model.named_parameters()}
+        return MetaParameters(model, {k: v for k, v in alg.init(own).items() if k not in own})
+
+    return make
+
+
+def _shaped(p: Tensor) -> Tensor:
+    """`p`, or under zero.Init (whose parameters hold no data) a stand-in of its whole shape that allocates nothing,
+    so that `init` sizes Meta-SGD's learning rates by the whole parameter (zero.Init then partitions them)."""
+    return torch.empty((), dtype=p.dtype, device=p.device).expand(p.ds_shape) if hasattr(p, "ds_shape") else p
+
+
 class SecondOrderLearner:
     def __init__(self, spec: JobSpec, make_model: Any, rank: int, world: int):
         self.spec, self.rank, self.world = spec, rank, world
-
-        def make() -> nn.Module:
-            model = make_model()
-            alg = build_algorithm(spec.algorithm, model)
-            own = dict(model.named_parameters())
-            return MetaParameters(model, {k: v for k, v in alg.init(own).items() if k not in own})
-
-        self.engine = build_engine(make, spec.sharding, lambda module: torch.optim.SGD(module.parameters(), lr=0.0))
+        self.engine = build_engine(meta_module(spec, make_model), spec.sharding,
+                                   lambda module: torch.optim.SGD(module.parameters(), lr=0.0))
         self.alg = build_algorithm(spec.algorithm, self.engine.module.model)
         self.dtype = next(iter(self.engine.module.parameters())).dtype
 
@@ -80,7 +93,7 @@ class SecondOrderLearner:
         bad: list[int] = []
         for start in range(0, len(tasks), self.world):
             mine = start + self.rank
-            out = self.alg.task_objective(self.params(), _cast(tasks[mine], self.dtype)) if mine < len(tasks) else None
+            out = self.alg.task_objective(self.params(), cast_task(tasks[mine], self.dtype)) if mine < len(tasks) else None
             finite = out is not None and bool(torch.isfinite(out.objective).all())
             flags = [torch.zeros(2) for _ in range(self.world)]
             dist.all_gather(flags, torch.tensor([float(out is not None), float(finite)]))
@@ -101,7 +114,7 @@ class SecondOrderLearner:
             if finite:
                 for k, v in out.metrics.items():
                     metrics[k] = metrics.get(k, 0.0) + float(v)
-        return MetaGradient(total, len(tasks) - len(bad), _sum_over_ranks(metrics), sorted(bad))
+        return MetaGradient(total, len(tasks) - len(bad), sum_over_ranks(metrics), sorted(bad))
 
     def _reduced_grads(self) -> dict[str, Tensor]:
         """The whole gradient the last `engine.backward` reduced, keyed by meta-parameter name (stages 1-2: gathered
@@ -118,20 +131,20 @@ class SecondOrderLearner:
         """Zero times the objective of `task` with zeroed inputs: the same graph, every gradient exactly zero."""
         blank = dataclasses.replace(task, support_x=torch.zeros_like(task.support_x),
                                     query_x=torch.zeros_like(task.query_x))
-        return self.alg.task_objective(self.params(), _cast(blank, self.dtype)).objective.float() * 0.0
+        return self.alg.task_objective(self.params(), cast_task(blank, self.dtype)).objective.float() * 0.0
 
     def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
         mine = []
         with torch.no_grad():
             for task in tasks[self.rank :: self.world]:
-                out = self.alg.task_objective(self.params(), _cast(task, self.dtype), steps=steps)
+                out = self.alg.task_objective(self.params(), cast_task(task, self.dtype), steps=steps)
                 mine.append({k: float(v) for k, v in out.metrics.items()})
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, mine)
         return [everyone[i % self.world][i // self.world] for i in range(len(tasks))]
 
 
-def _sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+def sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, metrics)
     total: dict[str, float] = {}
@@ -141,5 +154,5 @@ def _sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return total
 
 
-def _cast(task: Task, dtype: torch.dtype) -> Task:
+def cast_task(task: Task, dtype: torch.dtype) -> Task:
     return task.to(task.support_x.device, dtype)
