@@ -37,10 +37,14 @@ def last_json(text: str) -> dict:
     ("fomaml", {"offload": "cpu"}, "offload cpu", "zero_stage >= 1"),
     ("maml", {"support_backprop_subset": 2}, "sharding.support_backprop_subset", "use algorithm fomaml"),
     ("fomaml", {"support_backprop_subset": 7}, "sharding.support_backprop_subset (7)", "support set (6"),
+    ("fomaml", {"support_backprop_subset": 2, "model": "custom"}, "model 'custom' may use", "use model vit"),
     ("protonet", {}, "sharding.engine deepspeed", "use sharding.engine: none"),
 ])
 def test_validate_rejects_impossible_combinations(algorithm, sharding, field, instead):
-    spec = {"model": VIT, "data": DATA, "algorithm": {"name": algorithm},
+    model = VIT
+    if sharding.pop("model", None) == "custom":  # a module metascale cannot inspect before building it
+        model = {"name": "custom", "target": "torch.nn:Flatten", "feature_dim": 144}
+    spec = {"model": model, "data": DATA, "algorithm": {"name": algorithm},
             "sharding": {"engine": "deepspeed", "ranks": 2, **sharding}}
     with pytest.raises(SpecError) as e:
         parse_spec(spec)

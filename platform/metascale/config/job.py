@@ -41,9 +41,10 @@ def sharding_problem(job: "JobSpec") -> str | None:
         if second_order:
             return ("sharding.support_backprop_subset (LITE) applies to the first-order sharded inner loop; "
                     "use algorithm fomaml or reptile")
-        if job.model.name in ("conv4", "resnet12"):
+        if job.model.name in ("conv4", "resnet12", "custom"):  # a custom module may hold batch norm (unknown here)
+            why = "uses" if job.model.name != "custom" else "may use (metascale cannot tell before building it)"
             return (f"sharding.support_backprop_subset (LITE) needs examples that do not interact in the forward pass; "
-                    f"model '{job.model.name}' uses per-task batch norm over the support set; use model vit")
+                    f"model '{job.model.name}' {why} per-task batch norm over the support set; use model vit or mlp")
     support, query = _episode_sizes(job.data)
     if s.support_backprop_subset is not None and s.support_backprop_subset > support:
         return (f"sharding.support_backprop_subset ({s.support_backprop_subset}) exceeds the support set "
