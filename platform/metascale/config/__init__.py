@@ -13,14 +13,14 @@ from metascale.config.data import (
     SyntheticImagesData,
 )
 from metascale.config.sections import (
-    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, ESSpec, EvalSpec,
+    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, DartsSpec, ESSpec, EvalSpec,
     ExecutorSpec, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, LRScheduleSpec, MLPSpec, ModelInit, ModelSpec,
     MWNSpec, OuterLoopSpec, ResNet12Spec, ShardingSpec, Spec, ViTSpec, WandbSpec,
 )
 
 __all__ = [
     "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "AugmentSpec", "CheckpointSpec", "ClusterSpec",
-    "Conv4Spec", "CustomModelSpec", "DataSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData",
+    "Conv4Spec", "CustomModelSpec", "DartsSpec", "DataSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData",
     "IMAMLSpec", "InnerLoopSpec", "JobSpec", "KubernetesSpec", "LearnedSpec", "LoggingSpec", "LRScheduleSpec",
     "MLPSpec", "ModelInit", "ModelSpec", "MWNSpec", "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec",
     "ShardingSpec", "ShardsData", "SinusoidData", "Spec", "StreamSpec", "SyntheticImagesData", "ViTSpec", "Volume",
