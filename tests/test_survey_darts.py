@@ -100,6 +100,14 @@ def test_first_order_meta_gradients_are_the_query_gradients_at_the_adapted_weigh
     assert _rel(grads["alpha"], exact) > 1e-3  # the approximation is a different direction, not a relabelling
 
 
+def test_vmap_executor_gives_the_per_task_meta_gradient(float64):
+    """Accelerators batch tasks with vmap (per-task batch norm written out there): same numbers as the loop."""
+    alg, meta, batch = _tiny(ALL_OPS, first_order=False, steps=1)
+    loop, vmapped = meta_gradient(alg, meta, batch), meta_gradient(alg, meta, batch, strategy="vmap")
+    assert vmapped.strategy == "vmap"
+    assert all(torch.allclose(vmapped.grads[k], g, rtol=1e-8, atol=1e-12) for k, g in loop.grads.items())
+
+
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_one_hot_large_alpha_reduces_every_edge_to_its_op(op, float64):
     """alpha = 50 on one op (its softmax weight 1 - 6e-22) gives the network built from that op alone, composed here
