@@ -7,12 +7,15 @@ rates or a learned loss's network). Buffers (a model may register running statis
 not meta-parameters: the coordinator never trains them and workers hold them fixed (algorithms/base.py: Functional),
 so they are exported as the model builds them from the job spec, which is what every task of the run used.
 Tensors keep the run's dtype (`executor.dtype`). The file's metadata: `format: pt`, the step, the job name and its
-`model` section (JSON).
+`model` section (JSON). A DARTS network (`model.name: darts`) also gets its derived discrete cell, the strongest op
+other than 'none' on every edge with all the ops' softmax weights, as JSON beside the file (`NAME.architecture.json`)
+and in the metadata (`metascale.architecture`), and the printed line lists the cell's edges.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +77,27 @@ def export_model(source: str, to: str) -> dict[str, Any]:
     weights, buffers = model_weights(spec, state, f"export of {source}")
     metadata = {"format": "pt", "metascale.job": spec.name, "metascale.step": str(step),
                 "metascale.model": json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)}
+    architecture = _architecture(spec, weights)
+    if architecture is not None:
+        metadata["metascale.architecture"] = json.dumps(architecture, sort_keys=True)
     data = save_safetensors(weights, metadata=metadata)
     _write(to, data)
-    return {"exported": to, "step": step, "tensors": len(weights), "buffers": len(buffers), "bytes": len(data)}
+    result = {"exported": to, "step": step, "tensors": len(weights), "buffers": len(buffers), "bytes": len(data)}
+    if architecture is not None:
+        beside = re.sub(r"\.safetensors$", "", to) + ".architecture.json"
+        _write(beside, (json.dumps(architecture, indent=2) + "\n").encode())
+        result["architecture"] = beside
+        result["cell"] = [f"{e['to']} <- {e['from']}: {e['op']}" for e in architecture["edges"]]
+    return result
+
+
+def _architecture(spec: JobSpec, weights: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """A DARTS network's derived discrete cell (models/darts.py `derive`); None for models without one."""
+    if spec.model.name != "darts":
+        return None
+    from metascale.models.darts import ALPHA, derive
+
+    return derive(weights[ALPHA], list(spec.model.ops), spec.model.nodes)
 
 
 def export_distilled(spec: JobSpec, step: int | None, state: dict[str, Any], to: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from torch import nn
 from metascale.algorithms import anil, maml, metasgd, protonet, reptile  # noqa: F401  (registers them)
 from metascale.algorithms import imaml, learned_hparams, learned_loss, mwn  # noqa: F401,E402  (the survey axes)
 from metascale.algorithms import distill, mldg  # noqa: F401,E402  (domain generalisation, dataset distillation)
+from metascale.algorithms import darts  # noqa: F401,E402  (architecture search)
 from metascale.algorithms.base import ALGORITHMS, MetaAlgorithm, Params, TaskOutput
 from metascale.config import AlgorithmSpec
 

@@ -14,14 +14,14 @@ from metascale.config.data import (
 )
 from metascale.config.samplers import FixedSampler, MetaDatasetSampler
 from metascale.config.sections import (
-    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, ESSpec, EvalSpec,
+    CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, DartsSpec, ESSpec, EvalSpec,
     ExecutorSpec, IMAMLSpec, InnerLoopSpec, LearnedSpec, LoggingSpec, LRScheduleSpec, MLPSpec, ModelInit, ModelSpec,
     DistillSpec, MLDGSpec, MWNSpec, OuterLoopSpec, ResNet12Spec, ShardingSpec, Spec, ViTSpec, WandbSpec,
 )
 
 __all__ = [
     "CHUNKED_QUERY", "SECOND_ORDER", "SHARDED_FIRST_ORDER", "AlgorithmSpec", "AugmentSpec", "CheckpointSpec", "ClusterSpec",
-    "Conv4Spec", "CustomModelSpec", "DataSpec", "DistillSpec", "DomainsData", "FixedSampler", "MetaDatasetSampler", "MultiData", "SourceSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData",
+    "Conv4Spec", "CustomModelSpec", "DataSpec", "DistillSpec", "DomainsData", "FixedSampler", "MetaDatasetSampler", "MultiData", "SourceSpec", "EpisodicData", "ESSpec", "EvalSpec", "ExecutorSpec", "GlyphsData", "DartsSpec",
     "IMAMLSpec", "InnerLoopSpec", "JobSpec", "KubernetesSpec", "LearnedSpec", "LoggingSpec", "LRScheduleSpec",
     "MLDGSpec", "MLPSpec", "ModelInit", "ModelSpec", "MWNSpec", "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec",
     "ShardingSpec", "ShardsData", "SinusoidData", "Spec", "StreamSpec", "SyntheticImagesData", "ViTSpec", "Volume",

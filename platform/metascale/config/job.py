@@ -139,6 +139,15 @@ class JobSpec(Spec):
                 f"algorithm '{alg.name}' learns through the inner loop's gradients: it needs inner.steps >= 1 and "
                 "inner.first_order false (otherwise its hypergradient is zero)"
             )
+        if alg.name == "darts" and self.model.name != "darts":
+            raise ValueError(f"algorithm 'darts' learns a DARTS network's architecture weights: it needs model.name "
+                             f"'darts', not '{self.model.name}'")
+        if alg.name == "darts" and alg.inner.steps == 0:
+            raise ValueError("algorithm 'darts' adapts the weights on the support split and alpha on the query split: "
+                             "with inner.steps 0 the support split is never read (needs inner.steps >= 1)")
+        if alg.name == "darts" and not alg.darts.learn_alpha and self.outer.estimator == "es":
+            raise ValueError("algorithm.darts.learn_alpha false holds alpha out of the meta-gradient; outer.estimator "
+                             "'es' perturbs every meta-parameter, alpha included: use estimator backprop")
         if alg.inner.differentiation == "mixed" and (alg.name not in MIXED_MODE or alg.inner.first_order):
             raise ValueError(f"inner.differentiation 'mixed' computes exact second-order meta-gradients through the "
                              f"whole model: algorithms {', '.join(MIXED_MODE)} with inner.first_order false, not "

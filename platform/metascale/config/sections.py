@@ -104,8 +104,35 @@ class CustomModelSpec(ModelInit):
         return v
 
 
+DartsOp = Literal["none", "skip", "conv3", "conv5", "dil_conv3", "max_pool", "avg_pool"]  # models/darts.py: OPS
+
+
+class DartsSpec(ModelInit):
+    """A DARTS search network (models/darts.py): `cells` cells of `nodes` nodes whose edges mix `ops` by
+    softmax(alpha); a 3x3 stride-2 stem and a 2x2 max-pool after every cell."""
+
+    name: Literal["darts"] = "darts"
+    in_channels: PositiveInt = 1
+    image_size: PositiveInt = 28
+    channels: PositiveInt = 16
+    cells: PositiveInt = 2
+    nodes: PositiveInt = 2
+    ops: list[DartsOp] = ["none", "skip", "conv3", "dil_conv3", "max_pool", "avg_pool"]
+
+    @model_validator(mode="after")
+    def _searchable(self) -> "DartsSpec":
+        if len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"ops {self.ops} lists an op twice")
+        if not set(self.ops) - {"none"}:
+            raise ValueError("ops needs an op besides 'none' (the derived architecture picks one per edge)")
+        if ((self.image_size + 1) // 2) >> self.cells == 0:
+            raise ValueError(f"image_size {self.image_size} is too small for the stem and {self.cells} cells "
+                             "(each halves it)")
+        return self
+
+
 ModelSpec = Annotated[
-    Union[MLPSpec, Conv4Spec, ResNet12Spec, ViTSpec, CustomModelSpec], Field(discriminator="name")
+    Union[MLPSpec, Conv4Spec, ResNet12Spec, ViTSpec, CustomModelSpec, DartsSpec], Field(discriminator="name")
 ]
 
 
@@ -177,11 +204,19 @@ class DistillSpec(Spec):
     init_lr: PositiveFloat = 0.02
 
 
+class DartsAlgorithmSpec(Spec):
+    """DARTS as a meta-representation (algorithms/darts.py)."""
+
+    # false: alpha gets no meta-gradient and stays a uniform mixture; only the initialisation is meta-learned (the
+    # fixed-architecture baseline of the same network at the same cost)
+    learn_alpha: bool = True
+
+
 class AlgorithmSpec(Spec):
     name: Literal[
         "maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
         "imaml", "learned_hparams", "learned_loss", "mwn", "erm",
-        "mldg", "erm_pooled", "distill",
+        "mldg", "erm_pooled", "distill", "darts",
     ] = "maml"
     inner: InnerLoopSpec = InnerLoopSpec()
     # ANIL adapts only parameters whose name starts with this prefix (the classifier head).
@@ -193,6 +228,7 @@ class AlgorithmSpec(Spec):
     mwn: MWNSpec = MWNSpec()
     mldg: MLDGSpec = MLDGSpec()
     distill: DistillSpec = DistillSpec()
+    darts: DartsAlgorithmSpec = DartsAlgorithmSpec()
 
 
 # -------------------------------------------------------------------------------------- outer / eval
