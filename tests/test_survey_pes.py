@@ -5,6 +5,7 @@ nothing in the final meta-parameters."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from metascale.algorithms import pes
@@ -13,6 +14,7 @@ from metascale.cluster.coordinator import Coordinator
 from metascale.cluster.estimators import pick
 from metascale.cluster.pool import InlinePool, RayPool
 from metascale.config import parse_spec
+from metascale.errors import SpecError
 from metascale.train import train
 
 
@@ -170,3 +172,39 @@ def test_tbptt_and_pes_resume_exactly_from_a_checkpoint(tmp_path):
         assert sorted(got["history"]) == ["2", "3", "4"]  # W = 3: what step 5's particles may need, but step 5
         for k, v in want["params"].items():
             assert torch.equal(got["params"][k], v), (estimator, k)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"algorithm": {"name": "maml"}, "model": {"name": "conv4", "hidden": 8}}, "needs algorithm.name 'lopt'"),
+        ({"outer": {"estimator": "pes", "pes": {"truncation": 4}}}, "must divide algorithm.inner.steps"),
+        ({"model": {"name": "mlp", "in_features": 63}}, "model.in_features must be 64"),
+        ({"model": {"name": "conv4"}}, "algorithm 'lopt' trains an MLP"),
+    ],
+)
+def test_specs_that_cannot_unroll_are_refused_in_one_line(tmp_path, change, needle):
+    raw = _spec(tmp_path).model_dump(mode="json")
+    for section, fields in change.items():
+        raw[section] = fields if section == "model" else {**raw[section], **fields}
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_meta_training_makes_the_learned_optimiser_train_held_out_tasks_faster(tmp_path):
+    """20 PES steps lower the mean training loss the learned optimiser reaches on held-out episodes (test split,
+    unseen initialisations) against its own initialisation; bench lopt's tuned Adam is the grid's best lr on the
+    validation episodes. (Whether it beats tuned Adam is a longer run: docs/survey-map.md.)"""
+    from metascale.bench import lopt as bench
+
+    spec = _spec(tmp_path, "pes", lr=0.03)
+    coord = _steps(spec, InlinePool(spec), 20)
+    before = bench.run(spec, Coordinator(spec).params, episodes=4, lrs=(0.01, 0.1))
+    after = bench.run(spec, {k: v.detach() for k, v in coord.params.items()}, episodes=4, lrs=(0.01, 0.1))
+    assert after["lopt_mean_train_loss"] < 0.9 * before["lopt_mean_train_loss"], (
+        before,
+        after,
+    )  # measured 1.17 -> 0.87
+    assert before["adam_lr"] == after["adam_lr"] in (0.01, 0.1)
+    assert after["adam_mean_train_loss"] == before["adam_mean_train_loss"]  # the same tasks and initialisations
