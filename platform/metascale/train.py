@@ -54,7 +54,7 @@ def train(spec: JobSpec, resume: bool | str = False) -> dict[str, Any]:
 
 def _loop(spec: JobSpec, coord: Coordinator, pool: Any, monitor: Monitor, lease: Lease, ckpt_dir: str
           ) -> dict[str, Any]:
-    estimate = pick_estimator(spec)
+    estimate = pick_estimator(spec, coord)
     stop = StopRequest()
     saved: list[int] = checkpoint.list_steps(ckpt_dir)[-1:]
 

@@ -87,6 +87,19 @@ def es(pairs_per_worker: int = typer.Option(4, min=1, help="Antithetic pairs one
     emit(run(pairs_per_worker))
 
 
+@bench_app.command(name="lopt")
+def lopt(
+    job: str = typer.Argument(..., help="The learned optimiser's job spec (algorithm lopt), already run."),
+    episodes: int = typer.Option(50, min=1, help="Held-out test episodes (and validation episodes to tune Adam)."),
+    overrides: list[str] = typer.Option([], "--set", help="Spec overrides, as for metascale run."),
+) -> None:
+    """The job's meta-trained learned optimiser vs Adam with its lr tuned on validation episodes: the same fresh MLPs
+    trained on held-out classes for the same steps (training loss, query accuracy)."""
+    from metascale.bench.lopt import from_checkpoint
+
+    emit(from_checkpoint(job, episodes, overrides))
+
+
 @bench_app.command(name="scaling")
 def scaling(
     sizes: str = typer.Option("0.1M,10M,100M", help="Model sizes to measure (comma-separated: 0.1M, 10M, 100M)."),

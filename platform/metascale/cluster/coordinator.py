@@ -120,6 +120,11 @@ class Coordinator:
         self.optimizer = make_optimizer(spec.outer, list(self.params.values()))
         self.step = 0  # the next meta-step to run
         self.skipped_steps = 0
+        # Truncated unrolls (outer.estimator pes/tbptt): the meta-parameters published at each of the last W steps,
+        # from which any worker replays a particle since its last reset (cluster/unrolled.py); saved in checkpoints.
+        unrolled = spec.outer.estimator in ("pes", "tbptt")
+        self.keep_history = spec.algorithm.inner.steps // spec.outer.pes.truncation if unrolled else 0
+        self.history: dict[int, NumpyParams] = {}
 
     def init_from_file(self) -> int:
         """`model.init_from`'s weights into the meta-parameters (a fresh run; models/init_from.py): how many."""
@@ -128,7 +133,11 @@ class Coordinator:
         return load_init(self.algorithm.f.model, self.algorithm.model_params(self.params), self.spec.model)
 
     def published(self) -> NumpyParams:
-        return to_numpy(self.params)
+        out = to_numpy(self.params)
+        if self.keep_history:
+            self.history[self.step] = {k: v.copy() for k, v in out.items()}  # the params change in place
+            self.history = {s: p for s, p in self.history.items() if s > self.step - self.keep_history}
+        return out
 
     def apply(self, result: StepResult) -> bool:
         """Steps the meta-optimiser with the aggregated meta-gradient; False when the policy skipped the step."""
@@ -163,6 +172,8 @@ class Coordinator:
             "optimizer": self.optimizer.state_dict(),
             # Tasks are pure in (seed, step, slot), so the data position is `step`; torch's RNG is all else there is.
             "rng": {"torch": torch.get_rng_state()},
+            **({"history": {str(s): {k: torch.from_numpy(v) for k, v in p.items()} for s, p in self.history.items()}}
+               if self.keep_history else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -176,3 +187,4 @@ class Coordinator:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         torch.set_rng_state(state["rng"]["torch"])
+        self.history = {int(s): {k: v.numpy() for k, v in p.items()} for s, p in state.get("history", {}).items()}

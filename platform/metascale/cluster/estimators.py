@@ -88,10 +88,16 @@ def ftml(spec: JobSpec, pool: Any, step: int, params: Any) -> StepResult:
 
 
 ESTIMATORS: dict[str, Callable[..., StepResult]] = {"backprop": backprop, "es": es, "ftml": ftml}
+UNROLLED = ("pes", "tbptt")  # cluster/unrolled.py: they read the coordinator's history of published parameters
 _GROUPS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # a pool's all-reduce group
 
 
-def pick(spec: JobSpec) -> Estimator:
-    """The job's estimator; 'backprop' aggregates by all-reduce when `cluster.aggregation` says so."""
+def pick(spec: JobSpec, coord: Any = None) -> Estimator:
+    """The job's estimator; 'backprop' aggregates by all-reduce when `cluster.aggregation` says so; the truncated
+    unrolls' also get the coordinator (its history of published meta-parameters)."""
+    if spec.outer.estimator in UNROLLED:
+        from metascale.cluster import unrolled
+
+        return partial(unrolled.ESTIMATORS[spec.outer.estimator], spec, coord)
     chosen = allreduce if spec.cluster.aggregation == "allreduce" else ESTIMATORS[spec.outer.estimator]
     return partial(chosen, spec)

@@ -4,7 +4,7 @@ run ends; a non-finite episode meets `executor.nonfinite`. Off unless the driver
 the pool passes the drill's variables on to every worker process.
 
   METASCALE_FAULT       "exit:<step>:<worker>[:<rank>]"  rank (default 0) of worker exits as it starts meta-step
-                                                          <step>'s meta-gradient
+                                                          <step>'s meta-gradient (or truncated unroll)
                         "hang:<step>:<worker>[:<rank>]"  the same process stops instead (SIGSTOP: alive, silent)
                         "nan:<step>:<slot>"              episode (step, slot)'s query inputs become NaN, on whichever
                                                           worker computes it, every time

@@ -16,7 +16,7 @@ import numpy as np
 from metascale.cluster import faults
 from metascale.data.tasks import Split, TaskBatch, TaskSource, held_out, online_stream
 
-Kind = Literal["meta_gradient", "fitness", "evaluate"]
+Kind = Literal["meta_gradient", "fitness", "evaluate", "unroll"]
 NumpyParams = dict[str, np.ndarray]
 
 
@@ -32,7 +32,9 @@ class WorkItem:
     meta_gradient: the summed meta-gradient (or update direction) of episodes (step, slot) for `slots`;
     fitness:       evolution strategies: (pair, F+, F-) for the antithetic pairs `slots` of `step`;
     evaluate:      per-episode metrics after adaptation: episodes (step, slot), or with `step` None the split's
-                   held-out episodes `slots`.
+                   held-out episodes `slots`;
+    unroll:        truncated unrolls (outer.estimator pes/tbptt, cluster/unrolled.py): one truncation of each particle
+                   in `slots` at `step`; pes returns (pair, L+, L-) in `fitness`, tbptt the summed gradient.
     `online` (FTML): `slots` are tasks of the online stream, all arrived by meta-step `step`."""
 
     kind: Kind

@@ -2,7 +2,8 @@
 
 The same class runs as a Ray actor (the default) or inside the driver (`cluster.address: inline`, for debugging).
 It holds no training state: meta-parameters arrive with every call, tasks are pure functions of (seed, step, slot),
-so a restarted or different replica recomputes any item bit for bit.
+so a restarted or different replica recomputes any item bit for bit. (Truncated unrolls keep their particles' inner
+states here as a cache; any other replica rebuilds them from the published history: cluster/unrolled.py.)
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Replica:
         self.alg = build_algorithm(self.spec.algorithm, model)
         self.strategy = resolve_strategy(ex.strategy, self.device)
         self.source = TaskSources(self.spec.data, self.spec.seed)
+        self.particles = None  # outer.estimator pes/tbptt: the inner states this worker holds (cluster/unrolled.py)
 
     def run(self, item: WorkItem, params: NumpyParams) -> WorkResult:
         out, grads = self._run(item, params)
@@ -62,12 +64,16 @@ class Replica:
 
     def _run(self, item: WorkItem, params: NumpyParams) -> tuple[WorkResult, dict[str, torch.Tensor]]:
         """The item's result, its summed meta-gradient kept on the device (all-reduce sums it there)."""
-        if item.kind == "meta_gradient":
+        if item.kind in ("meta_gradient", "unroll"):
             faults.maybe_fire(item.step, self.worker)
         out, grads = WorkResult(worker=self.worker, host=f"{socket.gethostname()}:{os.getpid()}"), {}
         with CallMeter() as meter:
             if item.kind == "fitness":
                 self._fitness(item, self._params(params), out, meter)
+            elif item.kind == "unroll":
+                from metascale.cluster.unrolled import work
+
+                grads = work(self, item, params, out)
             else:
                 batch = item_tasks(item, self.source(item.split)).to(self.device, self.dtype)
                 meter.lap("data")

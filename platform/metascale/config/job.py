@@ -104,7 +104,7 @@ class JobSpec(Spec):
             raise ValueError(f"data.source 'sinusoid' needs model.name 'mlp' (got '{self.model.name}')")
         if regression and self.algorithm.name in ("protonet", "anil"):
             raise ValueError(f"algorithm '{self.algorithm.name}' needs a classification data source, not sinusoid")
-        if not regression and self.model.name == "mlp":
+        if not regression and self.model.name == "mlp" and self.algorithm.name != "lopt":
             raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")
         self._survey_compatible()
         if (problem := episodes_problem(self)) is not None:
@@ -176,6 +176,19 @@ class JobSpec(Spec):
         if self.cluster.aggregation == "allreduce" and self.sharding.engine != "none":
             raise ValueError("cluster.aggregation 'allreduce' is for replicated workers; with sharding.engine "
                              "deepspeed the rank group already reduces (docs/sharding.md); use aggregation: coordinator")
+        if self.outer.estimator in ("pes", "tbptt") and alg.name != "lopt":
+            raise ValueError(f"outer.estimator '{self.outer.estimator}' unrolls a learned optimiser's inner training "
+                             f"in truncations: it needs algorithm.name 'lopt', not '{alg.name}'")
+        if self.outer.estimator in ("pes", "tbptt") and alg.inner.steps % self.outer.pes.truncation:
+            raise ValueError(f"outer.pes.truncation ({self.outer.pes.truncation}) must divide algorithm.inner.steps "
+                             f"({alg.inner.steps}), the inner run's length")
+        if alg.name == "lopt" and (single_task or isinstance(self.data, SinusoidData) or self.model.name != "mlp"):
+            raise ValueError("algorithm 'lopt' trains an MLP (model.name 'mlp', in_features the flattened input) "
+                             "on few-shot classification episodes (synthetic, glyphs or shards)")
+        size = getattr(self.data, "channels", 1) * getattr(self.data, "image_size", 0) ** 2
+        if alg.name == "lopt" and size and self.model.in_features != size:  # type: ignore[union-attr]
+            raise ValueError(f"algorithm 'lopt' flattens the {self.data.source} images: model.in_features must be "
+                             f"{size} (got {self.model.in_features})")  # type: ignore[union-attr]
         if self.outer.estimator == "ftml" and single_task:
             raise ValueError(f"outer.estimator 'ftml' streams few-shot tasks; data.source '{self.data.source}' is "
                              "one task")

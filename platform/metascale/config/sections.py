@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from metascale.config.lopt import LOptSpec, PESSpec
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -216,7 +218,7 @@ class AlgorithmSpec(Spec):
     name: Literal[
         "maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
         "imaml", "learned_hparams", "learned_loss", "mwn", "erm",
-        "mldg", "erm_pooled", "distill", "darts",
+        "mldg", "erm_pooled", "distill", "darts", "lopt",
     ] = "maml"
     inner: InnerLoopSpec = InnerLoopSpec()
     # ANIL adapts only parameters whose name starts with this prefix (the classifier head).
@@ -229,6 +231,7 @@ class AlgorithmSpec(Spec):
     mldg: MLDGSpec = MLDGSpec()
     distill: DistillSpec = DistillSpec()
     darts: DartsAlgorithmSpec = DartsAlgorithmSpec()
+    lopt: LOptSpec = LOptSpec()
 
 
 # -------------------------------------------------------------------------------------- outer / eval
@@ -254,7 +257,7 @@ class LRScheduleSpec(Spec):
 
 class OuterLoopSpec(Spec):
     # How workers' results become the update direction (cluster/estimators.py).
-    estimator: Literal["backprop", "es", "ftml"] = "backprop"
+    estimator: Literal["backprop", "es", "ftml", "pes", "tbptt"] = "backprop"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: PositiveFloat = 1e-3
     schedule: LRScheduleSpec = LRScheduleSpec()
@@ -262,6 +265,7 @@ class OuterLoopSpec(Spec):
     steps: PositiveInt = 1000
     grad_clip: PositiveFloat | None = None
     es: ESSpec = ESSpec()
+    pes: PESSpec = PESSpec()
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "OuterLoopSpec":

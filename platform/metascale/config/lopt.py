@@ -1,0 +1,33 @@
+"""Knobs of the learned optimiser (`algorithm.lopt`) and of its truncated-unroll estimators (`outer.pes`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class LOptSpec(_Spec):
+    """The per-parameter MLP optimiser (algorithms/lopt.py): step = d * exp(m * exp_mult) * step_mult."""
+
+    hidden: PositiveInt = 32
+    layers: PositiveInt = 2
+    step_mult: PositiveFloat = 0.01  # learned_optimization's MLPLOpt uses 0.001; larger starts learning sooner
+    exp_mult: PositiveFloat = 0.01
+
+
+class PESSpec(_Spec):
+    """Truncated unrolls (outer.estimator 'pes' or 'tbptt', algorithms/pes.py): an inner run of
+    `algorithm.inner.steps` steps is cut into truncations of `truncation` steps, one per meta-step; `outer.meta_batch`
+    particles (antithetic pairs for 'pes') keep their inner state across them."""
+
+    truncation: PositiveInt = 10
+    sigma: PositiveFloat = 0.01  # 'pes': the perturbation's standard deviation
+    stagger: bool = True  # spread the particles' resets over the inner run
