@@ -6,6 +6,7 @@ from torch import nn
 
 from metascale.algorithms import anil, maml, metasgd, protonet, reptile  # noqa: F401  (registers them)
 from metascale.algorithms import imaml, learned_hparams, learned_loss, mwn  # noqa: F401,E402  (the survey axes)
+from metascale.algorithms import abml, blackbox  # noqa: F401,E402  (black-box and Bayesian learners)
 from metascale.algorithms.base import ALGORITHMS, MetaAlgorithm, Params, TaskOutput
 from metascale.config import AlgorithmSpec
 

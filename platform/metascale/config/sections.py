@@ -162,10 +162,36 @@ class MWNSpec(Spec):
     hidden: PositiveInt = 100
 
 
+class BlackBoxSpec(Spec):
+    """The black-box learner's transformer (algorithms/blackbox.py): tokens of width `dim`, `depth` pre-norm blocks."""
+
+    dim: PositiveInt = 64
+    depth: PositiveInt = 2
+    heads: PositiveInt = 4
+    mlp_ratio: PositiveFloat = 2.0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "BlackBoxSpec":
+        if self.dim % self.heads:
+            raise ValueError(f"blackbox.dim ({self.dim}) must be a multiple of blackbox.heads ({self.heads})")
+        return self
+
+
+class ABMLSpec(Spec):
+    """ABML (algorithms/abml.py): a meta-learned Gaussian prior over the weights, variational inference per task."""
+
+    kl_weight: NonNegFloat = 0.1  # weight of KL(q || prior) (and of the hyperprior) beside the mean cross-entropy
+    samples: PositiveInt = 2  # Monte-Carlo weight draws per inner step and for the query loss in training
+    eval_samples: PositiveInt = 10  # draws averaged into the predictive distribution when evaluating
+    init_log_std: float = -4.0  # the prior's log standard deviation at the start, every weight
+    hyperprior: bool = True  # N(0, 1) on the prior's means, Gamma(1, 0.01) on its precisions (the paper's choice)
+
+
 class AlgorithmSpec(Spec):
     name: Literal[
         "maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
         "imaml", "learned_hparams", "learned_loss", "mwn", "erm",
+        "blackbox", "abml",
     ] = "maml"
     inner: InnerLoopSpec = InnerLoopSpec()
     # ANIL adapts only parameters whose name starts with this prefix (the classifier head).
@@ -175,6 +201,8 @@ class AlgorithmSpec(Spec):
     imaml: IMAMLSpec = IMAMLSpec()
     learned: LearnedSpec = LearnedSpec()
     mwn: MWNSpec = MWNSpec()
+    blackbox: BlackBoxSpec = BlackBoxSpec()
+    abml: ABMLSpec = ABMLSpec()
 
 
 # -------------------------------------------------------------------------------------- outer / eval
