@@ -29,17 +29,22 @@ def _linear(fan_in: int, fan_out: int, **kw) -> tuple[Tensor, Tensor]:
 
 
 def init_transformer(features: int, ways: int, dim: int, depth: int, mlp_ratio: float, **kw) -> Params:
-    """Random weights (fan-in scaled), zero biases, unit layer-norm gains; keys without the prefix."""
+    """Random weights (fan-in scaled), zero biases, unit layer-norm gains; keys without the prefix. The key projection
+    starts equal to the query projection, so that at the start a query attends most to the support tokens whose
+    embeddings resemble its own (a positive semi-definite kernel): with independent random projections the attention
+    starts near uniform and the 5-way glyph runs stayed at chance (loss ln 5) for the first 20 meta-steps."""
     p: Params = {}
     p["embed_w"], p["embed_b"] = _linear(features, dim, **kw)
-    p["label_w"] = torch.randn(ways, dim, **kw) / math.sqrt(dim)
-    p["unknown"] = torch.randn(dim, **kw) / math.sqrt(dim)
+    p["label_w"] = torch.randn(ways, dim, **kw)  # unit scale, as the embedding's: the label must not be drowned
+    p["unknown"] = torch.randn(dim, **kw)
     hidden = max(1, round(dim * mlp_ratio))
     for i in range(depth):
         b = f"block{i}."
         for ln in ("ln1", "ln2"):
             p[b + ln + "_w"], p[b + ln + "_b"] = torch.ones(dim, **kw), torch.zeros(dim, **kw)
         p[b + "qkv_w"], p[b + "qkv_b"] = _linear(dim, 3 * dim, **kw)
+        if i == 0:  # keys start as queries: q.k starts as a similarity kernel over the embeddings
+            p[b + "qkv_w"][:, dim : 2 * dim] = p[b + "qkv_w"][:, :dim]
         p[b + "proj_w"], p[b + "proj_b"] = _linear(dim, dim, **kw)
         p[b + "fc1_w"], p[b + "fc1_b"] = _linear(dim, hidden, **kw)
         p[b + "fc2_w"], p[b + "fc2_b"] = _linear(hidden, dim, **kw)
@@ -53,17 +58,24 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.reshape(x.shape[0], heads, -1).transpose(0, 1)
 
 
-def _attention(p: Params, b: str, s: Tensor, q: Tensor, heads: int) -> tuple[Tensor, Tensor]:
-    """Multi-head attention: support over support; each query over the support and itself."""
+def _attention(p: Params, b: str, s: Tensor, q: Tensor, heads: int, match: tuple[Tensor, Tensor] | None = None):
+    """Multi-head attention: support over support; each query over the support and itself. `match` (support,
+    query) replaces the tokens as what queries and keys are computed from (values still come from the tokens)."""
     dim = s.shape[-1]
-    sq, sk, sv = _heads(s @ p[b + "qkv_w"] + p[b + "qkv_b"], heads).split(dim // heads, -1)
-    qq, qk, qv = _heads(q @ p[b + "qkv_w"] + p[b + "qkv_b"], heads).split(dim // heads, -1)
+    w, bias = p[b + "qkv_w"], p[b + "qkv_b"]
+    ms, mq = match if match is not None else (s, q)
+
+    def project(x: Tensor, part: int) -> Tensor:
+        return _heads(x @ w[:, part * dim : (part + 1) * dim] + bias[part * dim : (part + 1) * dim], heads)
+
+    sq, sk, sv = project(ms, 0), project(ms, 1), project(s, 2)
+    qq, qk, qv = project(mq, 0), project(mq, 1), project(q, 2)
     scale = 1.0 / math.sqrt(dim // heads)
     s_out = torch.softmax(sq @ sk.transpose(-1, -2) * scale, -1) @ sv  # [h, S, dh]
     to_support = qq @ sk.transpose(-1, -2) * scale  # [h, Q, S]
     to_self = (qq * qk).sum(-1, keepdim=True) * scale  # [h, Q, 1]
-    w = torch.softmax(torch.cat([to_support, to_self], -1), -1)
-    q_out = w[..., :-1] @ sv + w[..., -1:] * qv  # [h, Q, dh]
+    att = torch.softmax(torch.cat([to_support, to_self], -1), -1)
+    q_out = att[..., :-1] @ sv + att[..., -1:] * qv  # [h, Q, dh]
 
     def merge(o: Tensor) -> Tensor:
         return o.transpose(0, 1).reshape(o.shape[1], dim) @ p[b + "proj_w"] + p[b + "proj_b"]
@@ -74,21 +86,21 @@ def _attention(p: Params, b: str, s: Tensor, q: Tensor, heads: int) -> tuple[Ten
 def transformer_logits(p: Params, support: Tensor, support_y: Tensor, query: Tensor, heads: int) -> Tensor:
     """Query logits [Q, ways] from support features [S, D] with labels [S] and query features [Q, D]."""
     ways, dim = p["label_w"].shape
-    s = support @ p["embed_w"] + p["embed_b"] + F.one_hot(support_y, ways).to(support.dtype) @ p["label_w"]
-    q = query @ p["embed_w"] + p["embed_b"] + p["unknown"]
+    es, eq = support @ p["embed_w"] + p["embed_b"], query @ p["embed_w"] + p["embed_b"]
+    s = es + F.one_hot(support_y, ways).to(support.dtype) @ p["label_w"]
+    q = eq + p["unknown"]
     depth = sum(1 for k in p if k.endswith(".qkv_w"))
     for i in range(depth):
         b = f"block{i}."
-        ds, dq = _attention(
-            p,
-            b,
-            F.layer_norm(s, (dim,), p[b + "ln1_w"], p[b + "ln1_b"]),
-            F.layer_norm(q, (dim,), p[b + "ln1_w"], p[b + "ln1_b"]),
-            heads,
-        )
+
+        def norm(x: Tensor, which: str) -> Tensor:
+            return F.layer_norm(x, (dim,), p[b + which + "_w"], p[b + which + "_b"])
+
+        # The first block matches on the images alone (labels are what is to be read, not matched on).
+        match = (norm(es, "ln1"), norm(eq, "ln1")) if i == 0 else None
+        ds, dq = _attention(p, b, norm(s, "ln1"), norm(q, "ln1"), heads, match)
         s, q = s + ds, q + dq
-        s = s + _mlp(p, b, F.layer_norm(s, (dim,), p[b + "ln2_w"], p[b + "ln2_b"]))
-        q = q + _mlp(p, b, F.layer_norm(q, (dim,), p[b + "ln2_w"], p[b + "ln2_b"]))
+        s, q = s + _mlp(p, b, norm(s, "ln2")), q + _mlp(p, b, norm(q, "ln2"))
     return F.layer_norm(q, (dim,), p["ln_w"], p["ln_b"]) @ p["out_w"] + p["out_b"]
 
 
