@@ -177,3 +177,11 @@ def test_classifier_only_learners_refuse_regression_data_in_one_line(name, tmp_p
 def test_blackbox_heads_must_divide_its_width():
     with pytest.raises(ValueError, match=r"blackbox.dim \(30\) must be a multiple of blackbox.heads \(4\)"):
         BlackBoxSpec(dim=30, heads=4)
+
+
+@pytest.mark.parametrize("name", ["glyphs-blackbox", "glyphs-abml"])
+def test_example_jobs_validate(name):
+    from metascale.config import load_spec
+
+    spec = load_spec(f"jobs/{name}.yaml")
+    assert spec.name == name and spec.algorithm.name == name.removeprefix("glyphs-")
