@@ -29,10 +29,10 @@ def _linear(fan_in: int, fan_out: int, **kw) -> tuple[Tensor, Tensor]:
 
 
 def init_transformer(features: int, ways: int, dim: int, depth: int, mlp_ratio: float, **kw) -> Params:
-    """Random weights (fan-in scaled), zero biases, unit layer-norm gains; keys without the prefix. The key projection
-    starts equal to the query projection, so that at the start a query attends most to the support tokens whose
-    embeddings resemble its own (a positive semi-definite kernel): with independent random projections the attention
-    starts near uniform and the 5-way glyph runs stayed at chance (loss ln 5) for the first 20 meta-steps."""
+    """Random weights (fan-in scaled), zero biases, unit layer-norm gains; keys without the prefix. The first block's
+    key projection starts equal to its query projection, so its scores start as a similarity kernel over the image
+    embeddings (a query attends most to the support images resembling it); the label vectors have the embedding's
+    scale, so that the values carry them (measured effect: docs/survey-map.md, black-box learner)."""
     p: Params = {}
     p["embed_w"], p["embed_b"] = _linear(features, dim, **kw)
     p["label_w"] = torch.randn(ways, dim, **kw)  # unit scale, as the embedding's: the label must not be drowned
