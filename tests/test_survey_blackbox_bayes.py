@@ -112,7 +112,11 @@ def test_abml_meta_gradient_matches_finite_differences(float64):
     """The Monte-Carlo draws are fixed by reseeding before each evaluation (common random numbers), so the sampled
     objective is a deterministic function of the prior's means and log standard deviations. eps is 1e-7: the sampled
     weights put ReLU kinks close enough that a 1e-6 step crossed one (FD off by 4e-4 relative; 1e-7 agrees to 1e-9)."""
-    alg, meta = _setup("abml", inner=InnerLoopSpec(steps=2, lr=0.3), abml=ABMLSpec(samples=2, init_log_std=-2.0))
+    alg, meta = _setup(
+        "abml",
+        inner=InnerLoopSpec(steps=2, lr=0.3),
+        abml=ABMLSpec(samples=2, init_log_std=-2.0, kl_weight=0.1, hyperprior=True),
+    )
     assert set(meta) == {k for k in meta if not k.startswith(LOG_STD)} | {LOG_STD + k for k in alg.model_params(meta)}
     task = _batch(1)[0]
     batch = _batch(1)
