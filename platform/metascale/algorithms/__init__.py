@@ -9,6 +9,7 @@ from metascale.algorithms import imaml, learned_hparams, learned_loss, mwn  # no
 from metascale.algorithms import distill, mldg  # noqa: F401,E402  (domain generalisation, dataset distillation)
 from metascale.algorithms import darts  # noqa: F401,E402  (architecture search)
 from metascale.algorithms import lopt  # noqa: F401,E402  (learned optimisers)
+from metascale.algorithms import abml, blackbox  # noqa: F401,E402  (black-box and Bayesian learners)
 from metascale.algorithms.base import ALGORITHMS, MetaAlgorithm, Params, TaskOutput
 from metascale.config import AlgorithmSpec
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metascale.algorithms.calibration import expected_calibration_error
 from metascale.config import AlgorithmSpec
 from metascale.data.tasks import Task
 
@@ -54,6 +55,7 @@ def task_metrics(out: Tensor, y: Tensor, loss: Tensor) -> dict[str, Tensor]:
     m = {"loss": loss.detach()}
     if y.dtype in (torch.int64, torch.int32):
         m["accuracy"] = (out.detach().argmax(-1) == y).float().mean()
+        m["ece"] = expected_calibration_error(torch.softmax(out.detach().float(), -1), y)  # out: logits/log-probs
     return m
 
 

@@ -102,7 +102,7 @@ class JobSpec(Spec):
         regression = isinstance(self.data, SinusoidData)
         if regression and self.model.name != "mlp":
             raise ValueError(f"data.source 'sinusoid' needs model.name 'mlp' (got '{self.model.name}')")
-        if regression and self.algorithm.name in ("protonet", "anil"):
+        if regression and self.algorithm.name in ("protonet", "anil", "blackbox", "abml"):
             raise ValueError(f"algorithm '{self.algorithm.name}' needs a classification data source, not sinusoid")
         if not regression and self.model.name == "mlp" and self.algorithm.name != "lopt":
             raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")

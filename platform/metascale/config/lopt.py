@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import BaseModel, ConfigDict, Field
-
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+from metascale.config.base import PositiveFloat, PositiveInt, Spec
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class LOptSpec(_Spec):
+class LOptSpec(Spec):
     """The per-parameter MLP optimiser (algorithms/lopt.py): step = d * exp(m * exp_mult) * step_mult."""
 
     hidden: PositiveInt = 32
@@ -23,7 +14,7 @@ class LOptSpec(_Spec):
     exp_mult: PositiveFloat = 0.01
 
 
-class PESSpec(_Spec):
+class PESSpec(Spec):
     """Truncated unrolls (outer.estimator 'pes' or 'tbptt', algorithms/pes.py): an inner run of
     `algorithm.inner.steps` steps is cut into truncations of `truncation` steps, one per meta-step; `outer.meta_batch`
     particles (antithetic pairs for 'pes') keep their inner state across them."""

@@ -6,21 +6,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from metascale.config.base import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Spec
 from metascale.config.lopt import LOptSpec, PESSpec
+from metascale.config.survey import ABMLSpec, BlackBoxSpec, DartsAlgorithmSpec, DistillSpec, MLDGSpec
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-
-
-class Spec(BaseModel):
-    """Base of every section: unknown keys are errors (a typo must never be silently ignored), and so are NaN and
-    infinities in any float field (YAML reads `.inf`/`.nan` as numbers; no knob means anything at them)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -191,34 +182,11 @@ class MWNSpec(Spec):
     hidden: PositiveInt = 100
 
 
-class MLDGSpec(Spec):
-    """MLDG (Li et al. 2018): objective L_tr(theta) + beta * L_te(theta - inner.lr * grad L_tr(theta))."""
-
-    beta: PositiveFloat = 1.0
-
-
-class DistillSpec(Spec):
-    """Dataset distillation (Wang et al. 2018): `images_per_class` synthetic examples of `shape` per class and the
-    inner learning rate (starting at `init_lr`) are the meta-parameters (algorithms/distill.py)."""
-
-    images_per_class: PositiveInt = 1
-    shape: list[PositiveInt] = [1, 28, 28]  # one example's shape: the data's (channels, size, size)
-    init_lr: PositiveFloat = 0.02
-
-
-class DartsAlgorithmSpec(Spec):
-    """DARTS as a meta-representation (algorithms/darts.py)."""
-
-    # false: alpha gets no meta-gradient and stays a uniform mixture; only the initialisation is meta-learned (the
-    # fixed-architecture baseline of the same network at the same cost)
-    learn_alpha: bool = True
-
-
 class AlgorithmSpec(Spec):
     name: Literal[
         "maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
         "imaml", "learned_hparams", "learned_loss", "mwn", "erm",
-        "mldg", "erm_pooled", "distill", "darts", "lopt",
+        "mldg", "erm_pooled", "distill", "darts", "lopt", "blackbox", "abml",
     ] = "maml"
     inner: InnerLoopSpec = InnerLoopSpec()
     # ANIL adapts only parameters whose name starts with this prefix (the classifier head).
@@ -232,6 +200,8 @@ class AlgorithmSpec(Spec):
     distill: DistillSpec = DistillSpec()
     darts: DartsAlgorithmSpec = DartsAlgorithmSpec()
     lopt: LOptSpec = LOptSpec()
+    blackbox: BlackBoxSpec = BlackBoxSpec()
+    abml: ABMLSpec = ABMLSpec()
 
 
 # -------------------------------------------------------------------------------------- outer / eval
