@@ -10,12 +10,16 @@ from metascale.algorithms import distill, mldg  # noqa: F401,E402  (domain gener
 from metascale.algorithms import darts  # noqa: F401,E402  (architecture search)
 from metascale.algorithms import lopt  # noqa: F401,E402  (learned optimisers)
 from metascale.algorithms import abml, blackbox  # noqa: F401,E402  (black-box and Bayesian learners)
+from metascale.algorithms import maml_rl  # noqa: F401,E402  (meta-reinforcement learning)
 from metascale.algorithms.base import ALGORITHMS, MetaAlgorithm, Params, TaskOutput
-from metascale.config import AlgorithmSpec
+from metascale.config import AlgorithmSpec, DataSpec
 
 
-def build_algorithm(spec: AlgorithmSpec, model: nn.Module) -> MetaAlgorithm:
-    return ALGORITHMS[spec.name](spec, model)
+def build_algorithm(spec: AlgorithmSpec, model: nn.Module, data: DataSpec | None = None) -> MetaAlgorithm:
+    """`data`: the job's data section, for algorithms that act in the tasks themselves (maml_rl's environment)."""
+    alg = ALGORITHMS[spec.name](spec, model)
+    alg.data = data
+    return alg
 
 
 __all__ = ["ALGORITHMS", "MetaAlgorithm", "Params", "TaskOutput", "build_algorithm"]

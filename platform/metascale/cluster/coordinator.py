@@ -113,7 +113,7 @@ class Coordinator:
         torch.manual_seed(spec.seed)
         dtype = getattr(torch, spec.executor.dtype)
         model = build_model(spec.model, output_dim(spec.data)).to(dtype)
-        self.algorithm = build_algorithm(spec.algorithm, model)
+        self.algorithm = build_algorithm(spec.algorithm, model, spec.data)
         init = self.algorithm.init(dict(model.named_parameters()))
         # The model's own storage, not a copy: a second copy of a 1B-parameter model is 4 GB of host memory.
         self.params = {k: v.detach().requires_grad_(True) for k, v in init.items()}

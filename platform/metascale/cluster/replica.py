@@ -52,7 +52,7 @@ class Replica:
         self.device = resolve_device(ex.device)
         self.dtype = getattr(torch, ex.dtype)
         model = build_model(self.spec.model, output_dim(self.spec.data)).to(self.device, self.dtype)
-        self.alg = build_algorithm(self.spec.algorithm, model)
+        self.alg = build_algorithm(self.spec.algorithm, model, self.spec.data)
         self.strategy = resolve_strategy(ex.strategy, self.device)
         self.source = TaskSources(self.spec.data, self.spec.seed)
         self.particles = None  # outer.estimator pes/tbptt: the inner states this worker holds (cluster/unrolled.py)

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from metascale.config.samplers import FixedSampler, SamplerSpec, _by_name
+from metascale.config.rl import NavigationData
 from metascale.config.sections import PositiveFloat, PositiveInt, Spec
 
 # ----------------------------------------------------------------------------------------------- data
@@ -301,6 +302,7 @@ class DomainsData(Spec):
 
 
 DataSpec = Annotated[
-    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, MultiData, NoisyLabelsData, DomainsData],
+    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, MultiData, NoisyLabelsData, DomainsData,
+          NavigationData],
     Field(discriminator="source"),
 ]

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from metascale.config.kubernetes import KubernetesSpec, cpu_millis
 from metascale.config.data import DataSpec, DomainsData, NoisyLabelsData, SinusoidData
+from metascale.config.rl import NavigationData
 from metascale.config.samplers import episodes_problem
 from metascale.config.sections import (
     CHUNKED_QUERY, MIXED_MODE, AlgorithmSpec, CheckpointSpec, ClusterSpec, EvalSpec, ExecutorSpec, LoggingSpec,
@@ -104,7 +105,7 @@ class JobSpec(Spec):
             raise ValueError(f"data.source 'sinusoid' needs model.name 'mlp' (got '{self.model.name}')")
         if regression and self.algorithm.name in ("protonet", "anil", "blackbox", "abml"):
             raise ValueError(f"algorithm '{self.algorithm.name}' needs a classification data source, not sinusoid")
-        if not regression and self.model.name == "mlp" and self.algorithm.name != "lopt":
+        if not regression and self.model.name == "mlp" and self.algorithm.name not in ("lopt", "maml_rl"):
             raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")
         self._survey_compatible()
         if (problem := episodes_problem(self)) is not None:
@@ -131,6 +132,7 @@ class JobSpec(Spec):
                 "domains and need data.source 'domains', which no other algorithm takes"
             )
         self._distill_compatible()
+        self._rl_compatible()
         if alg.name == "mldg" and alg.inner.steps != 1:
             raise ValueError(f"algorithm 'mldg' takes one virtual step of inner.lr on the meta-train domains: "
                              f"inner.steps must be 1 (got {alg.inner.steps})")
@@ -192,6 +194,20 @@ class JobSpec(Spec):
         if self.outer.estimator == "ftml" and single_task:
             raise ValueError(f"outer.estimator 'ftml' streams few-shot tasks; data.source '{self.data.source}' is "
                              "one task")
+
+    def _rl_compatible(self) -> None:
+        """Meta-RL (algorithms/maml_rl.py) acts in the navigation tasks with an MLP policy over the agent's position."""
+        alg = self.algorithm
+        if (alg.name == "maml_rl") != isinstance(self.data, NavigationData):
+            raise ValueError(f"algorithm '{alg.name}' with data.source '{self.data.source}': 'maml_rl' learns from "
+                             "rollouts in the navigation tasks, which no other algorithm takes")
+        if alg.name != "maml_rl":
+            return
+        if self.model.name != "mlp" or self.model.in_features != 2:  # type: ignore[union-attr]
+            raise ValueError("algorithm 'maml_rl' needs an MLP policy over the 2D position: model.name 'mlp', "
+                             "in_features 2")
+        if self.executor.strategy == "vmap":
+            raise ValueError("algorithm 'maml_rl' samples rollouts per task: executor.strategy 'per_task' or 'auto'")
 
     def _distill_compatible(self) -> None:
         """Dataset distillation's meaningless combinations (algorithms/distill.py)."""

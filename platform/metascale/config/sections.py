@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from metascale.config.base import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Spec
 from metascale.config.lopt import LOptSpec, PESSpec
+from metascale.config.rl import MAMLRLSpec
 from metascale.config.survey import ABMLSpec, BlackBoxSpec, DartsAlgorithmSpec, DistillSpec, MLDGSpec
 
 
@@ -187,6 +188,7 @@ class AlgorithmSpec(Spec):
         "maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
         "imaml", "learned_hparams", "learned_loss", "mwn", "erm",
         "mldg", "erm_pooled", "distill", "darts", "lopt", "blackbox", "abml",
+        "maml_rl",
     ] = "maml"
     inner: InnerLoopSpec = InnerLoopSpec()
     # ANIL adapts only parameters whose name starts with this prefix (the classifier head).
@@ -202,6 +204,7 @@ class AlgorithmSpec(Spec):
     lopt: LOptSpec = LOptSpec()
     blackbox: BlackBoxSpec = BlackBoxSpec()
     abml: ABMLSpec = ABMLSpec()
+    maml_rl: MAMLRLSpec = MAMLRLSpec()
 
 
 # -------------------------------------------------------------------------------------- outer / eval

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from metascale.config import (DataSpec, DomainsData, GlyphsData, JobSpec, MultiData, NoisyLabelsData, ShardsData,
-                              SinusoidData, SyntheticImagesData)
+from metascale.config import (DataSpec, DomainsData, GlyphsData, JobSpec, MultiData, NavigationData, NoisyLabelsData,
+                              ShardsData, SinusoidData, SyntheticImagesData)
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
 from metascale.errors import DataError
 
@@ -37,6 +37,10 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         from metascale.data.domains import DomainTasks
 
         return DomainTasks(spec, split, seed)
+    if isinstance(spec, NavigationData):  # goals of the 2D navigation tasks (meta-RL)
+        from metascale.data.navigation import NavigationTasks
+
+        return NavigationTasks(spec, split, seed)
     raise NotImplementedError(f"data source '{spec.source}'")
 
 
@@ -148,6 +152,8 @@ def output_dim(spec: DataSpec) -> int:
     ways an episode can have: ProtoNets' prototypes take any number up to it)."""
     if isinstance(spec, SinusoidData):
         return 1
+    if isinstance(spec, NavigationData):  # the policy's mean action
+        return 2
     return spec.max_ways if hasattr(spec, "max_ways") else spec.ways
 
 

@@ -1,0 +1,154 @@
+"""MAML-RL (Finn et al. 2017, section 5.3) on the 2D navigation tasks (data/navigation.py).
+
+The policy is a Gaussian over actions: mean = the model (an MLP over the agent's position), a state-free log
+standard deviation per action dimension (meta-parameter `policy_log_std`). Per task, on the worker that runs the task:
+
+- inner loop (`inner.steps` steps of `inner.lr`): sample `rollouts` trajectories with the current policy, weigh each
+  log-probability by its advantage (discounted return-to-go minus Duan et al. (2016)'s linear feature baseline fit to
+  these rollouts), and step up the REINFORCE surrogate mean_{k,t} log pi(a_kt | s_kt) A_kt, differentiably
+  (`create_graph`) unless `inner.first_order`;
+- outer step: the same surrogate on fresh rollouts of the adapted policy, differentiated through the inner steps to
+  the initialisation (plain policy gradient through the inner step, as in Finn et al.'s MAML-RL; the outer optimiser
+  is `outer.optimizer`, not TRPO). With `maml_rl.pre_score` the estimator also gets the score of the pre-update
+  rollouts times the post-update return, which makes it unbiased for the gradient of the expected post-update return
+  (the data the inner step adapts on depends on theta too; E-MAML, Stadie et al. 2018), at a higher variance.
+
+Action noise comes from the task's seeds (support_y, query_y), so a re-run slot samples the same trajectories.
+Metrics: `return` (post-adaptation, undiscounted, mean over rollouts), `return_pre` (the first inner step's
+rollouts: the policy before adaptation) and `loss` = -return.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register
+from metascale.config import NavigationData
+from metascale.data.navigation import move
+from metascale.data.tasks import Task
+
+LOG_STD = "policy_log_std"
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    obs: Tensor  # [K, H, 2] positions the actions were taken at
+    actions: Tensor  # [K, H, 2] raw (unclipped) actions
+    rewards: Tensor  # [K, H]
+
+
+def generator(seed: Tensor, index: int) -> torch.Generator:
+    """Rollout noise stream `index` of a task seed (inner step i: index i; post-adaptation: the query seed's 0)."""
+    state = np.random.SeedSequence([int(seed), index]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def rollout(mean, log_std: Tensor, goal: Tensor, data: NavigationData, gen: torch.Generator) -> Rollouts:
+    """`data.rollouts` trajectories from the origin, vectorised over trajectories; no graph."""
+    k, h = data.rollouts, data.horizon
+    noise = torch.randn(h, k, 2, generator=gen, dtype=goal.dtype).to(goal.device)
+    with torch.no_grad():
+        std, pos = log_std.exp(), torch.zeros(k, 2, dtype=goal.dtype, device=goal.device)
+        obs, acts, rews = [], [], []
+        for t in range(h):
+            a = mean(pos) + std * noise[t]
+            obs.append(pos)
+            acts.append(a)
+            pos, r = move(pos, a, goal, data.action_clip)
+            rews.append(r)
+    return Rollouts(torch.stack(obs, 1), torch.stack(acts, 1), torch.stack(rews, 1))
+
+
+def log_prob(mean, log_std: Tensor, ro: Rollouts) -> Tensor:
+    """log pi(a_kt | s_kt) [K, H], differentiable w.r.t. the policy's parameters."""
+    mu = mean(ro.obs.reshape(-1, 2)).reshape(ro.actions.shape)
+    z = (ro.actions - mu) / log_std.exp()
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def returns_to_go(rewards: Tensor, gamma: float) -> Tensor:
+    """G_t = sum_{t' >= t} gamma^(t'-t) r_t', [K, H]."""
+    h = rewards.shape[1]
+    t = torch.arange(h, dtype=rewards.dtype, device=rewards.device)
+    lag = t[:, None] - t[None, :]  # [t', t]
+    disc = torch.where(lag >= 0, gamma ** lag.clamp(min=0), torch.zeros_like(lag))
+    return rewards @ disc
+
+
+def linear_baseline(obs: Tensor, returns: Tensor, reg: float) -> Tensor:
+    """Duan et al. (2016)'s linear feature baseline (rllab's LinearFeatureBaseline): ridge regression of the returns on
+    [s, s^2, t/100, (t/100)^2, (t/100)^3, 1] over these rollouts; its ridge grows x10 while the solve is not finite."""
+    k, h, _ = obs.shape
+    o = obs.clamp(-10, 10).double()
+    al = (torch.arange(h, dtype=torch.float64, device=obs.device) / 100.0)[None, :, None].expand(k, h, 1)
+    feats = torch.cat([o, o**2, al, al**2, al**3, torch.ones_like(al)], -1).reshape(k * h, -1)
+    y = returns.reshape(-1, 1).double()
+    eye = torch.eye(feats.shape[1], dtype=torch.float64, device=obs.device)
+    for _ in range(5):
+        w = torch.linalg.solve(feats.T @ feats + reg * eye, feats.T @ y)
+        if torch.isfinite(w).all():
+            break
+        reg *= 10
+    return (feats @ w).reshape(k, h).to(returns.dtype)
+
+
+def advantages(ro: Rollouts, data: NavigationData, baseline: str, reg: float) -> Tensor:
+    g = returns_to_go(ro.rewards, data.gamma)
+    return g - linear_baseline(ro.obs, g, reg) if baseline == "linear" else g
+
+
+@register
+class MAMLRL(MetaAlgorithm):
+    name = "maml_rl"
+    data: NavigationData  # the job's data section: the environment (build_algorithm sets it)
+
+    def init(self, model_params: Params) -> Params:
+        log_std = torch.full((2,), self.spec.maml_rl.init_log_std, dtype=next(iter(model_params.values())).dtype)
+        return {**model_params, LOG_STD: log_std}
+
+    def model_params(self, meta_params: Params) -> Params:
+        return {k: v for k, v in meta_params.items() if k != LOG_STD}
+
+    def _mean(self, params: Params):
+        model = self.model_params(params)
+        return lambda x: self.f(model, x)
+
+    def surrogate(self, params: Params, ro: Rollouts) -> tuple[Tensor, Tensor]:
+        """(mean_{k,t} log pi * A: its gradient is the REINFORCE estimate of grad J / horizon, the log-probs)."""
+        cfg = self.spec.maml_rl
+        logp = log_prob(self._mean(params), params[LOG_STD], ro)
+        return (logp * advantages(ro, self.data, cfg.baseline, cfg.baseline_reg)).mean(), logp
+
+    def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
+        train = torch.is_grad_enabled()
+        if not train:  # evaluation: the inner steps still need gradients, of a copy
+            meta_params = {k: v.detach().requires_grad_(True) for k, v in meta_params.items()}
+        with torch.enable_grad():
+            return self._objective(meta_params, task, self.spec.inner.steps if steps is None else steps, train)
+
+    def _objective(self, meta: Params, task: Task, steps: int, train: bool) -> TaskOutput:
+        inner, data, goal = self.spec.inner, self.data, task.support_x[0]
+        fast, score, ret_pre = dict(meta), None, None
+        for i in range(steps):
+            ro = rollout(self._mean(fast), fast[LOG_STD], goal, data, generator(task.support_y[0], i))
+            ret_pre = ro.rewards.sum(1).mean() if ret_pre is None else ret_pre
+            surr, logp = self.surrogate(fast, ro)
+            names = list(fast)
+            grads = torch.autograd.grad(
+                surr, [fast[k] for k in names], create_graph=train and not inner.first_order, allow_unused=True
+            )
+            score = logp.sum() if score is None else score + logp.sum()
+            fast = {k: fast[k] if g is None else fast[k] + inner.lr * g for k, g in zip(names, grads)}
+        ro = rollout(self._mean(fast), fast[LOG_STD], goal, data, generator(task.query_y[0], 0))
+        ret = ro.rewards.sum(1).mean()
+        surr, _ = self.surrogate(fast, ro)
+        objective = -surr
+        if self.spec.maml_rl.pre_score and score is not None:  # E[R' * grad log p_theta(pre-update rollouts)]
+            objective = objective - (score - score.detach()) * ret / (data.horizon * data.rollouts)
+        metrics = {"loss": -ret, "return": ret, "return_pre": ret if ret_pre is None else ret_pre}
+        return TaskOutput(objective, metrics)

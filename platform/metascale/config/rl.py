@@ -1,0 +1,35 @@
+"""Knobs of meta-reinforcement learning (algorithms/maml_rl.py): the 2D navigation task family of the MAML paper
+(data/navigation.py) and MAML-RL's policy and estimator."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from metascale.config.base import PositiveFloat, PositiveInt, Spec
+
+
+class NavigationData(Spec):
+    """Finn et al. (2017), section 5.3: a point agent starts at the origin; a task is a goal drawn uniformly from
+    [-goal_range, goal_range]^2; the reward per step is minus the distance to the goal after the move; actions are
+    clipped to [-action_clip, action_clip] per coordinate. Each task runs `rollouts` trajectories of `horizon` steps
+    per inner step and as many after adaptation."""
+
+    source: Literal["navigation"] = "navigation"
+    horizon: PositiveInt = 100
+    rollouts: PositiveInt = 20
+    goal_range: PositiveFloat = 0.5
+    action_clip: PositiveFloat = 0.1
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.99  # discount of the returns the policy gradient weighs
+
+
+class MAMLRLSpec(Spec):
+    """MAML-RL's Gaussian policy and policy-gradient estimator (algorithms/maml_rl.py)."""
+
+    init_log_std: float = 0.0  # the policy's log standard deviation at the start (a meta-parameter, state-free)
+    baseline: Literal["linear", "none"] = "linear"  # Duan et al. (2016)'s linear feature baseline, fit per batch
+    baseline_reg: PositiveFloat = 1e-5  # its ridge coefficient
+    # Add the score of the pre-update rollouts times the post-update return: the gradient of the expected
+    # post-update return including how theta shapes the adaptation data (E-MAML; Finn et al.'s code drops it).
+    pre_score: bool = False
