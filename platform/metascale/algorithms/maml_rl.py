@@ -11,7 +11,9 @@ standard deviation per action dimension (meta-parameter `policy_log_std`). Per t
   the initialisation (plain policy gradient through the inner step, as in Finn et al.'s MAML-RL; the outer optimiser
   is `outer.optimizer`, not TRPO). With `maml_rl.pre_score` the estimator also gets the score of the pre-update
   rollouts times the post-update return, which makes it unbiased for the gradient of the expected post-update return
-  (the data the inner step adapts on depends on theta too; E-MAML, Stadie et al. 2018), at a higher variance.
+  (the data the inner step adapts on depends on theta too; E-MAML, Stadie et al. 2018), at a higher variance. The
+  estimates are of the gradient of the return / horizon; with `gamma` < 1 the surrogates weigh discounted returns-to-go
+  (the usual variance-reducing approximation) while the return in the score term is undiscounted.
 
 Action noise comes from the task's seeds (support_y, query_y), so a re-run slot samples the same trajectories.
 Metrics: `return` (post-adaptation, undiscounted, mean over rollouts), `return_pre` (the first inner step's
@@ -149,6 +151,6 @@ class MAMLRL(MetaAlgorithm):
         surr, _ = self.surrogate(fast, ro)
         objective = -surr
         if self.spec.maml_rl.pre_score and score is not None:  # E[R' * grad log p_theta(pre-update rollouts)]
-            objective = objective - (score - score.detach()) * ret / (data.horizon * data.rollouts)
+            objective = objective - (score - score.detach()) * ret / data.horizon  # the surrogate's 1/horizon
         metrics = {"loss": -ret, "return": ret, "return_pre": ret if ret_pre is None else ret_pre}
         return TaskOutput(objective, metrics)

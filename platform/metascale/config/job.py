@@ -105,7 +105,8 @@ class JobSpec(Spec):
             raise ValueError(f"data.source 'sinusoid' needs model.name 'mlp' (got '{self.model.name}')")
         if regression and self.algorithm.name in ("protonet", "anil", "blackbox", "abml"):
             raise ValueError(f"algorithm '{self.algorithm.name}' needs a classification data source, not sinusoid")
-        if not regression and self.model.name == "mlp" and self.algorithm.name not in ("lopt", "maml_rl"):
+        vectors = self.algorithm.name == "lopt" or isinstance(self.data, NavigationData)  # flattened images, positions
+        if not regression and self.model.name == "mlp" and not vectors:
             raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")
         self._survey_compatible()
         if (problem := episodes_problem(self)) is not None:
