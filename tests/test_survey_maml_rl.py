@@ -143,7 +143,7 @@ def _nav_job(tmp_path, **kw):
 def test_a_short_maml_rl_run_adapts_better_than_the_policy_before_adaptation(tmp_path):
     """30 meta-steps (horizon 20, 10 tasks of 20 rollouts): on 20 held-out goals the return after one inner step
     beats the same meta-trained policy before adaptation and the adapted random initialisation, each by > 2
-    (measured under load: -8.4 before adaptation, -10.3 adapted from the initialisation, -4.4 after)."""
+    (measured: -8.3 before adaptation, -10.3 adapted from the initialisation, -4.3 after)."""
     spec = _nav_job(tmp_path)
     coord, pool = Coordinator(spec), InlinePool(spec)
     start = evaluate(pool, coord.published(), spec, spec.eval.episodes, "eval")

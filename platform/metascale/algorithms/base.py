@@ -9,7 +9,7 @@ Distribution, batching over tasks (vmap or a loop) and sharding wrap these from 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,8 @@ class MetaAlgorithm:
     name: ClassVar[str]
     # True when the meta-gradient comes from autograd through `task_objective`; False for direct updates (Reptile).
     differentiable: ClassVar[bool] = True
+    # The job's data section (set by build_algorithm): read by algorithms that act in the tasks (maml_rl).
+    data: Any = None
 
     def __init__(self, spec: AlgorithmSpec, model: nn.Module):
         self.spec = spec
