@@ -25,7 +25,7 @@ or share them, has no split: `split_at_blocks` returns None and mixed mode takes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -130,7 +130,7 @@ def grad_and_product(
     zh = {k: torch.zeros_like(t) for k, t in h.items()} if u is not None else None
     out = split.outside
 
-    def part(keys: list[str] | dict, d: Params | None) -> Params | None:
+    def part(keys: Iterable[str], d: Params | None) -> Params | None:
         return None if d is None else {k: d[k] for k in keys}
 
     def stem(rest: Params, hh: Params) -> Tensor:
