@@ -3,6 +3,8 @@ strategy (per task, or vmap over tasks) and against central finite differences, 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -35,15 +37,18 @@ def sweeps(monkeypatch):
     products taken block by block (not over the whole model)."""
     import metascale.algorithms.mixed_mode as mm
 
-    count = {"n": 0, "block_products": 0}
+    count = {"n": 0, "block_products": 0, "block_grads": 0, "kept_copies": 0}
     real, real_product = mm._MixedDescent.apply, mm.grad_and_product
 
     def counting(*args):
         count["n"] += 1
-        return real(*args)
+        out = real(*args)
+        count["kept_copies"] += len(out) // len(args[1]) - 1  # outputs: phi_K, then the kept weights
+        return out
 
     def counting_products(*args):
-        count["block_products"] += args[-1] is not None  # the tangent u: a product, not a plain gradient
+        # with the tangent u a product; without, a plain gradient (the forward loop's, or a recomputed step's)
+        count["block_products" if args[-1] is not None else "block_grads"] += 1
         return real_product(*args)
 
     monkeypatch.setattr(mm._MixedDescent, "apply", counting)
@@ -111,7 +116,9 @@ def test_mixed_stride_recomputes_the_same_meta_gradient(float64, sweeps, name, m
     expected = meta_gradient(reverse, meta, batch, "per_task").grads
     got = meta_gradient(mixed, meta, batch, strategy).grads
     assert sweeps["n"] == (1 if strategy == "vmap" else len(batch))
-    assert sweeps["block_products"] == 5 * sweeps["n"]
+    n, kept = sweeps["n"], math.ceil(5 / stride)  # phi_0 (an input), phi_s, phi_2s, ... below step 5
+    assert sweeps["block_products"] == 5 * n and sweeps["kept_copies"] == (kept - 1) * n
+    assert sweeps["block_grads"] == (5 + 5 - kept) * n  # the forward's 5, and the sweep's recomputed steps
     assert _relative(expected, got) < 1e-8
 
 
