@@ -11,8 +11,9 @@ and all three come from one forward-over-reverse product: `torch.func.jvp` of `t
 (phi, h) along the tangent (u, 0) gives g_k as its primal and (H_phiphi u, H_hphi u) as its tangent. What is kept
 between the passes is phi_0, phi_s, phi_2s, ... (every `stride`-th step's weights; all K with stride 1) instead of
 every step's double-backward graph; the sweep recomputes the s-1 steps after a kept one with plain gradients (the
-same ops, so the same bits) and then goes back through them, so it holds at most s-1 more copies at a time. Each
-step's product holds one support pass with its tangents at a time. Per-task batch norm is differentiated through its
+same ops, so the same bits) and then goes back through them, so it holds at most s-1 more copies at a time. Where
+the model has blocks, gradients and products run block by block (block_products.py: the block boundaries and one
+block's forward-over-reverse at a time); otherwise over the whole model. Per-task batch norm is differentiated through its
 batch statistics exactly as reverse mode does (the same ops; inside `vmap`, models/norm.py's basic-op form).
 
 The sweep is the backward of an `autograd.Function`, so whatever consumes phi_K (the plain, block-checkpointed or
