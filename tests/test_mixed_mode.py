@@ -3,6 +3,8 @@ strategy (per task, or vmap over tasks) and against central finite differences, 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -31,17 +33,26 @@ MODELS = {
 
 @pytest.fixture
 def sweeps(monkeypatch):
-    """Counts the mixed-mode inner loops that actually ran (not the reverse fallback)."""
+    """Counts the mixed-mode inner loops that actually ran (not the reverse fallback), and the Hessian-vector
+    products taken block by block (not over the whole model)."""
     import metascale.algorithms.mixed_mode as mm
 
-    count = {"n": 0}
-    real = mm._MixedDescent.apply
+    count = {"n": 0, "block_products": 0, "block_grads": 0, "kept_copies": 0}
+    real, real_product = mm._MixedDescent.apply, mm.grad_and_product
 
     def counting(*args):
         count["n"] += 1
-        return real(*args)
+        out = real(*args)
+        count["kept_copies"] += len(out) // len(args[1]) - 1  # outputs: phi_K, then the kept weights
+        return out
+
+    def counting_products(*args):
+        # with the tangent u a product; without, a plain gradient (the forward loop's, or a recomputed step's)
+        count["block_products" if args[-1] is not None else "block_grads"] += 1
+        return real_product(*args)
 
     monkeypatch.setattr(mm._MixedDescent, "apply", counting)
+    monkeypatch.setattr(mm, "grad_and_product", counting_products)
     return count
 
 
@@ -85,6 +96,7 @@ def test_mixed_equals_reverse(float64, sweeps, name, model, steps, strategy):
     got = meta_gradient(mixed, meta, batch, strategy)
     assert got.strategy == strategy  # vmap ran, no silent per-task fallback
     assert sweeps["n"] == (1 if strategy == "vmap" else len(batch))
+    assert sweeps["block_products"] == steps * sweeps["n"]  # every model here has blocks: one product per step
     assert _relative(expected.grads, got.grads) < 1e-8
     for k in meta:  # every meta-parameter, hyperparameters included, and none trivially zero in both
         assert torch.allclose(expected.grads[k], got.grads[k], rtol=1e-7, atol=1e-12), k
@@ -104,6 +116,9 @@ def test_mixed_stride_recomputes_the_same_meta_gradient(float64, sweeps, name, m
     expected = meta_gradient(reverse, meta, batch, "per_task").grads
     got = meta_gradient(mixed, meta, batch, strategy).grads
     assert sweeps["n"] == (1 if strategy == "vmap" else len(batch))
+    n, kept = sweeps["n"], math.ceil(5 / stride)  # phi_0 (an input), phi_s, phi_2s, ... below step 5
+    assert sweeps["block_products"] == 5 * n and sweeps["kept_copies"] == (kept - 1) * n
+    assert sweeps["block_grads"] == (5 + 5 - kept) * n  # the forward's 5, and the sweep's recomputed steps
     assert _relative(expected, got) < 1e-8
 
 
@@ -120,7 +135,7 @@ def test_mixed_matches_central_finite_differences(float64, sweeps, name):
     _, alg, meta = _setup(name, MLPSpec(hidden=[6]), 1, steps=3, lr=0.05)
     batch = _sinusoid()
     grads = meta_gradient(alg, meta, batch).grads
-    assert sweeps["n"] == len(batch)
+    assert sweeps["n"] == len(batch) and sweeps["block_products"] == 0  # the MLP has no blocks: whole-model products
     eps, fd, an = 1e-6, [], []
     for name_, value in meta.items():
         for i in range(value.numel()):
@@ -156,3 +171,45 @@ def test_mixed_keeps_no_graph_when_there_is_nothing_to_differentiate(float64, sw
     assert float(a) == float(b)
     mixed.task_objective(meta, task, steps=0)
     assert sweeps["n"] == 0
+
+
+@pytest.mark.parametrize("strategy", ["per_task", "vmap"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_block_products_equal_the_whole_model_product(float64, model, strategy):
+    """grad_and_product, block by block, gives the whole model's dL/dphi, dL/dh, H u and H_hphi u (one jvp of grad)
+    for a support loss that reads a hyperparameter after the model (a temperature) and every weight outside it (a
+    decay): the stem (the ViT's patches), the blocks and the tail all contribute."""
+    import torch.nn.functional as F
+
+    from metascale.algorithms.block_products import grad_and_product, split_at_blocks
+    from metascale.models.norm import batched_tasks
+
+    spec = ViTSpec(dim=8, depth=2, heads=2) if model == "vit" else MODELS[model]  # two blocks at least
+    _, alg, meta = _setup("maml", spec, 5, steps=1)
+    phi, h = {k: v.detach() for k, v in meta.items()}, {"temperature": torch.tensor(1.3)}
+    batch = _images()
+
+    def loss(p, hh, x, y):
+        return F.cross_entropy(alg.f(p, x) * hh["temperature"], y) + 0.01 * sum((v**2).sum() for v in p.values())
+
+    def both(x, y, u):
+        split = split_at_blocks(loss, phi, h, x, y)
+        assert split is not None and len(split.blocks) >= 2 and split.stem_is_input == (model != "vit")
+        (g, gh), (hu, hhu) = torch.func.jvp(
+            torch.func.grad(lambda p, hh: loss(p, hh, x, y), argnums=(0, 1)),
+            (phi, h),
+            (u, {k: torch.zeros_like(v) for k, v in h.items()}),
+        )
+        return (g, gh, hu, hhu), grad_and_product(split, loss, phi, h, x, y, u)
+
+    us = {k: torch.randn(len(batch), *v.shape) for k, v in phi.items()}
+    if strategy == "vmap":
+        with batched_tasks():
+            pairs = [torch.func.vmap(both)(batch.support_x, batch.support_y, us)]
+    else:
+        tasks = list(batch.tasks())
+        pairs = [both(t.support_x, t.support_y, {k: u[i] for k, u in us.items()}) for i, t in enumerate(tasks)]
+    for whole, blocks in pairs:
+        for a, b in zip(whole, blocks):
+            assert set(a) == set(b) and _relative(a, b) < 1e-10
+        assert float(sum((t**2).sum() for t in whole[3].values())) > 0  # H_hphi u is not trivially zero

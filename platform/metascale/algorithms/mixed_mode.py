@@ -11,8 +11,9 @@ and all three come from one forward-over-reverse product: `torch.func.jvp` of `t
 (phi, h) along the tangent (u, 0) gives g_k as its primal and (H_phiphi u, H_hphi u) as its tangent. What is kept
 between the passes is phi_0, phi_s, phi_2s, ... (every `stride`-th step's weights; all K with stride 1) instead of
 every step's double-backward graph; the sweep recomputes the s-1 steps after a kept one with plain gradients (the
-same ops, so the same bits) and then goes back through them, so it holds at most s-1 more copies at a time. Each
-step's product holds one support pass with its tangents at a time. Per-task batch norm is differentiated through its
+same ops, so the same bits) and then goes back through them, so it holds at most s-1 more copies at a time. Where
+the model has blocks, gradients and products run block by block (block_products.py: the block boundaries and one
+block's forward-over-reverse at a time); otherwise over the whole model. Per-task batch norm is differentiated through its
 batch statistics exactly as reverse mode does (the same ops; inside `vmap`, models/norm.py's basic-op form).
 
 The sweep is the backward of an `autograd.Function`, so whatever consumes phi_K (the plain, block-checkpointed or
@@ -23,16 +24,11 @@ its inputs and outputs.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from metascale.algorithms.base import Params
-
-# L_s(phi, h, x, y): the support loss of weights phi and hyperparameters h on the support set (x, y). The data is an
-# argument, not captured, so that under vmap it arrives batched through the Function's inputs.
-SupportLoss = Callable[[Params, Params, Tensor, Tensor], Tensor]
+from metascale.algorithms.block_products import SupportLoss, grad_and_product, split_at_blocks
 
 
 def mixed_descent(
@@ -66,14 +62,39 @@ def mixed_descent(
     return dict(zip(names, outputs[: len(names)]))
 
 
-def _support_grad(loss_fn: SupportLoss, x: Tensor, y: Tensor):
-    """(phi, h) -> (dL_s/dphi, dL_s/dh)."""
-    return torch.func.grad(lambda p, h: loss_fn(p, h, x, y), argnums=(0, 1))
+class _Support:
+    """The support loss's gradient and products: block by block where the model has blocks (block_products.py),
+    else over the whole model (one `jvp` of `grad`)."""
+
+    def __init__(self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params):
+        self.loss_fn, self.x, self.y = loss_fn, x, y
+        self.split = split_at_blocks(loss_fn, phi, h, x, y)
+        self.whole = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))
+
+    def grad(self, phi: Params, h: Params) -> Params:
+        if self.split is None:
+            return self.whole(phi, h)[0]
+        return grad_and_product(self.split, self.loss_fn, phi, h, self.x, self.y, None)[0]
+
+    def product(self, phi: Params, h: Params, u: Params) -> tuple[Params, Params, Params]:
+        """(dL/dphi, H_phiphi u, H_hphi u)."""
+        if self.split is None:
+            zeros = {k: torch.zeros_like(t) for k, t in h.items()}
+            (g, _), (hu, hhu) = torch.func.jvp(self.whole, (phi, h), (u, zeros))
+            return g, hu, hhu
+        g, _, hu, hhu = grad_and_product(self.split, self.loss_fn, phi, h, self.x, self.y, u)
+        assert hu is not None and hhu is not None
+        return g, hu, hhu
 
 
 def _update(phi: Params, g: Params, rates: Params | None, lr: float | None) -> Params:
     """One inner step; the forward loop and the sweep's recomputation share it so that both give the same bits."""
     return {k: p - (rates[k] if rates is not None else lr) * g[k] for k, p in phi.items()}
+
+
+def _minus(acc: Params, k: str, t: Tensor, alpha: float = 1.0) -> None:
+    """acc[k] -= alpha * t, in place (the first time, acc[k] = -alpha * t: batched like `t` under vmap)."""
+    acc[k] = t.mul(-alpha) if k not in acc else acc[k].sub_(t, alpha=alpha)
 
 
 class _MixedDescent(torch.autograd.Function):
@@ -85,12 +106,12 @@ class _MixedDescent(torch.autograd.Function):
         phi = dict(zip(names, tensors[:n]))
         rates = dict(zip(names, tensors[n : 2 * n])) if lr is None else None
         h = dict(zip(hnames, tensors[len(tensors) - len(hnames) :]))
-        grad = _support_grad(loss_fn, x, y)
+        support = _Support(loss_fn, x, y, phi, h)
         kept: list[Tensor] = []  # phi_s, phi_2s, ... below K (phi_0 is an input)
         for step in range(steps):
             if step and step % stride == 0:
                 kept += [phi[k] for k in names]
-            phi = _update(phi, grad(phi, h)[0], rates, lr)
+            phi = _update(phi, support.grad(phi, h), rates, lr)
         return (*(phi[k] for k in names), *kept)
 
     @staticmethod
@@ -107,31 +128,37 @@ class _MixedDescent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        names, hnames, n, stride = ctx.names, ctx.hnames, len(ctx.names), ctx.stride
+        names, hnames, n, stride, lr = ctx.names, ctx.hnames, len(ctx.names), ctx.stride, ctx.lr
         x, y, *saved = ctx.saved_tensors
         rates = dict(zip(names, saved[: ctx.n_rates])) if ctx.n_rates else None
         h = dict(zip(hnames, saved[ctx.n_rates : ctx.n_rates + len(hnames)]))
         kept = saved[ctx.n_rates + len(hnames) :]
-        grad = _support_grad(ctx.loss_fn, x, y)
+        support = _Support(ctx.loss_fn, x, y, dict(zip(names, kept[:n])), h)
         v = {k: torch.zeros_like(kept[i]) if g is None else g for i, (k, g) in enumerate(zip(names, grad_outputs))}
         del grad_outputs
-        d_rates = {k: torch.zeros_like(r) for k, r in rates.items()} if rates is not None else None
-        d_h = {k: torch.zeros_like(t) for k, t in h.items()}
-        zeros_h = {k: torch.zeros_like(t) for k, t in h.items()}
+        # with a float rate the product runs along v itself and is scaled after (no W-sized u)
+        scale = 1.0 if rates is not None else float(lr)
+        d_rates: Params = {}
+        d_h: Params = {}
+        own_v = False  # v is the incoming gradient until the first step replaces it; then it is updated in place
         for first in reversed(range(0, ctx.steps, stride)):
             stretch = [dict(zip(names, kept[first // stride * n : (first // stride + 1) * n]))]
             for _ in range(first + 1, min(first + stride, ctx.steps)):
-                stretch.append(_update(stretch[-1], grad(stretch[-1], h)[0], rates, ctx.lr))
+                stretch.append(_update(stretch[-1], support.grad(stretch[-1], h), rates, lr))
             while stretch:
                 phi = stretch.pop()
-                u = {k: (rates[k] if rates is not None else ctx.lr) * v[k] for k in names}
-                (g, _), (hu, hhu) = torch.func.jvp(grad, (phi, h), (u, zeros_h))
+                u = v if rates is None else {k: rates[k] * v[k] for k in names}
+                g, hu, hhu = support.product(phi, h, u)
                 del phi, u
-                if d_rates is not None:
-                    d_rates = {k: d_rates[k] - (g[k] * v[k]).sum_to_size(d_rates[k].shape) for k in names}
+                if rates is not None:
+                    for k in names:
+                        _minus(d_rates, k, (g[k] * v[k]).sum_to_size(rates[k].shape))
                 del g
-                d_h = {k: d_h[k] - hhu[k] for k in hnames}
-                v = {k: v[k] - hu[k] for k in names}
+                for k in hnames:
+                    _minus(d_h, k, hhu[k], scale)
+                for k in names:
+                    v[k] = v[k].sub_(hu[k], alpha=scale) if own_v else v[k] - scale * hu[k]
+                own_v = True
                 del hu, hhu
         return (
             None,
@@ -143,6 +170,6 @@ class _MixedDescent(torch.autograd.Function):
             None,
             None,
             *(v[k] for k in names),
-            *((d_rates[k] for k in names) if d_rates is not None else ()),
+            *((d_rates[k] for k in names) if rates is not None else ()),
             *(d_h[k] for k in hnames),
         )

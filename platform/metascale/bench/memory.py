@@ -13,8 +13,9 @@ the coordinator holds for a 1B-parameter model.
    Peak memory is linear in depth; a line fitted through the measured depths gives the largest depth under the
    per-process budget, with the fit's worst residual.
 4. mixed_mode_memory_ratio / mixed_mode_time_ratio: peak memory and time of one task's exact second-order MAML
-   meta-gradient (10 inner steps, ResNet-12 and ViT), `inner.differentiation: mixed` over the best reverse-mode
-   path; the worse of the two models (bench/mixed_mode.py).
+   meta-gradient (10 inner steps, ResNet-12 and ViT, 5-way 1-shot: mixed_mode_ratios_episode names it),
+   `inner.differentiation: mixed` over the best reverse-mode path; the worse of the two models; and the same on a
+   5-shot ViT episode, mixed_mode_larger_support (bench/mixed_mode.py).
 3. coordinator_bytes_per_param: the coordinator (cluster/coordinator.py) for an MLP of `coordinator_params`
    parameters: the peak rise over building it, publishing the parameters (the numpy views the object store copies)
    and one Adam step from a whole meta-gradient, in a fresh process. The meta-optimiser lives there for every job.

@@ -10,19 +10,24 @@ Two switches, because the recomputation must see the same weights as the forward
   pass runs after functional_call has put the module's own parameters back, so each block's substituted
   parameters are handed to the checkpoint as explicit inputs and substituted again when it recomputes.
 MAML's `inner.checkpoint: all` uses the second for the query pass, which dominates a task's peak memory.
+
+`blocks_replaced(run)` hands the blocks to `run` instead: mixed mode's block-by-block products
+(algorithms/block_products.py) split a model's forward there, so this is the one place that knows a model's blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 _ON = contextvars.ContextVar("metascale_checkpointed_blocks", default=False)
+BlocksRun = Callable[[list[nn.Module], Tensor], Tensor]
+_REPLACED: contextvars.ContextVar[BlocksRun | None] = contextvars.ContextVar("metascale_blocks_run", default=None)
 
 
 @contextlib.contextmanager
@@ -35,8 +40,21 @@ def checkpointed_blocks(enabled: bool = True) -> Iterator[None]:
         _ON.reset(token)
 
 
+@contextlib.contextmanager
+def blocks_replaced(run: BlocksRun) -> Iterator[None]:
+    """Inside, `run_blocks(blocks, h)` returns `run(list(blocks), h)` (which may also raise to end the pass)."""
+    token = _REPLACED.set(run)
+    try:
+        yield
+    finally:
+        _REPLACED.reset(token)
+
+
 def run_blocks(blocks: Iterable[nn.Module], h: Tensor, own_params: bool = False) -> Tensor:
     """`h` through `blocks` in order, each checkpointed when asked (and only when a graph is being recorded)."""
+    replaced = _REPLACED.get()
+    if replaced is not None:
+        return replaced(list(blocks), h)
     if not torch.is_grad_enabled() or not (own_params or _ON.get()):
         for block in blocks:
             h = block(h)
