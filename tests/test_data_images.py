@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from metascale.config import AugmentSpec, ShardsData, parse_spec
 from metascale.data.episodes import ShardTasks
-from metascale.data.images import DRAWS, augment_images
+from metascale.data.images import DRAWS, augment_images, crop_boxes
 from metascale.data.index import INDEX_NAME, load_index
 from metascale.data.loader import meta_batches
 from metascale.data.pack import SourceClass, pack
@@ -138,3 +139,46 @@ def test_rot90_list_form_still_works_and_synthetic_refuses_augmentation():
     assert spec.data.augment.rot90 and not spec.data.augment.per_example
     with pytest.raises(SpecError, match="augment applies to packed sets"):
         parse_spec({"model": {"name": "conv4"}, "data": {"source": "synthetic", "augment": ["flip"]}})
+
+
+def test_crop_is_pils_bilinear_resize_of_the_drawn_integer_box_and_boxes_follow_their_draws():
+    g = torch.Generator().manual_seed(1)
+    n, h, w = 40, 84, 76
+    x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g)
+    u = torch.rand(n, DRAWS, dtype=torch.float64, generator=g)
+    u[0, 2:4], u[1, 2:4] = 0.0, 1 - 1e-12  # the box at the top-left corner, then at the bottom-right one
+    spec = AugmentSpec(crop={"scale": [0.2, 0.9]})
+    boxes = crop_boxes(u, h, w, spec.crop)
+    top, left, bh, bw = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
+    assert boxes[0, :2].tolist() == [0, 0] and boxes[1, :2].tolist() == [h - bh[1], w - bw[1]]
+    area = 0.2 + u[:, 0] * 0.7  # the drawn fraction; sides are rounded to pixels, so compare to one pixel's worth
+    np.testing.assert_allclose((bh * bw).double() / (h * w), area, atol=(h + w + 1) / (h * w))
+    ratio = np.exp(np.log(3 / 4) + u[:, 1].numpy() * np.log(16 / 9))
+    np.testing.assert_allclose(bw.numpy() / bh.numpy(), ratio, rtol=0.05)
+    y = augment_images(x, u, spec)
+    for k, (t, lf, hh, ww) in enumerate(boxes.tolist()):
+        im = Image.fromarray(x[k].permute(1, 2, 0).numpy())
+        ref = np.asarray(im.crop((lf, t, lf + ww, t + hh)).resize((w, h), Image.Resampling.BILINEAR))  # torchvision PIL
+        diff = np.abs(y[k].permute(1, 2, 0).numpy().astype(int) - ref.astype(int))
+        assert diff.max() <= 1, (k, diff.max())
+
+
+def test_flip_and_jitter_follow_their_draws():
+    g = torch.Generator().manual_seed(2)
+    n = 24
+    x = torch.randint(0, 256, (n, 3, 20, 20), dtype=torch.uint8, generator=g)
+    u = torch.rand(n, DRAWS, dtype=torch.float64, generator=g)
+    flip = u[:, 4] < 0.5
+    assert 0 < flip.sum() < n
+    y = augment_images(x, u, AugmentSpec(flip=True, crop={"scale": [1, 1], "ratio": [1, 1]}))
+    assert torch.equal(y[flip], x[flip].flip(-1)) and torch.equal(y[~flip], x[~flip])
+    j = {"brightness": 0.4, "contrast": 0.3, "saturation": 0.5}
+    y = augment_images(x, u, AugmentSpec(jitter=j))
+    # torchvision's formulas in float64 with the factors each draw gives, rounded once.
+    b, c, s = (((1 - v) + u[:, col] * 2 * v).view(n, 1, 1, 1) for col, v in ((5, 0.4), (6, 0.3), (7, 0.5)))
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(1, 3, 1, 1)
+    f = (x.double() / 255 * b).clamp(0, 1)
+    f = (c * f + (1 - c) * (f * w).sum(1, keepdim=True).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+    f = (s * f + (1 - s) * (f * w).sum(1, keepdim=True)).clamp(0, 1)
+    assert (y.double() - (f * 255).round()).abs().max() <= 1

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from metascale.config import AugmentSpec
+from metascale.config.data import CropSpec, JitterSpec
 from metascale.data.tasks import SPLITS, Split, TaskBatch
 
 _TAG = 0x41554733  # 5th seed word: augmentation keys never equal an episode's or a shard window's stream
 DRAWS = 8  # per example: crop area, crop log-ratio, crop x, crop y, flip, brightness, contrast, saturation
+CHUNK = 16  # images per jitter pass: ~1.3 MB of float32 at 84x84 RGB, so each pass runs in L2
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
 
@@ -67,48 +69,74 @@ def draws(seed: int, split: Split, step: int, slot: int, examples: int) -> np.nd
     return np.random.Generator(np.random.Philox(key=augment_key(seed, split, step, slot))).random((examples, DRAWS))
 
 
+def crop_boxes(u: torch.Tensor, h: int, w: int, spec: CropSpec) -> torch.Tensor:
+    """[N, 4] int64 (top, left, height, width) pixel boxes, as torchvision's RandomResizedCrop draws them (area
+    fraction uniform in `scale`, log-uniform aspect ratio, sides rounded, offset uniform over the integer positions),
+    except that a side longer than the image is clamped to it instead of redrawn."""
+    (s0, s1), (r0, r1) = spec.scale, spec.ratio
+    area = (s0 + u[:, 0] * (s1 - s0)) * (h * w)
+    ratio = torch.exp(math.log(r0) + u[:, 1] * (math.log(r1) - math.log(r0)))
+    bw = torch.sqrt(area * ratio).round().clamp(1, w)
+    bh = torch.sqrt(area / ratio).round().clamp(1, h)
+    left = (u[:, 2] * (w - bw + 1)).floor()
+    top = (u[:, 3] * (h - bh + 1)).floor()
+    return torch.stack([top, left, bh, bw], 1).to(torch.int64)
+
+
 def augment_images(x: torch.Tensor, u: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> uint8 [N, C, H, W]: crop (bilinear, resized back to H x W) and flip in one affine
-    resampling, then brightness, contrast and saturation; `u` [N, DRAWS] float64 uniforms."""
+    """uint8 [N, C, H, W] -> uint8 [N, C, H, W]: crop (an integer box resized back to H x W, bilinear in uint8 as
+    torchvision's tensor path) and flip, then brightness, contrast and saturation; `u` [N, DRAWS] float64 uniforms."""
     n, c, h, w = x.shape
-    y = x.to(torch.float32).mul_(1.0 / 255.0)
-    flip = u[:, 4] < 0.5 if spec.flip else torch.zeros(n, dtype=torch.bool)
+    flip = (u[:, 4] < 0.5).tolist() if spec.flip else [False] * n
     if spec.crop is not None:
-        (s0, s1), (r0, r1) = spec.crop.scale, spec.crop.ratio
-        area = s0 + u[:, 0] * (s1 - s0)  # fraction of the image
-        ratio = torch.exp(math.log(r0) + u[:, 1] * (math.log(r1) - math.log(r0)))
-        bw = torch.sqrt(area * ratio * h / w).clamp(max=1.0)  # box width / image width
-        bh = torch.sqrt(area / ratio * w / h).clamp(max=1.0)
-        cx = (2 * u[:, 2] - 1) * (1 - bw)  # box centre in [-1, 1] coordinates, the box inside the image
-        cy = (2 * u[:, 3] - 1) * (1 - bh)
-        theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-        theta[:, 0, 0] = torch.where(flip, -bw, bw)
-        theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cx, bh, cy
-        grid = F.affine_grid(theta.to(torch.float32), [n, c, h, w], align_corners=False)
-        y = F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    elif flip.any():
-        y[flip] = y[flip].flip(-1)
-    j = spec.jitter
-    if j is not None:
+        y = _crop(x, crop_boxes(u, h, w, spec.crop), flip)
+    elif any(flip):
+        y = x.clone()
+        y[torch.tensor(flip)] = y[torch.tensor(flip)].flip(-1)
+    else:
+        y = x
+    return y if spec.jitter is None else _jitter(y, u, spec.jitter, out=None if y is x else y)
 
-        def factor(col: int, x: float) -> torch.Tensor:
-            lo = max(0.0, 1.0 - x)
-            return (lo + u[:, col] * (1.0 + x - lo)).to(torch.float32).view(n, 1, 1, 1)
 
-        y = y.mul_(factor(5, j.brightness)).clamp_(0, 1)
-        mean = _grey(y).mean(dim=(-3, -2, -1), keepdim=True)
-        k = factor(6, j.contrast)
-        y = y.mul_(k).add_((1 - k) * mean).clamp_(0, 1)
+def _crop(x: torch.Tensor, boxes: torch.Tensor, flip: list[bool]) -> torch.Tensor:
+    """Each image's box resized to H x W (and mirrored where drawn). Channels-last uint8 takes torch's vectorised
+    bilinear path (antialiased as torchvision's: for a box no larger than the image, plain bilinear with half-pixel
+    centres, as PIL's resize of the same box)."""
+    n, c, h, w = x.shape
+    src = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for k, (top, left, bh, bw) in enumerate(boxes.tolist()):
+        box = src[k : k + 1, :, top : top + bh, left : left + bw]
+        r = F.interpolate(box, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        out[k : k + 1] = r.flip(-1) if flip[k] else r
+    return out
+
+
+def _jitter(y: torch.Tensor, u: torch.Tensor, j: JitterSpec, out: torch.Tensor | None) -> torch.Tensor:
+    """torchvision's brightness, contrast and saturation formulas in float, on 0..255 values, rounded once at the
+    end; CHUNK images at a time so every pass stays in cache. `out` may be `y` (each chunk is read before written)."""
+    n, c = y.shape[:2]
+
+    def factor(col: int, x: float) -> torch.Tensor:
+        lo = max(0.0, 1.0 - x)
+        return (lo + u[:, col] * (1.0 + x - lo)).to(torch.float32).view(n, 1, 1, 1)
+
+    fb, fc, fs = factor(5, j.brightness), factor(6, j.contrast), factor(7, j.saturation)
+    grey = torch.tensor(_GREY if c == 3 else (1.0,), dtype=torch.float32)
+    out = torch.empty_like(y) if out is None else out
+    for a in range(0, n, CHUNK):
+        b = min(a + CHUNK, n)
+        f = torch.mul(y[a:b], fb[a:b]).clamp_(max=255.0)  # brightness: a blend with black
+        mean = (f.mean(dim=(2, 3)) @ grey).view(-1, 1, 1, 1)  # of the grey image, as torchvision's contrast
+        k = fc[a:b]
+        f.mul_(k).add_((1 - k) * mean).clamp_(0.0, 255.0)
         if c == 3:
-            k = factor(7, j.saturation)
-            y = y.mul_(k).add_((1 - k) * _grey(y)).clamp_(0, 1)
-    return y.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _grey(y: torch.Tensor) -> torch.Tensor:
-    if y.shape[1] == 1:
-        return y
-    return _GREY[0] * y[:, 0:1] + _GREY[1] * y[:, 1:2] + _GREY[2] * y[:, 2:3]
+            k = fs[a:b]
+            w = grey.view(1, 3, 1, 1) * (1 - k)  # [chunk, 3, 1, 1]: each channel's weight in the blend
+            g = torch.mul(f[:, 0:1], w[:, 0:1]).addcmul_(f[:, 1:2], w[:, 1:2]).addcmul_(f[:, 2:3], w[:, 2:3])
+            f.mul_(k).add_(g).clamp_(0.0, 255.0)
+        out[a:b] = f.add_(0.5)  # the cast truncates: round half up
+    return out
 
 
 class ImagePipeline:
