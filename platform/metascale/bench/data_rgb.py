@@ -90,7 +90,9 @@ def run(episodes: int, meta_batch: int, workers: int, classes: int, repeats: int
         _make_set(tmp, classes, 20)
         pack_s = time.perf_counter() - t0
         root = f"{tmp}/set"
-        spec = ShardsData(url=root, ways=5, shots=5, queries=15, augment={"crop": True, "flip": True, "jitter": True})
+        spec = ShardsData(
+            url=root, ways=5, shots=5, queries=15, augment={"crop": True, "flip": True, "jitter": True}, normalize=True
+        )
         steps = range(episodes // meta_batch)
         n = len(steps) * meta_batch
 
