@@ -121,6 +121,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    """The way back to contiguous [N, C, H, W], the same way."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     for ch in range(x.shape[1]):
         out[:, ch] = x[:, ch]
