@@ -95,9 +95,11 @@ def export(
     source: str = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", show_default=False,
                                  help="A job spec (its latest good checkpoint), a checkpoint directory, or one "
                                       "checkpoint (a step-NNNNNNNN folder or .ckpt file); local or a URL."),
-    to: str = typer.Option(..., "--to", help="The safetensors file to write (local path or URL)."),
+    to: str = typer.Option(..., "--to", help="The file to write (local path or URL): safetensors, or .npz for a "
+                                              "distill job's synthetic set."),
 ) -> None:
-    """Write a checkpoint's model weights as one safetensors file, named as the model's state_dict() keys."""
+    """Write a checkpoint's model weights as one safetensors file, named as the model's state_dict() keys (a distill
+    job: its synthetic images, labels and inner lr as .npz; a darts job: also the derived architecture as JSON)."""
     from metascale.export import export_model
 
     typer.echo(result_line(export_model(source, to)))
