@@ -87,13 +87,17 @@ def is_partitioned(p: Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def partition_of(whole: np.ndarray, rank: int, world: int) -> Tensor:
-    """This rank's ZeRO-3 partition of a whole (published) tensor: flat, `ceil(numel / world)` elements, the last
-    rank's zero-padded. Only the partition is copied: the whole array stays where it is (the object store)."""
-    size = -(-whole.size // world)
-    piece = whole.reshape(-1)[rank * size : (rank + 1) * size]
-    out = torch.zeros(size, dtype=torch.float32)
-    out[: piece.size] = torch.from_numpy(np.array(piece, dtype=np.float32, copy=True))
+def partition_of(whole: np.ndarray | Tensor, rank: int, world: int) -> Tensor:
+    """This rank's ZeRO-3 partition of a whole tensor (a published array, or a summed gradient on the device): flat,
+    float32, `ceil(numel / world)` elements, the last rank's zero-padded. Only the partition is copied: the whole
+    stays where it is (the object store, the device)."""
+    flat = whole.reshape(-1)
+    size = -(-flat.shape[0] // world)
+    piece = flat[rank * size : (rank + 1) * size]
+    if isinstance(piece, np.ndarray):  # read-only in the object store: copy the piece before torch sees it
+        piece = torch.from_numpy(np.array(piece, dtype=np.float32, copy=True))
+    out = piece.new_zeros(size, dtype=torch.float32)
+    out[: piece.shape[0]] = piece
     return out
 
 

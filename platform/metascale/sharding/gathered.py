@@ -42,13 +42,6 @@ def hook_free_twin(make_model: Any, model: nn.Module) -> nn.Module:
     return twin
 
 
-def partition(whole: Tensor, rank: int, world: int) -> Tensor:
-    """This rank's ZeRO-3 partition of a whole tensor (engine.partition_of's layout, for a torch tensor)."""
-    size = -(-whole.numel() // world)
-    piece = whole.reshape(-1)[rank * size : (rank + 1) * size]
-    return torch.cat([piece, piece.new_zeros(size - piece.numel())])
-
-
 class GatheredSecondOrderLearner:
     def __init__(self, spec: JobSpec, make_model: Any, rank: int, world: int):
         self.spec, self.rank, self.world = spec, rank, world
@@ -84,9 +77,9 @@ class GatheredSecondOrderLearner:
     def meta_gradient(self, tasks: list[Task], generators: list[Any], slots: list[int]) -> MetaGradient:
         """This rank's partition of the finite tasks' summed meta-gradient; the group's metrics and non-finite
         slots (every rank returns the same)."""
-        shapes = {k: p.ds_shape for k, p in self.params().items()}
-        flat = torch.zeros(sum(p.ds_numel for p in self.params().values()), device=self.engine.device)
-        total = dict(zip(shapes, flat.split([p.ds_numel for p in self.params().values()])))
+        sizes = {k: p.ds_numel for k, p in self.params().items()}
+        flat = torch.zeros(sum(sizes.values()), device=self.engine.device)
+        total = dict(zip(sizes, flat.split(list(sizes.values()))))
         metrics: dict[str, float] = {}
         bad: list[int] = []
         with self._gathered():
@@ -96,7 +89,7 @@ class GatheredSecondOrderLearner:
                     bad.append(slots[i])
             del whole
         dist.all_reduce(flat)
-        mine = {k: partition(total[k].view(shape), self.rank, self.world) for k, shape in shapes.items()}
+        mine = {k: partition_of(t, self.rank, self.world) for k, t in total.items()}
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, bad)
         bad = sorted(s for b in everyone for s in b)
