@@ -17,9 +17,7 @@ from metascale.config import AlgorithmSpec, DataSpec
 
 def build_algorithm(spec: AlgorithmSpec, model: nn.Module, data: DataSpec | None = None) -> MetaAlgorithm:
     """`data`: the job's data section, for algorithms that act in the tasks themselves (maml_rl's environment)."""
-    alg = ALGORITHMS[spec.name](spec, model)
-    alg.data = data
-    return alg
+    return ALGORITHMS[spec.name](spec, model, data)
 
 
 __all__ = ["ALGORITHMS", "MetaAlgorithm", "Params", "TaskOutput", "build_algorithm"]

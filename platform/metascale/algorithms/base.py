@@ -71,11 +71,10 @@ class MetaAlgorithm:
     name: ClassVar[str]
     # True when the meta-gradient comes from autograd through `task_objective`; False for direct updates (Reptile).
     differentiable: ClassVar[bool] = True
-    # The job's data section (set by build_algorithm): read by algorithms that act in the tasks (maml_rl).
-    data: Any = None
-
-    def __init__(self, spec: AlgorithmSpec, model: nn.Module):
+    def __init__(self, spec: AlgorithmSpec, model: nn.Module, data: Any = None):
         self.spec = spec
+        # The job's data section: read by algorithms that act in the tasks themselves (maml_rl's environment).
+        self.data = data
         self.f = Functional(model, bf16=spec.inner.autocast == "bf16")
 
     def init(self, model_params: Params) -> Params:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,8 +109,8 @@ class LearnedOptimizer(MetaAlgorithm):
 
     name = "lopt"
 
-    def __init__(self, spec: AlgorithmSpec, model: nn.Module):
-        super().__init__(spec, model)
+    def __init__(self, spec: AlgorithmSpec, model: nn.Module, data: Any = None):
+        super().__init__(spec, model, data)
         self.shapes = {k: v.shape for k, v in model.named_parameters()}
         self.cfg = spec.lopt
 

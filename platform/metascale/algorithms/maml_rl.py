@@ -107,7 +107,7 @@ def advantages(ro: Rollouts, data: NavigationData, baseline: str, reg: float) ->
 @register
 class MAMLRL(MetaAlgorithm):
     name = "maml_rl"
-    data: NavigationData  # the job's data section: the environment (build_algorithm sets it)
+    data: NavigationData  # the job's data section: the environment
 
     def init(self, model_params: Params) -> Params:
         log_std = torch.full((2,), self.spec.maml_rl.init_log_std, dtype=next(iter(model_params.values())).dtype)
