@@ -19,7 +19,8 @@ import pytest
 
 import metascale
 from metascale.cluster import checkpoint
-from metascale.cluster.lease import Lease, LeaseLost, _machine
+from metascale.cluster.lease import Lease, LeaseLost
+from metascale.cluster.lease_store import this_machine
 from metascale.errors import CheckpointError
 
 PLATFORM = str(Path(metascale.__file__).resolve().parents[1])
@@ -49,8 +50,14 @@ lease.release()
 
 def _spawn(directory, ttl=60.0, go=False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": PLATFORM, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(directory), str(ttl), "1" if go else "0"], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(directory), str(ttl), "1" if go else "0"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
 
 
 def _line(proc: subprocess.Popen) -> str:
@@ -72,12 +79,31 @@ def _finish(proc: subprocess.Popen, timeout=20) -> tuple[int, str, str]:
     return proc.returncode, out.decode().strip(), err.decode().strip()
 
 
-def _foreign(directory, renewed_ago: float, ttl_s=60.0, host="elsewhere.example", pid=4242, name=".lease",
-             user="alice", **machine) -> None:
+def _foreign(
+    directory,
+    renewed_ago: float,
+    ttl_s=60.0,
+    host="elsewhere.example",
+    pid=4242,
+    name=".lease",
+    user="alice",
+    **machine,
+) -> None:
     """A lease file (or take-over lock) as a run on another machine would have left it."""
-    info = {"owner": f"{user}@{host} pid {pid}", "token": secrets.token_hex(16), "host": host, "boot": None,
-            "pidns": None, "pid": pid, "start": None, "acquired": time.time() - 3600,
-            "renewed": time.time() - renewed_ago, "ttl_s": ttl_s, "heartbeat_s": ttl_s / 6, **machine}
+    info = {
+        "owner": f"{user}@{host} pid {pid}",
+        "token": secrets.token_hex(16),
+        "host": host,
+        "boot": None,
+        "pidns": None,
+        "pid": pid,
+        "start": None,
+        "acquired": time.time() - 3600,
+        "renewed": time.time() - renewed_ago,
+        "ttl_s": ttl_s,
+        "heartbeat_s": ttl_s / 6,
+        **machine,
+    }
     fs, root = fsspec.core.url_to_fs(str(directory))
     fs.makedirs(root, exist_ok=True)
     fs.pipe_file(f"{root}/{name}", json.dumps(info).encode())
@@ -134,7 +160,7 @@ def test_a_sigkilled_run_on_this_host_is_taken_over_at_once(tmp_path, caplog):
 
 def test_a_reused_pid_is_not_the_owner(tmp_path, caplog):
     """Same machine, the pid alive (our own) but started at another time than the lease's process: stale."""
-    _foreign(tmp_path, renewed_ago=1, **_machine(), pid=os.getpid(), start="1")
+    _foreign(tmp_path, renewed_ago=1, **this_machine(), pid=os.getpid(), start="1")
     with caplog.at_level(logging.WARNING, "metascale.cluster.lease"):
         Lease.acquire(str(tmp_path)).release()
     assert "no longer runs on this host" in caplog.text
@@ -153,8 +179,10 @@ def test_a_stale_foreign_lease_is_taken_over_after_its_ttl(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, "metascale.cluster.lease"):
         Lease.acquire(str(tmp_path / "new"), wait_s=5).release()
     assert 0.5 < time.monotonic() - t0 < 4
-    assert "new is in use by run alice@elsewhere.example pid 4242 (renewed 0 s ago; taken over if not renewed for 1 s)" \
-           "; waiting up to 5 s for it to end or go stale" in caplog.text
+    assert (
+        "new is in use by run alice@elsewhere.example pid 4242 (renewed 0 s ago; taken over if not renewed for 1 s)"
+        "; waiting up to 5 s for it to end or go stale" in caplog.text
+    )
 
 
 def test_a_live_foreign_lease_is_refused_even_if_its_pid_is_dead_here(tmp_path):
@@ -162,13 +190,15 @@ def test_a_live_foreign_lease_is_refused_even_if_its_pid_is_dead_here(tmp_path):
     _foreign(tmp_path / "a", renewed_ago=5, pid=pid)
     with pytest.raises(CheckpointError) as e:
         Lease.acquire(str(tmp_path / "a"))
-    assert str(e.value) == (f"{tmp_path / 'a'} is in use by run alice@elsewhere.example pid {pid} (renewed 5 s ago; "
-                            "taken over if not renewed for 60 s); wait for it to end, or set checkpoint.dir (or the "
-                            "job name) for a new run")
+    assert str(e.value) == (
+        f"{tmp_path / 'a'} is in use by run alice@elsewhere.example pid {pid} (renewed 5 s ago; "
+        "taken over if not renewed for 60 s); wait for it to end, or set checkpoint.dir (or the "
+        "job name) for a new run"
+    )
     assert e.value.exit_code == 2
     # Same hostname but another machine (boot id) or another pid namespace (a container): not the fast path either.
     for other in ({"boot": "another-boot-id"}, {"pidns": "pid:[1]"}):
-        _foreign(tmp_path / "b", renewed_ago=5, **{**_machine(), **other}, pid=pid)
+        _foreign(tmp_path / "b", renewed_ago=5, **{**this_machine(), **other}, pid=pid)
         with pytest.raises(CheckpointError, match="is in use by run"):
             Lease.acquire(str(tmp_path / "b"))
 
@@ -257,13 +287,16 @@ def test_a_take_over_waits_for_another_runs_take_over_lock_unless_that_run_died(
     _foreign(tmp_path / "a", renewed_ago=120)
     _foreign(tmp_path / "a", renewed_ago=0, name=".lease.takeover", user="bob", host="taker.example", pid=7)
     t0 = time.monotonic()
-    with pytest.raises(CheckpointError, match=r"run bob@taker.example pid 7 has been taking over its stale lease "
-                                              r"\(of run alice@elsewhere.example pid 4242\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"run bob@taker.example pid 7 has been taking over its stale lease "
+        r"\(of run alice@elsewhere.example pid 4242\)",
+    ):
         Lease.acquire(str(tmp_path / "a"))
     assert 0.4 < time.monotonic() - t0 < 3
     # The lock of a run that died while taking over, on this machine (at once) or elsewhere (once older than its
     # ttl_s, which runs write as TAKEOVER_LOCK_S): cleared, and the stale lease taken over.
-    for name, died in (("b", {**_machine(), "pid": _dead_pid()}), ("c", {"renewed_ago": 1, "ttl_s": 0.5})):
+    for name, died in (("b", {**this_machine(), "pid": _dead_pid()}), ("c", {"renewed_ago": 1, "ttl_s": 0.5})):
         _foreign(tmp_path / name, renewed_ago=120)
         _foreign(tmp_path / name, **{"renewed_ago": 0, **died}, name=".lease.takeover", user="bob")
         with caplog.at_level(logging.WARNING, "metascale.cluster.lease"):
@@ -280,7 +313,7 @@ def test_racing_processes_exactly_one_wins(tmp_path, before):
         if before == "stale foreign":
             _foreign(directory, renewed_ago=120)
         elif before == "killed here":
-            _foreign(directory, renewed_ago=1, **_machine(), pid=_dead_pid())
+            _foreign(directory, renewed_ago=1, **this_machine(), pid=_dead_pid())
         children = [_spawn(directory, go=True) for _ in range(4)]
         for child in [_ready(c) for c in children]:  # all imported and waiting first, then started together
             child.stdin.write(b"go\n")
@@ -302,7 +335,7 @@ def test_the_lease_on_fsspec_memory(caplog):
         time.sleep(0.35)
         assert _lease_json(url)["renewed"] > renewed
         lease.check(reread=True)
-    assert not fsspec.filesystem("memory").exists(url[len("memory://"):] + "/.lease")
+    assert not fsspec.filesystem("memory").exists(url[len("memory://") :] + "/.lease")
     _foreign(url, renewed_ago=61)
     with caplog.at_level(logging.WARNING, "metascale.cluster.lease"):
         lease = Lease.acquire(url, ttl_s=1.0, heartbeat_s=0.1)

@@ -25,7 +25,8 @@ import torch
 import yaml
 
 from metascale.cluster import checkpoint
-from metascale.cluster.lease import Lease, _Store
+from metascale.cluster.lease import Lease
+from metascale.cluster.lease_store import LeaseStore
 from metascale.cluster.storage import S3FileSystem, url_to_fs
 from metascale.errors import CheckpointError
 from metascale.train import train
@@ -46,8 +47,9 @@ def _unavailable(why: str) -> None:
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 at a port the OS picks, for this module; ended by its pid."""
     try:
-        done = subprocess.run(["bash", str(REPO / "scripts" / "moto-venv.sh")], capture_output=True, text=True,
-                              timeout=INSTALL_S)
+        done = subprocess.run(
+            ["bash", str(REPO / "scripts" / "moto-venv.sh")], capture_output=True, text=True, timeout=INSTALL_S
+        )
     except subprocess.TimeoutExpired:
         _unavailable(f"scripts/moto-venv.sh took over {INSTALL_S} s")
     if done.returncode != 0:
@@ -55,8 +57,9 @@ def s3_endpoint(tmp_path_factory):
         _unavailable(f"scripts/moto-venv.sh exited {done.returncode}: {said}")
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(MOTO_PYTHON), "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(MOTO_PYTHON), "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"], stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.time() + 60
         port = None
@@ -87,8 +90,14 @@ def bucket(s3_endpoint, monkeypatch) -> str:
 
 
 def _state(step: int, fill: float) -> dict:
-    return {"step": step, "params": {"w": torch.full((4,), fill, dtype=torch.float64)}, "rng": {"torch":
-            torch.get_rng_state()}, "spec": "name: t\n", "wandb_run_id": None, "skipped_steps": 0}
+    return {
+        "step": step,
+        "params": {"w": torch.full((4,), fill, dtype=torch.float64)},
+        "rng": {"torch": torch.get_rng_state()},
+        "spec": "name: t\n",
+        "wandb_run_id": None,
+        "skipped_steps": 0,
+    }
 
 
 def test_checkpoints_on_s3_are_folders_pruned_and_verified(bucket, caplog):
@@ -101,7 +110,10 @@ def test_checkpoints_on_s3_are_folders_pruned_and_verified(bucket, caplog):
     assert path == f"{d}/step-00000004" and checkpoint.list_steps(d) == [3, 4]
     assert sorted(fs.ls(root, detail=False)) == [f"{root}/.lease", f"{root}/step-00000003", f"{root}/step-00000004"]
     assert sorted(n.rsplit("/", 1)[1] for n in fs.ls(f"{root}/step-00000004", detail=False)) == [
-        "manifest.json", "params.safetensors", "state.pt"]
+        "manifest.json",
+        "params.safetensors",
+        "state.pt",
+    ]
     step, state = checkpoint.load_latest(d)
     assert step == 4 and torch.equal(state["params"]["w"], torch.full((4,), 4.0, dtype=torch.float64))
 
@@ -129,7 +141,7 @@ def test_checkpoints_on_s3_are_folders_pruned_and_verified(bucket, caplog):
 
 def test_the_lease_is_exclusive_on_s3(bucket):
     d = f"{bucket}/leased"
-    store = _Store(d)
+    store = LeaseStore(d)
     assert store.conditional  # obstore's create is a conditional PUT: no read-back window
     # Eight threads create one name at once: the server lets exactly one in (If-None-Match: *).
     results: list[bool] = []
@@ -164,13 +176,18 @@ def _spec_file(make_job, tmp_path: Path, name: str, **kw):
 
 def _run(path: Path, endpoint: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
-    return subprocess.Popen([sys.executable, "-m", "metascale", "run", str(path), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
+    return subprocess.Popen(
+        [sys.executable, "-m", "metascale", "run", str(path), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_a_job_killed_mid_run_auto_resumes_from_s3_past_a_torn_upload_and_matches_a_local_run(
-        bucket, s3_endpoint, tmp_path, make_job, kill_tree):
+    bucket, s3_endpoint, tmp_path, make_job, kill_tree
+):
     clean, _ = _spec_file(make_job, tmp_path, "clean", cluster__address="inline")
     train(clean)
     reference = checkpoint.load_latest(clean.path(clean.checkpoint.dir))[1]["params"]

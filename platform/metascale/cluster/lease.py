@@ -52,34 +52,31 @@ reader's wall clock against the writer's: hosts must keep their clocks in sync (
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
-
-from metascale.cluster.storage import url_to_fs
+from metascale.cluster.lease_store import (
+    LOCK,
+    NAME,
+    LeaseStore,
+    Seen,
+    proc_stat,
+    still_running,
+    this_machine,
+    user_name,
+)
 from metascale.errors import CheckpointError
-from metascale.files import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 
-NAME = ".lease"
-LOCK = ".lease.takeover"
 TAKEOVER_LOCK_S = 10.0  # a take-over holds LOCK for a few store round trips; a lock older than this is a dead run's
 TTL_S = 60.0
 HEARTBEAT_S = 10.0
-# Stores whose `pipe_file(mode="create")` is a real conditional create; any other non-local store is read back after
-# UNSURE_SETTLE_S so that a racing plain write has landed before we compare tokens.
-CONDITIONAL = {"memory", "s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"}
 UNSURE_SETTLE_S = 1.0
 _ATTEMPTS = 20  # create / inspect / take-over rounds in one acquire before giving up (each makes progress or waits)
 
@@ -88,168 +85,8 @@ class LeaseLost(CheckpointError):
     """This run no longer owns its checkpoint directory: stop without writing to it."""
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks since boot) of a process, from /proc; None where there is no /proc."""
-    text = _read_text(f"/proc/{pid}/stat")
-    if not text:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()  # the command name may hold spaces and parentheses
-    return (fields[0], fields[19]) if len(fields) > 19 else None
-
-
-def _machine() -> dict[str, Any]:
-    """What makes "the same machine, the same pid space": the hostname alone is not enough (containers with host
-    networking share it across pid namespaces; two machines may both call themselves `localhost`)."""
-    try:
-        pidns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pidns = None
-    return {"host": socket.gethostname(), "boot": _read_text("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - containers without a passwd entry for the uid
-        return f"uid{os.getuid()}"
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    """Whether `pid` on this machine is still the process that took the lease (started at `start`, when known)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, another user's
-    except OSError:
-        return True  # cannot tell: assume alive, the ttl still applies
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, started = stat
-    return state != "Z" and (start is None or started == start)
-
-
 def _ago(seconds: float) -> str:
     return f"{max(seconds, 0):.0f} s"
-
-
-@dataclass
-class _Seen:
-    """One read of the lease file: its raw bytes and, when they parse, its fields."""
-
-    raw: bytes
-    info: dict[str, Any] | None
-    mtime: float | None
-
-
-class _Store:
-    """The few operations a lease needs, on local disk (os calls) or any other fsspec filesystem. `name` is a file in
-    the checkpoint directory: the lease itself, or the take-over lock."""
-
-    def __init__(self, directory: str):
-        self.fs, root = url_to_fs(directory)
-        self.dir = root.rstrip("/") or "/"
-        self.local = isinstance(self.fs, LocalFileSystem)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        # A filesystem may say itself whether its create is conditional (storage.S3FileSystem does); fsspec's
-        # ArrowFSWrapper also calls itself "s3" but only checks "exists?" before it writes.
-        said = getattr(self.fs, "conditional_create", None)
-        self.conditional = self.local or (said if isinstance(said, bool) else
-                                          bool(CONDITIONAL.intersection(protocols))
-                                          and type(self.fs).__name__ != "ArrowFSWrapper")
-
-    def at(self, name: str) -> str:
-        return f"{self.dir.rstrip('/')}/{name}"
-
-    def makedirs(self) -> None:
-        self.fs.makedirs(self.dir, exist_ok=True)
-
-    def create(self, name: str, data: bytes) -> bool:
-        """Exclusive create; False if the file exists."""
-        path = self.at(name)
-        if self.local:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsync_path(self.dir)
-            return True
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        return True
-
-    def read(self, name: str = NAME) -> _Seen | None:
-        """The file as it is now; None if there is none. A file caught between its exclusive create and its write
-        (local disk) reads empty: re-read briefly before calling it unreadable."""
-        path = self.at(name)
-        for attempt in range(5):
-            try:
-                if self.local:
-                    with open(path, "rb") as f:
-                        raw = f.read()
-                        mtime = os.fstat(f.fileno()).st_mtime
-                else:
-                    raw, mtime = self.fs.cat_file(path), None
-            except FileNotFoundError:
-                return None
-            try:
-                info = json.loads(raw)
-                if (isinstance(info, dict) and isinstance(info.get("token"), str) and "renewed" in info
-                        and all(isinstance(info.get(k, 0.0), (int, float)) for k in ("renewed", "ttl_s"))):
-                    return _Seen(raw, info, mtime)
-            except ValueError:
-                pass
-            time.sleep(0.05 * (attempt + 1))
-        if mtime is None:
-            try:
-                mtime = self.fs.modified(path).timestamp()
-            except Exception:  # noqa: BLE001 - many stores cannot tell
-                mtime = None
-        return _Seen(raw, None, mtime)
-
-    def replace(self, name: str, data: bytes) -> None:
-        """Replaces the file's content atomically: a reader sees the old bytes or the new ones, never a mix and never
-        no file (temp + fsync + rename locally; elsewhere temp + move, a server-side copy on object stores)."""
-        if self.local:
-            atomic_write(self.at(name), data)
-            return
-        tmp = self.at(f"{name}.tmp-{uuid.uuid4().hex}")
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, self.at(name))
-
-    def remove_if(self, name: str, raw: bytes | None = None, token: str | None = None) -> bool:
-        """Deletes the file if it holds exactly `raw` (or, given `token`, that token); True if it did. Read, compare,
-        delete: not atomic, so only used where nobody else may change the file in between (our own lease at
-        release, our own take-over lock, a dead run's take-over lock)."""
-        seen = self.read(name)
-        if seen is None or (seen.raw != raw if token is None else (seen.info or {}).get("token") != token):
-            return False
-        try:
-            if self.local:
-                os.unlink(self.at(name))
-                fsync_path(self.dir)
-            else:
-                self.fs.rm_file(self.at(name))
-        except FileNotFoundError:
-            return False
-        return True
 
 
 class Lease:
@@ -257,7 +94,7 @@ class Lease:
     else in a run; call `check()` every step (and `check(reread=True)` right before writing a checkpoint); release it
     at the end (or use it as a context manager)."""
 
-    def __init__(self, store: _Store, directory: str, owner: str, ttl_s: float, heartbeat_s: float):
+    def __init__(self, store: LeaseStore, directory: str, owner: str, ttl_s: float, heartbeat_s: float):
         self.directory = directory
         self.path = store.at(NAME)
         self.owner = owner
@@ -276,17 +113,23 @@ class Lease:
     # -- acquiring ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def acquire(cls, directory: str, owner: str | None = None, ttl_s: float = TTL_S,
-                heartbeat_s: float = HEARTBEAT_S, wait_s: float = 0.0) -> Lease:
+    def acquire(
+        cls,
+        directory: str,
+        owner: str | None = None,
+        ttl_s: float = TTL_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        wait_s: float = 0.0,
+    ) -> Lease:
         """Takes the lease on `directory` (created if missing) or raises CheckpointError naming the run that holds
         it. A stale lease is taken over with a warning. `wait_s` > 0 waits up to that long for a live lease to be
         released or to go stale (poll every second at most), e.g. `ttl_s` when resuming a run that just crashed
         on another machine."""
         if not 0 < heartbeat_s <= ttl_s / 2:
             raise ValueError(f"lease heartbeat_s={heartbeat_s} must be positive and at most ttl_s/2 (ttl_s={ttl_s})")
-        store = _Store(directory)
-        machine = _machine()
-        owner = owner or f"{_user()}@{machine['host']} pid {os.getpid()}"
+        store = LeaseStore(directory)
+        machine = this_machine()
+        owner = owner or f"{user_name()}@{machine['host']} pid {os.getpid()}"
         lease = cls(store, directory, owner, ttl_s, heartbeat_s)
         try:
             store.makedirs()
@@ -298,10 +141,12 @@ class Lease:
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - a store error: one line for the user, not a trace
-            raise CheckpointError(f"{directory}: cannot take its lease file {NAME} ({type(e).__name__}: {e}); "
-                                  "checkpoint.dir must be a writable local path or fsspec store") from None
+            raise CheckpointError(
+                f"{directory}: cannot take its lease file {NAME} ({type(e).__name__}: {e}); "
+                "checkpoint.dir must be a writable local path or fsspec store"
+            ) from None
 
-    def _take(self, store: _Store, machine: dict[str, Any], deadline: float) -> Lease:
+    def _take(self, store: LeaseStore, machine: dict[str, Any], deadline: float) -> Lease:
         races = 0  # rounds that found the lease changing under us (each one means another run made progress)
         told = False
         while races < _ATTEMPTS:
@@ -321,8 +166,11 @@ class Lease:
                     raise CheckpointError(self._refusal(self.directory, seen, self.ttl_s))
                 if not told:
                     told = True
-                    log.warning("%s; waiting up to %s for it to end or go stale",
-                                self._refusal(self.directory, seen, self.ttl_s, how=""), _ago(deadline - time.monotonic()))
+                    log.warning(
+                        "%s; waiting up to %s for it to end or go stale",
+                        self._refusal(self.directory, seen, self.ttl_s, how=""),
+                        _ago(deadline - time.monotonic()),
+                    )
                 time.sleep(min(1.0, self.heartbeat_s, max(deadline - time.monotonic(), 0.0)))
                 continue
             outcome = self._take_over(store, machine, seen)
@@ -335,13 +183,17 @@ class Lease:
                 continue
             # another run holds the take-over lock: it finishes within a few store round trips
             if time.monotonic() >= deadline + TAKEOVER_LOCK_S:
-                raise CheckpointError(f"{self.directory}: run {outcome} has been taking over its stale lease (of run "
-                                      f"{self._describe(seen)}) for {_ago(TAKEOVER_LOCK_S)}; try again")
+                raise CheckpointError(
+                    f"{self.directory}: run {outcome} has been taking over its stale lease (of run "
+                    f"{self._describe(seen)}) for {_ago(TAKEOVER_LOCK_S)}; try again"
+                )
             time.sleep(0.05)
-        raise CheckpointError(f"{self.directory}: could not take its lease in {_ATTEMPTS} attempts (other runs keep "
-                              "taking and releasing it); try again")
+        raise CheckpointError(
+            f"{self.directory}: could not take its lease in {_ATTEMPTS} attempts (other runs keep "
+            "taking and releasing it); try again"
+        )
 
-    def _take_over(self, store: _Store, machine: dict[str, Any], stale: _Seen) -> bool | str:
+    def _take_over(self, store: LeaseStore, machine: dict[str, Any], stale: Seen) -> bool | str:
         """Replaces the stale lease `stale` with ours, under the take-over lock so that of two would-be owners only
         one replaces it, and only if the lease still holds exactly the bytes judged stale (neither renewed nor taken
         over since). The lease file is replaced atomically, never removed, so a run arriving meanwhile finds a lease
@@ -366,7 +218,7 @@ class Lease:
         finally:
             store.remove_if(LOCK, raw=lock_raw)
 
-    def _confirmed(self, store: _Store) -> bool:
+    def _confirmed(self, store: LeaseStore) -> bool:
         """Reads the lease back: is it ours? On stores without a real conditional create, after letting a racing
         plain write land first."""
         if not store.conditional:
@@ -376,18 +228,27 @@ class Lease:
 
     def _payload(self, machine: dict[str, Any]) -> bytes:
         pid = os.getpid()
-        stat = _proc_stat(pid)
-        return json.dumps({
-            "owner": self.owner, "token": self.token, **machine, "pid": pid, "start": stat[1] if stat else None,
-            "acquired": self.acquired, "renewed": time.time(), "ttl_s": self.ttl_s, "heartbeat_s": self.heartbeat_s,
-        }).encode()
+        stat = proc_stat(pid)
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "token": self.token,
+                **machine,
+                "pid": pid,
+                "start": stat[1] if stat else None,
+                "acquired": self.acquired,
+                "renewed": time.time(),
+                "ttl_s": self.ttl_s,
+                "heartbeat_s": self.heartbeat_s,
+            }
+        ).encode()
 
     @staticmethod
-    def _describe(seen: _Seen) -> str:
+    def _describe(seen: Seen) -> str:
         return str(seen.info.get("owner", "?")) if seen.info else f"unknown (unreadable {NAME} file)"
 
     @staticmethod
-    def _stale(seen: _Seen, machine: dict[str, Any], ttl_s: float) -> str | None:
+    def _stale(seen: Seen, machine: dict[str, Any], ttl_s: float) -> str | None:
         """Why the lease seen is stale, or None if it is live."""
         now = time.time()
         info = seen.info
@@ -396,7 +257,7 @@ class Lease:
                 return f"unreadable and last written {_ago(now - seen.mtime)} ago"
             return None
         same_machine = all(info.get(k) == v for k, v in machine.items())
-        if same_machine and isinstance(info.get("pid"), int) and not _alive(info["pid"], info.get("start")):
+        if same_machine and isinstance(info.get("pid"), int) and not still_running(info["pid"], info.get("start")):
             return f"process {info['pid']} no longer runs on this host"
         ttl = float(info.get("ttl_s", ttl_s))
         age = now - float(info.get("renewed", 0))
@@ -405,17 +266,25 @@ class Lease:
         return None
 
     @staticmethod
-    def _refusal(directory: str, seen: _Seen, ttl_s: float,
-                 how: str = "; wait for it to end, or set checkpoint.dir (or the job name) for a new run") -> str:
+    def _refusal(
+        directory: str,
+        seen: Seen,
+        ttl_s: float,
+        how: str = "; wait for it to end, or set checkpoint.dir (or the job name) for a new run",
+    ) -> str:
         if seen.info is None:
-            return (f"{directory} holds an unreadable lease file {NAME} (being written by a run that is starting, or "
-                    f"left by one that died; taken over once {_ago(ttl_s)} old where the store tells its age){how}"
-                    + (f", or delete {NAME} if no run uses the directory" if how else ""))
+            return (
+                f"{directory} holds an unreadable lease file {NAME} (being written by a run that is starting, or "
+                f"left by one that died; taken over once {_ago(ttl_s)} old where the store tells its age){how}"
+                + (f", or delete {NAME} if no run uses the directory" if how else "")
+            )
         info = seen.info
         age = time.time() - float(info.get("renewed", 0))
         ttl = float(info.get("ttl_s", ttl_s))
-        return (f"{directory} is in use by run {info.get('owner', '?')} (renewed {_ago(age)} ago; taken over if not "
-                f"renewed for {_ago(ttl)}){how}")
+        return (
+            f"{directory} is in use by run {info.get('owner', '?')} (renewed {_ago(age)} ago; taken over if not "
+            f"renewed for {_ago(ttl)}){how}"
+        )
 
     # -- holding -----------------------------------------------------------------------------------------------
 
@@ -448,8 +317,12 @@ class Lease:
                 return True
             except Exception as e:  # noqa: BLE001 - a flaky store: try again next beat; check() bounds how long
                 self._last_error = f"{type(e).__name__}: {e}"
-                log.warning("%s: could not renew the lease (%s); retrying in %.0f s", self.directory,
-                            self._last_error, self.heartbeat_s)
+                log.warning(
+                    "%s: could not renew the lease (%s); retrying in %.0f s",
+                    self.directory,
+                    self._last_error,
+                    self.heartbeat_s,
+                )
                 return True
 
     def check(self, reread: bool = False) -> None:
@@ -464,18 +337,22 @@ class Lease:
         unrenewed = time.monotonic() - self._renewed_mono
         if unrenewed > self.ttl_s - self.heartbeat_s:
             why = f": {self._last_error}" if self._last_error else ""
-            raise LeaseLost(f"{self.directory}: the lease has not been renewed for {_ago(unrenewed)}{why}; stopping "
-                            f"before another run may take it over (ttl {_ago(self.ttl_s)})")
+            raise LeaseLost(
+                f"{self.directory}: the lease has not been renewed for {_ago(unrenewed)}{why}; stopping "
+                f"before another run may take it over (ttl {_ago(self.ttl_s)})"
+            )
         if reread and not self._ours(self._store.read()):
             raise LeaseLost(self._lost)
 
-    def _ours(self, seen: _Seen | None) -> bool:
+    def _ours(self, seen: Seen | None) -> bool:
         """Whether the lease read is still ours; if not, records (in `lost`) to whom it went."""
         if seen is not None and seen.info is not None and seen.info["token"] == self.token:
             return True
         holder = "nobody (the lease file is gone)" if seen is None else f"run {self._describe(seen)}"
-        self._lost = (f"{self.directory}: this run ({self.owner}) lost its lease to {holder}; stopping without "
-                      "writing to that directory")
+        self._lost = (
+            f"{self.directory}: this run ({self.owner}) lost its lease to {holder}; stopping without "
+            "writing to that directory"
+        )
         return False
 
     @property
@@ -490,15 +367,22 @@ class Lease:
             return
         self._stop.set()
         if not self._io.acquire(timeout=self.heartbeat_s):
-            log.warning("%s: the lease's storage did not answer; it expires %s after its last renewal",
-                        self.directory, _ago(self.ttl_s))
+            log.warning(
+                "%s: the lease's storage did not answer; it expires %s after its last renewal",
+                self.directory,
+                _ago(self.ttl_s),
+            )
             return
         try:
             if not self._lost and not self._store.remove_if(NAME, token=self.token):
                 log.warning("%s: not releasing the lease: another run holds it now", self.directory)
         except Exception as e:  # noqa: BLE001 - releasing is best effort: the lease expires anyway
-            log.warning("%s: could not remove the lease (%s); it expires %s after its last renewal", self.directory,
-                        e, _ago(self.ttl_s))
+            log.warning(
+                "%s: could not remove the lease (%s); it expires %s after its last renewal",
+                self.directory,
+                e,
+                _ago(self.ttl_s),
+            )
         finally:
             self._io.release()
         if self._thread is not None and self._thread is not threading.current_thread():
