@@ -51,6 +51,12 @@ def task_loss(out: Tensor, y: Tensor) -> Tensor:
     return ((out - y) ** 2).mean()
 
 
+def one_hot(y: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """`F.one_hot` as a comparison: `F.one_hot` checks its labels' range with `.item()`, which `vmap` refuses once
+    a `grad` transform is inside it (the vmap executor's second-order path)."""
+    return (y.unsqueeze(-1) == torch.arange(classes, device=y.device)).to(dtype)
+
+
 def task_metrics(out: Tensor, y: Tensor, loss: Tensor) -> dict[str, Tensor]:
     m = {"loss": loss.detach()}
     if y.dtype in (torch.int64, torch.int32):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
+from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, one_hot, register, task_loss, task_metrics
 from metascale.data.tasks import Task
 
 PREFIX = "blackbox."
@@ -87,7 +87,7 @@ def transformer_logits(p: Params, support: Tensor, support_y: Tensor, query: Ten
     """Query logits [Q, ways] from support features [S, D] with labels [S] and query features [Q, D]."""
     ways, dim = p["label_w"].shape
     es, eq = support @ p["embed_w"] + p["embed_b"], query @ p["embed_w"] + p["embed_b"]
-    s = es + F.one_hot(support_y, ways).to(support.dtype) @ p["label_w"]
+    s = es + one_hot(support_y, ways, support.dtype) @ p["label_w"]
     q = eq + p["unknown"]
     depth = sum(1 for k in p if k.endswith(".qkv_w"))
     for i in range(depth):

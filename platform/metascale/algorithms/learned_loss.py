@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metascale.algorithms.base import Params, register
+from metascale.algorithms.base import Params, one_hot, register
 from metascale.algorithms.maml import MAML
 
 PREFIX = "loss_net."
@@ -22,7 +22,7 @@ PREFIX = "loss_net."
 def per_example(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(the task loss of each example, the target as features): cross-entropy and one-hot, or squared error and y."""
     if y.dtype in (torch.int64, torch.int32):
-        return F.cross_entropy(out, y, reduction="none"), F.one_hot(y, out.shape[-1]).to(out.dtype)
+        return F.cross_entropy(out, y, reduction="none"), one_hot(y, out.shape[-1], out.dtype)
     return ((out - y) ** 2).mean(-1), y
 
 

@@ -4,10 +4,9 @@ distance to each class's mean support embedding (the prototype). No inner loop: 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register, task_loss, task_metrics
+from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, one_hot, register, task_loss, task_metrics
 from metascale.data.tasks import Task
 
 
@@ -15,7 +14,7 @@ def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: in
     """-||q - c_k||^2 for every query q and class mean c_k (one-hot averaging: no data-dependent shapes, so vmap works).
     `ways` is the most classes an episode can have: a class absent from the support set (a variable-way episode with
     fewer) gets logit -inf, so it takes no probability and no gradient."""
-    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [S, N]
+    onehot = one_hot(support_y, ways, support.dtype)  # [S, N]
     counts = onehot.sum(0)
     protos = (onehot.T @ support) / counts.clamp(min=1).unsqueeze(1)  # [N, D]
     logits = -((query.unsqueeze(1) - protos.unsqueeze(0)) ** 2).sum(-1)
