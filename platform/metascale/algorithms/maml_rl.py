@@ -14,6 +14,12 @@ standard deviation per action dimension (meta-parameter `policy_log_std`). Per t
   (the data the inner step adapts on depends on theta too; E-MAML, Stadie et al. 2018), at a higher variance. The
   estimates are of the gradient of the return / horizon; with `gamma` < 1 the surrogates weigh discounted returns-to-go
   (the usual variance-reducing approximation) while the return in the score term is undiscounted.
+- `maml_rl.outer_objective: ppo` replaces the outer surrogate by PPO's clipped one (Schulman et al. 2017),
+  mean_{k,t} min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi_theta'(a|s) / pi_old(a|s), pi_old's log-probs recorded
+  when the rollouts were sampled. The coordinator takes one meta-gradient per task per step, computed at the
+  parameters that sampled the rollouts, so r = 1 there: the gradient is the 'pg' one, and clipping acts only on
+  samples whose ratio has left [1 - eps, 1 + eps] (several epochs on the same rollouts would need a per-task optimiser
+  inside the work item, which this contract does not have).
 
 Action noise comes from the task's seeds (support_y, query_y), so a re-run slot samples the same trajectories.
 Metrics: `return` (post-adaptation, undiscounted, mean over rollouts), `return_pre` (the first inner step's
@@ -42,6 +48,7 @@ class Rollouts:
     obs: Tensor  # [K, H, 2] positions the actions were taken at
     actions: Tensor  # [K, H, 2] raw (unclipped) actions
     rewards: Tensor  # [K, H]
+    logp: Tensor  # [K, H] log pi(a_kt | s_kt) of the policy that sampled them, recorded then (no graph)
 
 
 def generator(seed: Tensor, index: int) -> torch.Generator:
@@ -56,21 +63,33 @@ def rollout(mean, log_std: Tensor, goal: Tensor, data: NavigationData, gen: torc
     noise = torch.randn(h, k, 2, generator=gen, dtype=goal.dtype).to(goal.device)
     with torch.no_grad():
         std, pos = log_std.exp(), torch.zeros(k, 2, dtype=goal.dtype, device=goal.device)
-        obs, acts, rews = [], [], []
+        obs, acts, rews, logps = [], [], [], []
         for t in range(h):
-            a = mean(pos) + std * noise[t]
+            mu = mean(pos)
+            a = mu + std * noise[t]
             obs.append(pos)
             acts.append(a)
+            logps.append(gaussian_log_prob(a, mu, log_std))
             pos, r = move(pos, a, goal, data.action_clip)
             rews.append(r)
-    return Rollouts(torch.stack(obs, 1), torch.stack(acts, 1), torch.stack(rews, 1))
+    return Rollouts(*(torch.stack(x, 1) for x in (obs, acts, rews, logps)))
+
+
+def gaussian_log_prob(actions: Tensor, mu: Tensor, log_std: Tensor) -> Tensor:
+    z = (actions - mu) / log_std.exp()
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def log_prob(mean, log_std: Tensor, ro: Rollouts) -> Tensor:
     """log pi(a_kt | s_kt) [K, H], differentiable w.r.t. the policy's parameters."""
-    mu = mean(ro.obs.reshape(-1, 2)).reshape(ro.actions.shape)
-    z = (ro.actions - mu) / log_std.exp()
-    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return gaussian_log_prob(ro.actions, mean(ro.obs.reshape(-1, 2)).reshape(ro.actions.shape), log_std)
+
+
+def clipped_surrogate(logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float) -> Tensor:
+    """PPO's mean min(r A, clip(r, 1 - clip, 1 + clip) A), r = exp(logp - logp_old): a sample whose ratio has moved
+    past the range in its advantage's direction contributes no gradient."""
+    ratio = (logp - logp_old).exp()
+    return torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
 
 
 def returns_to_go(rewards: Tensor, gamma: float) -> Tensor:
@@ -120,11 +139,15 @@ class MAMLRL(MetaAlgorithm):
         model = self.model_params(params)
         return lambda x: self.f(model, x)
 
-    def surrogate(self, params: Params, ro: Rollouts) -> tuple[Tensor, Tensor]:
-        """(mean_{k,t} log pi * A: its gradient is the REINFORCE estimate of grad J / horizon, the log-probs)."""
+    def surrogate(self, params: Params, ro: Rollouts, clipped: bool = False) -> tuple[Tensor, Tensor]:
+        """(mean_{k,t} log pi * A: its gradient is the REINFORCE estimate of grad J / horizon, the log-probs);
+        `clipped`: PPO's clipped surrogate instead, whose gradient at the sampling policy is the same."""
         cfg = self.spec.maml_rl
         logp = log_prob(self._mean(params), params[LOG_STD], ro)
-        return (logp * advantages(ro, self.data, cfg.baseline, cfg.baseline_reg)).mean(), logp
+        adv = advantages(ro, self.data, cfg.baseline, cfg.baseline_reg)
+        if clipped:
+            return clipped_surrogate(logp, ro.logp, adv, cfg.clip), logp
+        return (logp * adv).mean(), logp
 
     def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
         train = torch.is_grad_enabled()
@@ -148,7 +171,7 @@ class MAMLRL(MetaAlgorithm):
             fast = {k: fast[k] if g is None else fast[k] + inner.lr * g for k, g in zip(names, grads)}
         ro = rollout(self._mean(fast), fast[LOG_STD], goal, data, generator(task.query_y[0], 0))
         ret = ro.rewards.sum(1).mean()
-        surr, _ = self.surrogate(fast, ro)
+        surr, _ = self.surrogate(fast, ro, clipped=self.spec.maml_rl.outer_objective == "ppo")
         objective = -surr
         if self.spec.maml_rl.pre_score and score is not None:  # E[R' * grad log p_theta(pre-update rollouts)]
             objective = objective - (score - score.detach()) * ret / data.horizon  # the surrogate's 1/horizon

@@ -33,3 +33,8 @@ class MAMLRLSpec(Spec):
     # Add the score of the pre-update rollouts times the post-update return: the gradient of the expected
     # post-update return including how theta shapes the adaptation data (E-MAML; Finn et al.'s code drops it).
     pre_score: bool = False
+    # The outer objective on the adapted policy's rollouts: the REINFORCE surrogate ('pg'), or PPO's clipped surrogate
+    # (Schulman et al. 2017) of the ratio to the log-probs the sampling policy recorded ('ppo'; one gradient per
+    # meta-step, so the ratio is 1 and the gradient is the 'pg' one: algorithms/maml_rl.py says why).
+    outer_objective: Literal["pg", "ppo"] = "pg"
+    clip: Annotated[float, Field(gt=0, lt=1)] = 0.2  # 'ppo': the ratio's range [1 - clip, 1 + clip]
