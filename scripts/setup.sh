@@ -11,5 +11,5 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 export DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -c deploy/constraints.txt -e ".[deepspeed,k8s,plot,test]"
+.venv/bin/python -m pip install -q -c deploy/constraints.txt -e ".[deepspeed,k8s,plot,rl,test]"
 echo "$want" > "$stamp"

@@ -31,7 +31,7 @@ def test_dependencies_are_ranges_and_the_extras_hold_the_optional_parts():
         assert any(d.lower().startswith(module) for d in extras[extra]), (module, extra)
         assert not any(d.lower().startswith(module) for d in deps), module
     constraints = (ROOT / "deploy" / "constraints.txt").read_text().lower()
-    for name in ("deepspeed==", "kubernetes==", "matplotlib==", "ray==", "wandb=="):
+    for name in ("deepspeed==", "kubernetes==", "matplotlib==", "mujoco==", "ray==", "wandb=="):
         assert f"\n{name}" in constraints, name  # the exact versions the tests ran with
 
 

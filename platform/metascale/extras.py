@@ -18,6 +18,7 @@ EXTRAS = {
     "deepspeed": ("deepspeed", "sharding.engine: deepspeed"),
     "kubernetes": ("k8s", "a KubeRay target (--to k8s://...)"),
     "matplotlib": ("plot", "metascale plot"),
+    "mujoco": ("rl", "data.source 'halfcheetah_dir'"),
 }
 
 

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import MetaAlgorithm, Params, TaskOutput, register
-from metascale.config import NavigationData
+from metascale.config import HalfCheetahDirData, NavigationData
+from metascale.data import output_dim
 from metascale.data.navigation import move
 from metascale.data.tasks import Task
 
@@ -58,7 +59,15 @@ def generator(seed: Tensor, index: int) -> torch.Generator:
 
 
 def rollout(mean, log_std: Tensor, goal: Tensor, data: NavigationData, gen: torch.Generator) -> Rollouts:
-    """`data.rollouts` trajectories from the origin, vectorised over trajectories; no graph."""
+    """`data.rollouts` trajectories from the origin, vectorised over trajectories; no graph. (The HalfCheetah
+    tasks' come from MuJoCo: data/halfcheetah.py, with `goal` their direction.)"""
+    if isinstance(data, HalfCheetahDirData):
+        from metascale.data.halfcheetah import rollout as cheetah_rollout
+
+        obs, actions, rewards = cheetah_rollout(mean, log_std, goal, data, gen)
+        with torch.no_grad():  # the sampling policy's log-probs, as the navigation loop records them below
+            mu = mean(obs.reshape(-1, obs.shape[-1])).reshape(actions.shape)
+            return Rollouts(obs, actions, rewards, gaussian_log_prob(actions, mu, log_std))
     k, h = data.rollouts, data.horizon
     noise = torch.randn(h, k, 2, generator=gen, dtype=goal.dtype).to(goal.device)
     with torch.no_grad():
@@ -82,7 +91,7 @@ def gaussian_log_prob(actions: Tensor, mu: Tensor, log_std: Tensor) -> Tensor:
 
 def log_prob(mean, log_std: Tensor, ro: Rollouts) -> Tensor:
     """log pi(a_kt | s_kt) [K, H], differentiable w.r.t. the policy's parameters."""
-    return gaussian_log_prob(ro.actions, mean(ro.obs.reshape(-1, 2)).reshape(ro.actions.shape), log_std)
+    return gaussian_log_prob(ro.actions, mean(ro.obs.reshape(-1, ro.obs.shape[-1])).reshape(ro.actions.shape), log_std)
 
 
 def clipped_surrogate(logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float) -> Tensor:
@@ -126,10 +135,11 @@ def advantages(ro: Rollouts, data: NavigationData, baseline: str, reg: float) ->
 @register
 class MAMLRL(MetaAlgorithm):
     name = "maml_rl"
-    data: NavigationData  # the job's data section: the environment
+    data: NavigationData | HalfCheetahDirData  # the job's data section: the environment
 
     def init(self, model_params: Params) -> Params:
-        log_std = torch.full((2,), self.spec.maml_rl.init_log_std, dtype=next(iter(model_params.values())).dtype)
+        dtype = next(iter(model_params.values())).dtype
+        log_std = torch.full((output_dim(self.data),), self.spec.maml_rl.init_log_std, dtype=dtype)
         return {**model_params, LOG_STD: log_std}
 
     def model_params(self, meta_params: Params) -> Params:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from metascale.config.samplers import FixedSampler, SamplerSpec, _by_name
+from metascale.config.halfcheetah import HalfCheetahDirData
 from metascale.config.rl import NavigationData
 from metascale.config.sections import PositiveFloat, PositiveInt, Spec
 
@@ -303,6 +304,6 @@ class DomainsData(Spec):
 
 DataSpec = Annotated[
     Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, MultiData, NoisyLabelsData, DomainsData,
-          NavigationData],
+          NavigationData, HalfCheetahDirData],
     Field(discriminator="source"),
 ]

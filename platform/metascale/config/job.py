@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from metascale.config.kubernetes import KubernetesSpec, cpu_millis
 from metascale.config.data import DataSpec, DomainsData, NoisyLabelsData, SinusoidData
+from metascale.config.halfcheetah import OBS_DIM, HalfCheetahDirData
 from metascale.config.rl import NavigationData
 from metascale.config.samplers import episodes_problem
 from metascale.config.sections import (
@@ -16,6 +17,7 @@ from metascale.config.sections import (
 )
 
 
+RL_DATA = (NavigationData, HalfCheetahDirData)  # the environments maml_rl acts in
 SECOND_ORDER = ("maml", "metasgd", "anil")  # differentiate through the inner loop unless inner.first_order
 SHARDED_FIRST_ORDER = ("fomaml", "reptile")  # the inner loop runs through the engine, at every ZeRO stage
 
@@ -105,7 +107,7 @@ class JobSpec(Spec):
             raise ValueError(f"data.source 'sinusoid' needs model.name 'mlp' (got '{self.model.name}')")
         if regression and self.algorithm.name in ("protonet", "anil", "blackbox", "abml"):
             raise ValueError(f"algorithm '{self.algorithm.name}' needs a classification data source, not sinusoid")
-        vectors = self.algorithm.name == "lopt" or isinstance(self.data, NavigationData)  # flattened images, positions
+        vectors = self.algorithm.name == "lopt" or isinstance(self.data, RL_DATA)  # flattened images, observations
         if not regression and self.model.name == "mlp" and not vectors:
             raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")
         self._survey_compatible()
@@ -197,16 +199,18 @@ class JobSpec(Spec):
                              "one task")
 
     def _rl_compatible(self) -> None:
-        """Meta-RL (algorithms/maml_rl.py) acts in the navigation tasks with an MLP policy over the agent's position."""
+        """Meta-RL (algorithms/maml_rl.py) acts in the navigation or HalfCheetah tasks with an MLP policy over the
+        observation (the agent's 2D position; the cheetah's 17 joint positions and velocities)."""
         alg = self.algorithm
-        if (alg.name == "maml_rl") != isinstance(self.data, NavigationData):
+        if (alg.name == "maml_rl") != isinstance(self.data, RL_DATA):
             raise ValueError(f"algorithm '{alg.name}' with data.source '{self.data.source}': 'maml_rl' learns from "
-                             "rollouts in the navigation tasks, which no other algorithm takes")
+                             "rollouts in the navigation tasks or the halfcheetah_dir tasks, which no other algorithm takes")
         if alg.name != "maml_rl":
             return
-        if self.model.name != "mlp" or self.model.in_features != 2:  # type: ignore[union-attr]
-            raise ValueError("algorithm 'maml_rl' needs an MLP policy over the 2D position: model.name 'mlp', "
-                             "in_features 2")
+        obs = OBS_DIM if isinstance(self.data, HalfCheetahDirData) else 2
+        if self.model.name != "mlp" or self.model.in_features != obs:  # type: ignore[union-attr]
+            raise ValueError(f"algorithm 'maml_rl' on {self.data.source} needs an MLP policy over the {obs}-dimensional "
+                             f"observation: model.name 'mlp', in_features {obs}")
         if self.executor.strategy == "vmap":
             raise ValueError("algorithm 'maml_rl' samples rollouts per task: executor.strategy 'per_task' or 'auto'")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from metascale.config import (DataSpec, DomainsData, GlyphsData, JobSpec, MultiData, NavigationData, NoisyLabelsData,
-                              ShardsData, SinusoidData, SyntheticImagesData)
+from metascale.config import (DataSpec, DomainsData, GlyphsData, HalfCheetahDirData, JobSpec, MultiData, NavigationData,
+                              NoisyLabelsData, ShardsData, SinusoidData, SyntheticImagesData)
+from metascale.config.halfcheetah import ACTION_DIM
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
 from metascale.errors import DataError
 
@@ -41,6 +42,10 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         from metascale.data.navigation import NavigationTasks
 
         return NavigationTasks(spec, split, seed)
+    if isinstance(spec, HalfCheetahDirData):  # directions of the HalfCheetah tasks (meta-RL on MuJoCo)
+        from metascale.data.halfcheetah import HalfCheetahDirTasks
+
+        return HalfCheetahDirTasks(spec, split, seed)
     raise NotImplementedError(f"data source '{spec.source}'")
 
 
@@ -154,6 +159,8 @@ def output_dim(spec: DataSpec) -> int:
         return 1
     if isinstance(spec, NavigationData):  # the policy's mean action
         return 2
+    if isinstance(spec, HalfCheetahDirData):  # the six joint torques' mean
+        return ACTION_DIM
     return spec.max_ways if hasattr(spec, "max_ways") else spec.ways
 
 
