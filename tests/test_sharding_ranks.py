@@ -109,6 +109,7 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
 @pytest.mark.parametrize("algorithm,zero,mode", [
     ("maml", 2, "reverse"), ("metasgd", 0, "reverse"),
     ("maml", 3, "reverse"), ("metasgd", 3, "mixed"),  # ZeRO-3 gathers the whole tensors (sharding/gathered.py)
+    ("maml", 0, "mixed"), ("metasgd", 2, "mixed"),  # mixed mode's sweep is the backward engine.backward runs
 ])
 def test_second_order_equals_plain_torch(local_ray, algorithm, zero, mode):
     """3 tasks over 2 ranks: the second round has a task on rank 0 only (stages 0-2: rank 1 back-propagates a blank).
