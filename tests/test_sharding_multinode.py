@@ -3,7 +3,8 @@
 
 The aggregated meta-gradient equals the single-process one (ZeRO-3 FOMAML, ZeRO-2 second-order MAML); a rank killed
 as a step starts, a node removed mid-run, and the driver SIGKILLed then resumed all end bit-identical to a fault-free
-run; a group whose ranks span both nodes computes the same gradient. Tolerances as in test_sharding_ranks.py.
+run; a ZeRO-3 group whose ranks span both nodes computes the same gradient (FOMAML, and second order: MAML reverse,
+Meta-SGD mixed). Tolerances as in test_sharding_ranks.py.
 """
 
 from __future__ import annotations
@@ -109,10 +110,26 @@ def test_two_groups_on_two_nodes_aggregate_the_single_process_gradient(two_nodes
     assert_close(got, expected)
 
 
-def test_a_group_spanning_both_nodes_computes_the_same_gradient(two_nodes, tmp_path):
-    """One group of 2 ranks of 2 CPUs each on 2-CPU nodes: PACK (span_nodes) must put one rank on each node, and
-    the group's collectives cross between the nodes' raylets."""
-    spec = job(tmp_path, "span", cluster={"workers": 1, "cpus_per_process": 2}, sharding={"span_nodes": True})
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"name": "fomaml"},
+        {"name": "maml", "inner": {"steps": 2, "lr": 0.1, "differentiation": "reverse"}},
+        {"name": "metasgd", "inner": {"steps": 2, "lr": 0.1, "differentiation": "mixed"}},
+    ],
+    ids=["fomaml", "maml-reverse", "metasgd-mixed"],
+)
+def test_a_group_spanning_both_nodes_computes_the_same_gradient(two_nodes, tmp_path, algorithm):
+    """One ZeRO-3 group of 2 ranks of 2 CPUs each on 2-CPU nodes: PACK (span_nodes) must put one rank on each node,
+    and the group's collectives cross between the nodes' raylets (second order, sharding/gathered.py: the gather of
+    the whole meta-parameters and the all-reduce of the per-rank sums)."""
+    spec = job(
+        tmp_path,
+        f"span-{algorithm['name']}",
+        algorithm=algorithm,
+        cluster={"workers": 1, "cpus_per_process": 2},
+        sharding={"span_nodes": True},
+    )
     nodes, got, expected = aggregated_vs_single_process(spec)
     assert len(nodes[0]) == 2, f"the group should span both nodes: {nodes}"
     assert_close(got, expected)

@@ -56,9 +56,11 @@ def test_sharded_jobs_take_any_number_of_groups_any_address_and_every_nonfinite_
             "sharding": {"engine": "deepspeed", "ranks": 2, "zero_stage": 2}}
     for cluster in ({"workers": 3}, {"address": "auto", "workers": 4}, {"address": "ray://head:10001"}):
         parse_spec({**base, "cluster": cluster, "executor": {"nonfinite": "skip_step"}})
-    for name in ("maml", "metasgd", "anil"):  # second order at ZeRO-3 (gathered), mixed mode where it applies
+    for name in ("maml", "metasgd", "anil"):  # second order at every stage, mixed mode where it applies
         mixed = {"differentiation": "mixed"} if name != "anil" else {}
-        parse_spec({**base, "algorithm": {"name": name, "inner": mixed}, "sharding": {**base["sharding"], "zero_stage": 3}})
+        for zero in (0, 2, 3):
+            parse_spec({**base, "algorithm": {"name": name, "inner": mixed},
+                        "sharding": {**base["sharding"], "zero_stage": zero}})
     with pytest.raises(SpecError, match="rank groups as Ray actors"):
         parse_spec({**base, "cluster": {"address": "inline"}})
 
@@ -66,10 +68,10 @@ def test_sharded_jobs_take_any_number_of_groups_any_address_and_every_nonfinite_
 def test_validate_cli_prints_the_reason_without_a_traceback(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({"model": VIT, "data": DATA, "algorithm": {"inner": {"differentiation": "mixed"}},
-                                    "sharding": {"engine": "deepspeed", "zero_stage": 2}}))
+                                    "sharding": {"engine": "deepspeed", "zero_stage": 2, "precision": "fp16"}}))
     out = metascale("validate", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "'mixed' runs sharded at zero_stage 3 only" in out.stderr + out.stdout
+    assert "precision fp16" in out.stderr + out.stdout and "use precision: bf16" in out.stderr + out.stdout
 
 
 def _spec_file(tmp_path: Path, **over) -> Path:

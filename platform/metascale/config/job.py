@@ -36,10 +36,6 @@ def sharding_problem(job: "JobSpec") -> str | None:
         return (f"sharding.engine deepspeed runs {', '.join(SHARDED_FIRST_ORDER)}, first-order anil and second-order "
                 f"{', '.join(SECOND_ORDER)} (any zero_stage), not algorithm '{alg.name}'"
                 + (" with inner.first_order: use fomaml" if alg.name in SECOND_ORDER else "; use sharding.engine: none"))
-    if alg.inner.differentiation == "mixed" and s.zero_stage != 3:
-        return ("algorithm.inner.differentiation 'mixed' runs sharded at zero_stage 3 only (stages 0-2 differentiate "
-                "through the engine's backward, reverse mode): set zero_stage 3, differentiation reverse or "
-                "sharding.engine none")
     if s.support_backprop_subset is not None:
         if second_order:
             return ("sharding.support_backprop_subset (LITE) applies to the first-order sharded inner loop; "

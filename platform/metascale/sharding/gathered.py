@@ -17,6 +17,8 @@ The engine has no optimiser: the coordinator owns the meta-optimiser and nothing
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from metascale.config import JobSpec
 from metascale.data.tasks import Task
 from metascale.extras import require
 from metascale.sharding.engine import Params, build_engine, enable_activation_checkpointing, partition_of
-from metascale.sharding.second_order import cast_task, meta_module, sum_over_ranks
+from metascale.sharding.second_order import cast_task, evaluate_dealt, meta_module, sum_over_ranks
 
 
 def hook_free_twin(make_model: Any, model: nn.Module) -> nn.Module:
@@ -65,14 +67,19 @@ class GatheredSecondOrderLearner:
         for k, p in self.params().items():
             p.ds_tensor.copy_(partition_of(params[k], self.rank, self.world).view(p.ds_tensor.shape))
 
-    def _gathered(self) -> Any:
-        """Whole meta-parameters on every rank inside the context, partitions again after it (modifier_rank None:
-        nothing is broadcast back, and nothing here writes to the gathered tensors)."""
-        return require("deepspeed").zero.GatheredParameters(list(self.params().values()), modifier_rank=None)
-
-    def _whole(self) -> Params:
-        """Leaves over the gathered storage (no copy), so autograd differentiates with respect to them."""
-        return {k: p.data.detach().requires_grad_() for k, p in self.params().items()}
+    @contextlib.contextmanager
+    def _gathered(self) -> Iterator[Params]:
+        """Whole meta-parameters on every rank inside the context, as leaves over the gathered storage (no copy) that
+        autograd differentiates with respect to; partitions again after it (modifier_rank None: nothing is broadcast
+        back, and nothing here writes to the gathered tensors). The leaves are dropped first, so that no reference
+        keeps the whole storage alive past the context."""
+        params = self.params()
+        with require("deepspeed").zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            whole = {k: p.data.detach().requires_grad_() for k, p in params.items()}
+            try:
+                yield whole
+            finally:
+                whole.clear()
 
     def meta_gradient(self, tasks: list[Task], generators: list[Any], slots: list[int]) -> MetaGradient:
         """This rank's partition of the finite tasks' summed meta-gradient; the group's metrics and non-finite
@@ -82,12 +89,10 @@ class GatheredSecondOrderLearner:
         total = dict(zip(sizes, flat.split(list(sizes.values()))))
         metrics: dict[str, float] = {}
         bad: list[int] = []
-        with self._gathered():
-            whole = self._whole()
+        with self._gathered() as whole:
             for i in range(self.rank, len(tasks), self.world):
                 if not self._add_task(whole, tasks[i], total, metrics):
                     bad.append(slots[i])
-            del whole
         dist.all_reduce(flat)
         mine = {k: partition_of(t, self.rank, self.world) for k, t in total.items()}
         everyone: list[Any] = [None] * self.world
@@ -109,14 +114,4 @@ class GatheredSecondOrderLearner:
         return True
 
     def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
-        mine = []
-        with self._gathered():
-            whole = self._whole()
-            with torch.no_grad():
-                for task in tasks[self.rank :: self.world]:
-                    out = self.alg.task_objective(whole, cast_task(task, self.dtype), steps=steps)
-                    mine.append({k: float(v) for k, v in out.metrics.items()})
-            del whole
-        everyone: list[Any] = [None] * self.world
-        dist.all_gather_object(everyone, mine)
-        return [everyone[i % self.world][i // self.world] for i in range(len(tasks))]
+        return evaluate_dealt(self.alg, self._gathered(), tasks, steps, self.dtype)

@@ -12,6 +12,7 @@ the meta-optimiser; the engine's own optimiser is SGD at rate 0, stepped only to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -134,14 +135,23 @@ class SecondOrderLearner:
         return self.alg.task_objective(self.params(), cast_task(blank, self.dtype)).objective.float() * 0.0
 
     def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
-        mine = []
-        with torch.no_grad():
-            for task in tasks[self.rank :: self.world]:
-                out = self.alg.task_objective(self.params(), cast_task(task, self.dtype), steps=steps)
-                mine.append({k: float(v) for k, v in out.metrics.items()})
-        everyone: list[Any] = [None] * self.world
-        dist.all_gather_object(everyone, mine)
-        return [everyone[i % self.world][i // self.world] for i in range(len(tasks))]
+        return evaluate_dealt(self.alg, contextlib.nullcontext(self.params()), tasks, steps, self.dtype)
+
+
+def evaluate_dealt(alg: Any, params: contextlib.AbstractContextManager[dict[str, Tensor]], tasks: list[Task],
+                   steps: int | None, dtype: torch.dtype) -> list[dict[str, float]]:
+    """Every task's metrics after adaptation, in task order on every rank. The tasks are dealt to the ranks (rank r
+    scores tasks r, r + world, ...) on the meta-parameters `params` gives (ZeRO-3: gathered whole for the scoring
+    only, released before the all-gather of the scores)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = []
+    with params as meta, torch.no_grad():
+        for task in tasks[rank::world]:
+            out = alg.task_objective(meta, cast_task(task, dtype), steps=steps)
+            mine.append({k: float(v) for k, v in out.metrics.items()})
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return [everyone[i % world][i // world] for i in range(len(tasks))]
 
 
 def sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
