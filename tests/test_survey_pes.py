@@ -214,3 +214,24 @@ def test_a_pes_meta_trained_optimiser_trains_held_out_tasks_faster_than_tuned_ad
     assert after["adam_mean_train_loss"] == before["adam_mean_train_loss"]  # the same tasks and initialisations
     assert before["lopt_mean_train_loss"] > 5 * after["adam_mean_train_loss"]  # measured 1.17 vs 0.111
     assert after["lopt_mean_train_loss"] < 0.95 * after["adam_mean_train_loss"], (before, after)  # measured 0.092
+
+
+def test_bench_lopt_scores_the_checkpoint_it_is_given(tmp_path, cli):
+    """`bench lopt --checkpoint` scores that step folder (an earlier step of a run still going), the default the
+    newest; a missing one is a one-line error, exit 2."""
+    import json
+
+    import yaml
+
+    spec = _spec(tmp_path, "pes", steps=4)
+    spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"address": "inline"})})
+    train(spec)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude={"path"}, exclude_unset=False)))
+    ckpt = tmp_path / "ckpt"
+    for extra, step in (([], 4), (["--checkpoint", str(ckpt / "step-00000002")], 2)):
+        code, out, err = cli("bench", "lopt", str(job), "--episodes", "1", *extra)
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["checkpoint_step"] == step
+    code, out, err = cli("bench", "lopt", str(job), "--checkpoint", str(ckpt / "step-00000099"))
+    assert code == 2 and "no such checkpoint" in err and len(err.strip().splitlines()) == 1, err
