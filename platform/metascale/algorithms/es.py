@@ -27,12 +27,14 @@ _STREAM = 0xE5  # separates the ES noise streams from the task streams of data/t
 
 
 def noise(params: Params, seed: int, step: int, pair: int) -> Params:
-    """eps for `pair` at `step`: standard normal, drawn on the CPU (bit-identical on every host), in params' dtype."""
+    """eps for `pair` at `step`: standard normal, drawn on the CPU in float32 (bit-identical on every host), then cast
+    to params' dtype. Always float32: torch draws different numbers for float64, and the coordinator regenerates the
+    noise from its float32 meta-parameters while float64 workers (executor.dtype) perturbed theirs."""
     state = np.random.SeedSequence([seed, step, pair, _STREAM]).generate_state(2, dtype=np.uint32)
     gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
     out = {}
     for k, v in params.items():
-        out[k] = torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)
+        out[k] = torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.device, v.dtype)
     return out
 
 

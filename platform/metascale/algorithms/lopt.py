@@ -3,8 +3,11 @@ style of learned_optimization's `MLPLOpt` (Metz et al. 2019, "Understanding and 
 training of learned optimizers"; google/learned_optimization, learned_optimizers/mlp_lopt.py).
 
 Per parameter the MLP reads the gradient, the parameter and momenta at several timescales, each normalised by its
-second moment over the tensor, plus a tanh embedding of the inner step count (the same for every parameter). It
-outputs a direction d and a log-magnitude m; the step is d * exp(m * exp_mult) * step_mult. Meta-parameters are the
+second moment over the tensor; the gradient and the (bias-corrected) momenta divided by the root of the element's own
+second-moment average (Adam's m / sqrt(v), as the rms features of learned_optimization's `AdafacMLPLOpt`,
+adafac_mlp_lopt.py: otherwise the MLP must learn per-element scaling from tensor-normalised inputs); and a tanh
+embedding of the inner step count (the same for every parameter). It outputs a direction d and a log-magnitude m;
+the step is d * exp(m * exp_mult) * step_mult. Meta-parameters are the
 MLP's weights alone: the inner model (`model`, an MLP over the flattened inputs) starts from a fresh random
 initialisation for every inner task. Pure functions over parameter dicts, no Ray inside.
 
@@ -29,8 +32,11 @@ from metascale.config import AlgorithmSpec
 from metascale.data.tasks import Task
 
 DECAYS = (0.5, 0.9, 0.99, 0.999)  # momentum timescales (mlp_lopt.py uses 0.1 ... 0.9999)
+BETA2 = 0.999  # the second-moment accumulator's decay (Adam's), kept as the last channel of the momenta
 TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)  # the step-count embedding tanh(t / s - 1)
-FEATURES = 2 + len(DECAYS) + len(TIMESCALES)  # gradient, parameter, momenta; then the step embedding
+# gradient, parameter, momenta; the gradient and momenta over the root second moment (Adam-style, per element);
+# then the step embedding
+FEATURES = 2 + 2 * len(DECAYS) + 1 + len(TIMESCALES)
 _INIT_STREAM = 0x10B7  # separates inner-model initialisations from the task and noise streams
 
 
@@ -65,21 +71,27 @@ def _mlp(theta: Params, x: Tensor) -> Tensor:
 
 
 def opt_step(theta: Params, state: InnerState, grads: Params, step_mult: float, exp_mult: float) -> InnerState:
-    """One step of the learned optimiser: new weights and momenta (differentiable w.r.t. theta)."""
+    """One step of the learned optimiser: new weights and accumulators (differentiable w.r.t. theta)."""
     ref = next(iter(theta.values()))
-    decays = torch.tensor(DECAYS, dtype=ref.dtype, device=ref.device)
+    decays = torch.tensor(DECAYS + (BETA2,), dtype=ref.dtype, device=ref.device)
     times = torch.tensor(TIMESCALES, dtype=ref.dtype, device=ref.device)
     embed = torch.tanh(state.t / times - 1.0)
+    correction = 1 - decays ** (state.t + 1)  # Adam's bias correction of the accumulators
     params, momenta = {}, {}
     for k, p in state.params.items():
         g = grads[k]
-        m = state.momenta[k] * decays + (1 - decays) * g.unsqueeze(-1)
+        acc = state.momenta[k] * decays + (1 - decays) * torch.cat(
+            [g.unsqueeze(-1).expand(*g.shape, len(DECAYS)), g.square().unsqueeze(-1)], -1
+        )
+        m, v = acc[..., :-1], acc[..., -1:]
+        rsqrt = torch.rsqrt(v / correction[-1] + 1e-16)
+        adam = torch.cat([g.unsqueeze(-1), m / correction[:-1]], -1) * rsqrt
         x = torch.cat([g.unsqueeze(-1), p.unsqueeze(-1), m], -1)
         x = x * torch.rsqrt(1e-5 + x.square().mean(dim=tuple(range(p.dim())), keepdim=True))
-        x = torch.cat([x, embed.expand(*p.shape, len(TIMESCALES))], -1)
+        x = torch.cat([x, adam, embed.expand(*p.shape, len(TIMESCALES))], -1)
         out = _mlp(theta, x)
         params[k] = p - out[..., 0] * torch.exp(out[..., 1] * exp_mult) * step_mult
-        momenta[k] = m
+        momenta[k] = acc
     return InnerState(params, momenta, state.t + 1)
 
 
@@ -98,7 +110,7 @@ def init_inner(
             bound = 1.0 / math.sqrt(math.prod(shape[1:]))
             params[k] = (torch.rand(shape, generator=gen, dtype=dtype) * 2 - 1) * bound
     params = {k: v.to(device) for k, v in params.items()}
-    return InnerState(params, {k: v.new_zeros(*v.shape, len(DECAYS)) for k, v in params.items()}, 0)
+    return InnerState(params, {k: v.new_zeros(*v.shape, len(DECAYS) + 1) for k, v in params.items()}, 0)
 
 
 @register

@@ -92,12 +92,13 @@ def lopt(
     job: str = typer.Argument(..., help="The learned optimiser's job spec (algorithm lopt), already run."),
     episodes: int = typer.Option(50, min=1, help="Held-out test episodes (and validation episodes to tune Adam)."),
     overrides: list[str] = typer.Option([], "--set", help="Spec overrides, as for metascale run."),
+    checkpoint: str | None = typer.Option(None, help="One checkpoint (a step folder) instead of the job's newest."),
 ) -> None:
     """The job's meta-trained learned optimiser vs Adam with its lr tuned on validation episodes: the same fresh MLPs
     trained on held-out classes for the same steps (training loss, query accuracy)."""
     from metascale.bench.lopt import from_checkpoint
 
-    emit(from_checkpoint(job, episodes, overrides))
+    emit(from_checkpoint(job, episodes, overrides, checkpoint))
 
 
 @bench_app.command(name="scaling")

@@ -97,8 +97,9 @@ def run(spec: JobSpec, theta: dict[str, torch.Tensor], episodes: int = 50, lrs: 
     return out
 
 
-def from_checkpoint(job: str, episodes: int, overrides: Sequence[str] = ()) -> dict:
-    """`run` with the meta-parameters of the job's newest checkpoint; one-line errors for a job that is not a learned
+def from_checkpoint(job: str, episodes: int, overrides: Sequence[str] = (), path: str | None = None) -> dict:
+    """`run` with the meta-parameters of the job's newest checkpoint, or of `path` (one checkpoint, e.g. an earlier
+    step folder of a run still going, as `eval --checkpoint` takes); one-line errors for a job that is not a learned
     optimiser's or has no checkpoint yet."""
     from metascale.cluster import checkpoint
     from metascale.config import load_spec
@@ -107,7 +108,7 @@ def from_checkpoint(job: str, episodes: int, overrides: Sequence[str] = ()) -> d
     spec = load_spec(job, list(overrides))
     if spec.algorithm.name != "lopt":
         raise SpecError(f"{job}: bench lopt compares a learned optimiser: algorithm.name must be 'lopt'")
-    found = checkpoint.load_latest(spec.path(spec.checkpoint.dir))
+    found = checkpoint.resolve(path) if path is not None else checkpoint.load_latest(spec.path(spec.checkpoint.dir))
     if found is None:
         raise CheckpointError(f"no checkpoint in {spec.path(spec.checkpoint.dir)}: run `metascale run {job}` first")
     return {"checkpoint_step": found[0], **run(spec, found[1]["params"], episodes)}
