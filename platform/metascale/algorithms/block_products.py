@@ -10,12 +10,14 @@ one place that knows the blocks: ResNet-12's stages, the ViT's blocks, Conv-4's 
     L = T(phi, h, x_L)             the rest: what follows the blocks, the loss, and any term on the weights
                                    themselves (learned_hparams' decay), so T reads all of phi
 
-Product along u (a tangent for every weight; none for h): the forward pass runs one `jvp` per block and keeps only
-the block boundaries x_l with their tangents xdot_l. Then `jvp` of `grad` of T gives dT/d(phi, h, x_L) and its
-tangents; from the last block down, `jvp` of the block's `vjp` at (theta_l, x_l, c_{l+1}) along (u_l, xdot_l,
-cdot_{l+1}) gives the block's gradient g_l, its tangent (H u)_l, and the cotangent c_l with its tangent for the block
-below; the stem's `vjp` (if the stem is not the input) likewise. The sums are exactly dL/dphi, dL/dh, H_phiphi u and
-H_hphi u, while a product holds the boundaries and one block's forward-over-reverse instead of the whole model's.
+Product along u (a tangent for every weight; none for h): the forward pass runs one `jvp` per block but the last
+and keeps only the block boundaries x_l with their tangents xdot_l. Then `jvp` of `grad` of the last block and the
+tail together, T(phi, h, f_{L-1}(theta_{L-1}, x_{L-1})), gives their gradients, the cotangent c_{L-1} and their
+tangents (so the last block's forward runs once, not once for its boundary and again inside its backward); from the
+block below it down, `jvp` of the block's `vjp` at (theta_l, x_l, c_{l+1}) along (u_l, xdot_l, cdot_{l+1}) gives the
+block's gradient g_l, its tangent (H u)_l, and the cotangent c_l with its tangent for the block below; the stem's
+`vjp` (if the stem is not the input) likewise. The sums are exactly dL/dphi, dL/dh, H_phiphi u and H_hphi u, while a
+product holds the boundaries and one block's forward-over-reverse instead of the whole model's.
 Without a tangent the same pass is a plain gradient that holds the boundaries and one block's backward.
 
 A model that never calls `run_blocks` (the MLP, a custom backbone), or whose blocks read weights that are not in phi
@@ -80,7 +82,7 @@ def split_at_blocks(loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: 
     """The support loss's blocks, found by running its stem once (None: no usable split)."""
     with torch.no_grad():
         at = _stem(loss_fn, phi, h, x, y)
-    if at is None:
+    if at is None or not at.blocks:
         return None
     key_of = {id(v): k for k, v in phi.items()}
     blocks, taken = [], set()
@@ -146,16 +148,22 @@ def grad_and_product(
         xl, xd = x, (None if u is None else torch.zeros_like(x))
     else:
         xl, xd = _push(stem, (part(out, phi), h), None if u is None else (part(out, u), zh))
-    bounds, fns = [], [_block_fn(split, b) for b in split.blocks]
-    for block, f in zip(split.blocks, fns):
+    # the last block runs inside the tail's gradient: its forward is not run a second time to find a boundary
+    *blocks, last = split.blocks
+    bounds, fns, f_last = [], [_block_fn(split, b) for b in blocks], _block_fn(split, last)
+    for block, f in zip(blocks, fns):
         bounds.append((xl, xd))
         theta_u = None if u is None else (part(block.keys.values(), u), xd)
         xl, xd = _push(f, (part(block.keys.values(), phi), xl), theta_u)
-    tail_grad = torch.func.grad(tail, argnums=(0, 1, 2))
+
+    def last_and_tail(p: Params, hh: Params, x_in: Tensor) -> Tensor:
+        return tail(p, hh, f_last(part(last.keys.values(), p), x_in))
+
+    tail_grad = torch.func.grad(last_and_tail, argnums=(0, 1, 2))
     (g, gh, c), dots = _push(tail_grad, (phi, h, xl), None if u is None else (u, zh, xd))
     hu, hhu, cd = dots if dots is not None else (None, None, None)
     del xl, xd
-    for block, f in zip(reversed(split.blocks), reversed(fns)):
+    for block, f in zip(reversed(blocks), reversed(fns)):
         xl, xd = bounds.pop()
         keys = list(block.keys.values())
         tangents = None if u is None else (part(keys, u), xd, cd)

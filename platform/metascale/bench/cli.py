@@ -133,6 +133,8 @@ def memory(
     coordinator_params: int = typer.Option(1_000_000_000, min=0, help="Model size for the coordinator's memory "
                                            "(~16 bytes a parameter: needs ~17 GB at the default; 0 skips it)."),
     device: Device = typer.Option(Device.cpu, help="cuda: the largest ViT meta-trainable on this one GPU."),
+    mixed_mode_84: bool = typer.Option(True, "--mixed-mode-84/--no-mixed-mode-84", help="Mixed vs reverse mode on "
+                                       "5-way 5-shot 84x84 episodes too (the headline ratios; the longest part)."),
 ) -> None:
     """ZeRO-3 per-rank memory (2 ranks / 1), the largest ViT meta-trainable under a budget, the coordinator's bytes."""
     if device is Device.cuda:
@@ -143,4 +145,4 @@ def memory(
     else:
         from metascale.bench.memory import run
 
-        emit(run(budget_mib, coordinator_params))
+        emit(run(budget_mib, coordinator_params, mixed_mode_84=mixed_mode_84))

@@ -13,9 +13,10 @@ the coordinator holds for a 1B-parameter model.
    Peak memory is linear in depth; a line fitted through the measured depths gives the largest depth under the
    per-process budget, with the fit's worst residual.
 4. mixed_mode_memory_ratio / mixed_mode_time_ratio: peak memory and time of one task's exact second-order MAML
-   meta-gradient (10 inner steps, ResNet-12 and ViT, 5-way 1-shot: mixed_mode_ratios_episode names it),
-   `inner.differentiation: mixed` over the best reverse-mode path; the worse of the two models; and the same on a
-   5-shot ViT episode, mixed_mode_larger_support (bench/mixed_mode.py).
+   meta-gradient (10 inner steps, the ViT on 5-way 5-shot 84x84: mixed_mode_ratios_episode names it),
+   `inner.differentiation: mixed` over the best reverse-mode path; and the same on 5-way 1-shot 32x32 (ResNet-12
+   and ViT, mixed_mode) and 5-shot 32x32 ViT (mixed_mode_larger_support) episodes (bench/mixed_mode.py;
+   without the 84x84 rows, `--no-mixed-mode-84`, the headline is the 1-shot 32x32 episode's).
 3. coordinator_bytes_per_param: the coordinator (cluster/coordinator.py) for an MLP of `coordinator_params`
    parameters: the peak rise over building it, publishing the parameters (the numpy views the object store copies)
    and one Adam step from a whole meta-gradient, in a fresh process. The meta-optimiser lives there for every job.
@@ -144,7 +145,9 @@ def _largest(a: float, b: float, budget_mib: float) -> dict[str, Any]:
     return {"depth": depth, "params": params}
 
 
-def run(budget_mib: float = 1024.0, coordinator_params: int = 1_000_000_000) -> dict[str, Any]:
+def run(
+    budget_mib: float = 1024.0, coordinator_params: int = 1_000_000_000, mixed_mode_84: bool = True
+) -> dict[str, Any]:
     import os
 
     check("deepspeed")  # half of the comparison is ZeRO-3 ranks
@@ -183,7 +186,7 @@ def run(budget_mib: float = 1024.0, coordinator_params: int = 1_000_000_000) -> 
                      "with_zero3_2ranks_checkpointing": [round(m["step_s"], 2) for m in sharded]}
     from metascale.bench.mixed_mode import run as mixed_mode
 
-    out.update(mixed_mode())  # mixed_mode_memory_ratio, mixed_mode_time_ratio and their rows
+    out.update(mixed_mode(skip_mini=not mixed_mode_84))  # mixed_mode_memory_ratio, mixed_mode_time_ratio, rows
     if coordinator_params:
         peak = in_fresh_process("metascale.bench.memory:coordinator_peak", params=coordinator_params)
         from metascale.bench.scaling import job as mlp_job

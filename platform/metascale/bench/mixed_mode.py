@@ -1,20 +1,26 @@
 """Mixed-mode vs reverse-mode second-order meta-gradients (`inner.differentiation`): peak memory and time of one
 task's exact MAML meta-gradient, 10 inner steps, float32, on ResNet-12 and the ViT (part of `metascale bench memory`),
-for a 5-way 1-shot episode (the headline ratios; weight copies dominate both modes' peaks there) and, on the ViT, a
-5-shot one (25 support examples, whose activations weigh more: where block-level recomputation pays).
+for a 5-way 1-shot 32x32 episode (weight copies dominate both modes' peaks there), on the ViT a 5-shot 32x32 one (25
+support examples, whose activations weigh more), and the standard 5-way 5-shot 15-query 84x84 episode (miniImageNet's
+size; the headline ratios; the ViT only by default), where a task's activations dominate: the regime block-level
+recomputation is for.
 
 Reverse mode's best path is the lowest peak of its memory options (nothing recomputed; `checkpoint: all`: every
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
 query-pass option as that best, so the two differ only in how they differentiate through the inner loop, keeping
 every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed); its lower peak is compared.
-Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call. Time: best of
-`repeats` calls, one thread, the two interleaved; the same calls check that both modes give the same meta-gradient.
+Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call. Time: CPU seconds of the
+one thread (less sensitive than wall time to other jobs on the machine); at 32x32 the best of `repeats` calls, the
+two modes interleaved, whose meta-gradients are compared; at 84x84 the peak's own call (one per configuration).
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +28,7 @@ from pydantic import TypeAdapter
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
-from metascale.bench.peak import added_bytes, in_fresh_process, settle
+from metascale.bench.peak import added_bytes, fresh_process_json, in_fresh_process, settle
 from metascale.config import AlgorithmSpec, InnerLoopSpec, ModelSpec, ResNet12Spec, SyntheticImagesData, ViTSpec
 from metascale.data import build_task_source
 from metascale.models import build_model
@@ -36,10 +42,18 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 # reverse mode's memory options: (inner.checkpoint, inner.query_chunk)
 REVERSE = {"plain": ("none", None), "blocks": ("all", None), "chunked": ("all", 5)}
+# the standard few-shot episode (miniImageNet's image size), where a task's activations outweigh the weight copies
+MINI_EPISODE = dict(ways=5, shots=5, queries=15, image_size=84, channels=3)
+MINI_MODELS: dict[str, dict[str, Any]] = {
+    "vit": ViTSpec(in_channels=3, image_size=84, patch_size=12, dim=96, depth=4, heads=3).model_dump(),  # 50 tokens
+}
+# not in the default rows: a 2-step reverse meta-gradient of it had not finished after 180 CPU s (one thread), so its
+# four 10-step configurations would take the bench far past its time budget; `run(mini=(MINI_EPISODE, {...}))` adds it
+MINI_RESNET12 = ResNet12Spec(in_channels=3, channels=[32, 64, 128, 256], image_size=84).model_dump()
 
 
 def _setup(model: dict, episode: dict, steps: int, mode: str, checkpoint: str, chunk: int | None, stride: int = 1):
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights and episode in every process: the meta-gradients can be compared
     net = build_model(TypeAdapter(ModelSpec).validate_python(model), episode["ways"])
     inner = InnerLoopSpec(
         steps=steps, lr=0.1, checkpoint=checkpoint, query_chunk=chunk, differentiation=mode, mixed_stride=stride
@@ -59,6 +73,29 @@ def task_peak_bytes(**setup: Any) -> int:
     return added_bytes(base)
 
 
+def task_profile(out: str, warmup_steps: int = 1, **setup: Any) -> dict[str, float]:
+    """Runs in a fresh process: one task's meta-gradient's added peak and CPU seconds (one thread), after a warm-up
+    on the same shapes with `warmup_steps` inner steps (the same kernels, a fraction of the time); the meta-gradient
+    is saved to `out` so that the caller can compare the modes."""
+    torch.set_num_threads(1)
+    alg, meta, batch = _setup(**{**setup, "steps": warmup_steps})
+    meta_gradient(alg, meta, batch)
+    del alg
+    alg, meta, batch = _setup(**setup)
+    base = settle()
+    t0 = time.process_time()
+    grads = meta_gradient(alg, meta, batch).grads
+    seconds = time.process_time() - t0
+    peak = added_bytes(base)
+    torch.save(grads, out)
+    return {"peak_bytes": peak, "cpu_s": seconds}
+
+
+def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    norm = sum(float((t**2).sum()) for t in b.values()) ** 0.5
+    return sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) ** 0.5 / norm
+
+
 def _times(setups: dict[str, dict[str, Any]], repeats: int) -> tuple[dict[str, float], float]:
     """Best time of each setup's meta-gradient; the largest relative difference of their meta-gradients."""
     torch.set_num_threads(1)
@@ -66,13 +103,11 @@ def _times(setups: dict[str, dict[str, Any]], repeats: int) -> tuple[dict[str, f
     best, grads = {name: float("inf") for name in runs}, {}
     for _ in range(repeats + 1):  # the first round warms up
         for name, (alg, meta, batch) in runs.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             grads[name] = meta_gradient(alg, meta, batch).grads
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], time.process_time() - t0)
     ref = grads.pop("reverse")
-    norm = sum(float((g**2).sum()) for g in ref.values()) ** 0.5
-    diff = max(sum(float(((g[k] - ref[k]) ** 2).sum()) for k in ref) ** 0.5 / norm for g in grads.values())
-    return best, diff
+    return best, max(_relative_difference(g, ref) for g in grads.values())
 
 
 def _rows(models: dict[str, dict], episode: dict, steps: int, repeats: int) -> dict[str, dict[str, Any]]:
@@ -108,6 +143,47 @@ def _rows(models: dict[str, dict], episode: dict, steps: int, repeats: int) -> d
     return rows
 
 
+def _large_rows(models: dict[str, dict], episode: dict, steps: int, workers: int = 1) -> dict[str, dict[str, Any]]:
+    """`_rows` for an episode whose full calls take minutes: each configuration runs once, in its own fresh process
+    that measures both its peak and its CPU time (after a 1-step warm-up); plain reverse is left out (it keeps every
+    step's graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT).
+    `workers` > 1 runs that many processes at once (peaks do not depend on it; CPU times somewhat do)."""
+    strides = sorted({1, math.ceil(math.sqrt(steps))})
+    options = {k: REVERSE[k] for k in ("blocks", "chunked")}
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(workers) as pool:
+
+        def profile(model: str, name: str, **setup: Any) -> dict[str, float]:
+            base = dict(model=models[model], episode=episode, steps=steps)
+            out = str(Path(tmp, model + name))
+            return fresh_process_json(f"{__name__}:task_profile", out=out, **base, **setup)
+
+        reverse = {(m, k): pool.submit(profile, m, k, mode="reverse", checkpoint=o[0], chunk=o[1])
+                   for m in models for k, o in options.items()}  # fmt: skip
+        best = {m: min(options, key=lambda k: reverse[m, k].result()["peak_bytes"]) for m in models}
+        mixed = {(m, s): pool.submit(profile, m, f"mixed{s}", mode="mixed", stride=s, checkpoint=options[best[m]][0],
+                                     chunk=options[best[m]][1]) for m in models for s in strides}  # fmt: skip
+        rows = {}
+        for m in models:
+            rev = {k: reverse[m, k].result() for k in options}
+            mix = {s: mixed[m, s].result() for s in strides}
+            stride = min(mix, key=lambda s: mix[s]["peak_bytes"])
+            ref = torch.load(Path(tmp, m + best[m]))
+            diff = max(_relative_difference(torch.load(Path(tmp, f"{m}mixed{s}")), ref) for s in strides)
+            rows[m] = {
+                "reverse_peak_bytes": {k: int(r["peak_bytes"]) for k, r in rev.items()},
+                "best_reverse": best[m],
+                "mixed_peak_bytes_by_stride": {str(s): int(r["peak_bytes"]) for s, r in mix.items()},
+                "mixed_stride": stride,
+                "memory_ratio": round(mix[stride]["peak_bytes"] / rev[best[m]]["peak_bytes"], 3),
+                "reverse_s": round(rev[best[m]]["cpu_s"], 3),
+                "mixed_s_by_stride": {str(s): round(r["cpu_s"], 3) for s, r in mix.items()},
+                "mixed_s": round(mix[stride]["cpu_s"], 3),
+                "time_ratio": round(mix[stride]["cpu_s"] / rev[best[m]]["cpu_s"], 3),
+                "meta_gradient_relative_difference": diff,
+            }
+    return rows
+
+
 def _episode(e: dict) -> str:
     return f"{e['ways']}-way {e['shots']}-shot {e['queries']}-query {e['image_size']}x{e['image_size']}x{e['channels']}"
 
@@ -118,26 +194,38 @@ def run(
     models: dict[str, dict] | None = None,
     episode: dict | None = None,
     larger: tuple[dict, dict[str, dict]] | None = None,
+    mini: tuple[dict, dict[str, dict]] | None = None,
+    skip_mini: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """The headline ratios (the worse model) on `episode`, where weight copies dominate; and the same rows on the
-    `larger` (episode, models), a support set whose activations weigh more (the ViT only by default: ResNet-12's
-    rows there would take the bench past its time budget)."""
+    """The rows on `episode` (5-way 1-shot 32x32), where weight copies dominate; on the `larger` (episode, models),
+    a support set whose activations weigh more (the ViT only by default); and, unless `skip_mini`, on `mini`
+    (5-way 5-shot 84x84, the ViT by default; `workers` processes at once), the regime the targets are stated
+    for. The headline ratios are the worse model's on the largest episode measured (`mixed_mode_ratios_episode`)."""
     episode = episode or EPISODE
     rows = _rows(models or MODELS, episode, steps, repeats)
-    what = (f"one task's exact MAML meta-gradient, {steps} inner steps, {{}}, float32, CPU, 1 thread; ratios are "
-            "mixed (its lower-peak stride) / the best reverse path")  # fmt: skip
-    out = {
-        "mixed_mode_memory_ratio": max(r["memory_ratio"] for r in rows.values()),
-        "mixed_mode_time_ratio": max(r["time_ratio"] for r in rows.values()),
-        "mixed_mode_ratios_episode": _episode(episode),
-        "mixed_mode": {"what": what.format(_episode(episode)), **rows},
-    }
+    what = (f"one task's exact MAML meta-gradient, {steps} inner steps, {{}}, float32, CPU, 1 thread (times: its "
+            "CPU seconds); ratios are mixed (its lower-peak stride) / the best reverse path")  # fmt: skip
+    out: dict[str, Any] = {"mixed_mode": {"what": what.format(_episode(episode)), **_worst(rows), **rows}}
+    headline = (episode, out["mixed_mode"])
     larger_episode, larger_models = larger or (LARGER_EPISODE, {"vit": MODELS["vit"]})
     rows = _rows(larger_models, larger_episode, steps, repeats)
-    out["mixed_mode_larger_support"] = {
-        "what": what.format(_episode(larger_episode)),
+    out["mixed_mode_larger_support"] = {"what": what.format(_episode(larger_episode)), **_worst(rows), **rows}
+    if not skip_mini:
+        mini_episode, mini_models = mini or (MINI_EPISODE, MINI_MODELS)
+        rows = _large_rows(mini_models, mini_episode, steps, workers)
+        out["mixed_mode_miniimagenet"] = {"what": what.format(_episode(mini_episode)), **_worst(rows), **rows}
+        headline = (mini_episode, out["mixed_mode_miniimagenet"])
+    return {
+        "mixed_mode_memory_ratio": headline[1]["memory_ratio"],
+        "mixed_mode_time_ratio": headline[1]["time_ratio"],
+        "mixed_mode_ratios_episode": _episode(headline[0]),
+        **out,
+    }
+
+
+def _worst(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    return {
         "memory_ratio": max(r["memory_ratio"] for r in rows.values()),
         "time_ratio": max(r["time_ratio"] for r in rows.values()),
-        **rows,
     }
-    return out

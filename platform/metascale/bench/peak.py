@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 
 def _status_kib(field: str) -> int:
@@ -35,7 +36,12 @@ def added_bytes(base_kib: int) -> int:
 
 
 def in_fresh_process(target: str, **kwargs) -> float:
-    """Runs `module:function(**kwargs)` in a new interpreter (one torch thread) and returns the number it returns.
+    """Runs `module:function(**kwargs)` in a new interpreter (one torch thread) and returns the number it returns."""
+    return float(fresh_process_json(target, **kwargs))
+
+
+def fresh_process_json(target: str, **kwargs) -> Any:
+    """Runs `module:function(**kwargs)` in a new interpreter (one torch thread) and returns what it returns (JSON).
 
     glibc is told to serve every allocation over 64 KiB with its own mmap and to give freed memory back at once, so
     the resident set follows the live tensors (with its defaults, freed blocks stay resident and the figure measures
@@ -48,4 +54,4 @@ def in_fresh_process(target: str, **kwargs) -> float:
     env.update(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, "-c", code, target, json.dumps(kwargs)], env=env, check=True,
                          capture_output=True, text=True, timeout=1800).stdout
-    return float(json.loads(out.strip().splitlines()[-1]))
+    return json.loads(out.strip().splitlines()[-1])
