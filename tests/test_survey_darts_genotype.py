@@ -4,8 +4,11 @@ mean of random cells from the same space retrained identically (random search, t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 
 from metascale.cluster import checkpoint
 from metascale.config import DartsSpec, parse_spec
@@ -59,7 +62,7 @@ def test_bad_genotypes_are_refused_with_a_reason(model, algorithm, reason):
         )
 
 
-def _job(root, name, genotype=None):
+def _job(root, name, genotype=None, steps=25):
     """5-way 1-shot synthetic images at 14 px; the search (`darts`) and every retraining (first-order MAML on the
     fixed cell) share data, seed, inner loop, optimiser and steps."""
     return parse_spec(
@@ -80,9 +83,9 @@ def _job(root, name, genotype=None):
                 "name": "darts" if genotype is None else "maml",
                 "inner": {"steps": 1, "lr": 0.4, "first_order": True},
             },
-            "outer": {"lr": 0.003, "meta_batch": 4, "steps": 25},
+            "outer": {"lr": 0.003, "meta_batch": 4, "steps": steps},
             "eval": {"every": 0, "final_episodes": 60},
-            "checkpoint": {"dir": str(root / name), "every": 25},
+            "checkpoint": {"dir": str(root / name), "every": steps},
             "logging": {"wandb": {"mode": "disabled"}, "progress": False},
             "executor": {"dtype": "float32"},
             "cluster": {"address": "inline"},
@@ -102,3 +105,15 @@ def test_the_derived_cell_retrained_beats_the_mean_random_cell(tmp_path):
         accuracy[name] = train(_job(tmp_path, name, genotype))["final/accuracy"]
     random_mean = sum(v for k, v in accuracy.items() if k != "derived") / 4
     assert accuracy["derived"] > random_mean + 0.03, (derived, accuracy)
+
+
+def test_export_of_a_fixed_cell_lists_its_genotype(tmp_path, cli):
+    spec = _job(tmp_path, "fixed", ["avg_pool", "conv3", "skip"], steps=2)
+    train(spec)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    code, stdout, err = cli("export", str(path), "--to", str(tmp_path / "out" / "cell.safetensors"))
+    assert code == 0, err
+    line = json.loads(stdout.strip().splitlines()[-1])
+    assert line["genotype"] == ["avg_pool", "conv3", "skip"]
+    assert line["cell"] == ["node0 <- input: avg_pool", "node1 <- input: conv3", "node1 <- node0: skip"]
