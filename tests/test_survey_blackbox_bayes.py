@@ -189,3 +189,27 @@ def test_example_jobs_validate(name):
 
     spec = load_spec(f"jobs/{name}.yaml")
     assert spec.name == name and spec.algorithm.name == name.removeprefix("glyphs-")
+
+
+def test_abml_kl_weight_is_what_makes_it_under_confident(tmp_path, make_job):
+    """The diagnosis of ABML's calibration (docs/survey-map.md, ABML): with the prior's standard deviation e^-5 the
+    KL term penalises the inner step's size (kl_weight x (lr g)^2 / 2 sigma^2 per weight), so the meta-learner
+    learns small adaptations and the posterior's predictions are under-confident. Same seeds and tasks: a tenth of
+    the KL weight gives a lower held-out ECE and NLL."""
+    from metascale.train import train
+
+    out = {}
+    for kl in (3e-5, 3e-6):
+        spec = make_job(
+            tmp_path / str(kl),
+            algorithm__name="abml",
+            algorithm__inner={"steps": 1, "lr": 0.4},
+            algorithm__abml={"samples": 2, "eval_samples": 4, "kl_weight": kl},
+            outer__steps=40,
+            outer__meta_batch=4,
+            eval__inner_steps=3,
+            **{**SMALL, "eval__final_episodes": 60},
+        )
+        out[kl] = train(spec)
+    assert out[3e-6]["final/ece"] < out[3e-5]["final/ece"] - 0.02, out
+    assert out[3e-6]["final/loss"] < out[3e-5]["final/loss"], out

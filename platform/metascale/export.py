@@ -9,7 +9,8 @@ so they are exported as the model builds them from the job spec, which is what e
 Tensors keep the run's dtype (`executor.dtype`). The file's metadata: `format: pt`, the step, the job name and its
 `model` section (JSON). A DARTS network (`model.name: darts`) also gets its derived discrete cell, the strongest op
 other than 'none' on every edge with all the ops' softmax weights, as JSON beside the file (`NAME.architecture.json`)
-and in the metadata (`metascale.architecture`), and the printed line lists the cell's edges.
+and in the metadata (`metascale.architecture`), and the printed line lists the cell's edges and its `genotype` (the
+value of `model.genotype` that retrains it as a fixed cell; a fixed cell's export lists that genotype).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def export_model(source: str, to: str) -> dict[str, Any]:
         _write(beside, (json.dumps(architecture, indent=2) + "\n").encode())
         result["architecture"] = beside
         result["cell"] = [f"{e['to']} <- {e['from']}: {e['op']}" for e in architecture["edges"]]
+        result["genotype"] = [e["op"] for e in architecture["edges"]]  # model.genotype's value to retrain this cell
     return result
 
 
@@ -95,8 +97,10 @@ def _architecture(spec: JobSpec, weights: dict[str, torch.Tensor]) -> dict[str, 
     """A DARTS network's derived discrete cell (models/darts.py `derive`); None for models without one."""
     if spec.model.name != "darts":
         return None
-    from metascale.models.darts import ALPHA, derive
+    from metascale.models.darts import ALPHA, derive, fixed
 
+    if spec.model.genotype is not None:  # a retrained fixed cell: its genotype, nothing derived
+        return fixed(spec.model.genotype, list(spec.model.ops), spec.model.nodes)
     return derive(weights[ALPHA], list(spec.model.ops), spec.model.nodes)
 
 

@@ -143,6 +143,9 @@ class JobSpec(Spec):
         if alg.name == "darts" and self.model.name != "darts":
             raise ValueError(f"algorithm 'darts' learns a DARTS network's architecture weights: it needs model.name "
                              f"'darts', not '{self.model.name}'")
+        if alg.name == "darts" and self.model.genotype is not None:
+            raise ValueError("model.genotype fixes the DARTS cell (no alpha): algorithm 'darts' has nothing to search; "
+                             "retrain the cell with algorithm 'maml' (inner.first_order true, as the search trained)")
         if alg.name == "darts" and alg.inner.steps == 0:
             raise ValueError("algorithm 'darts' adapts the weights on the support split and alpha on the query split: "
                              "with inner.steps 0 the support split is never read (needs inner.steps >= 1)")

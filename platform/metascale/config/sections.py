@@ -112,6 +112,9 @@ class DartsSpec(ModelInit):
     cells: PositiveInt = 2
     nodes: PositiveInt = 2
     ops: list[DartsOp] = ["none", "skip", "conv3", "dil_conv3", "max_pool", "avg_pool"]
+    # One op per edge (architecture.json's edge order: node0 <- input, node1 <- input, node1 <- node0, ...): a fixed
+    # discrete cell, no alpha (retraining a derived or a random cell); null: the searchable mixture
+    genotype: list[DartsOp] | None = None
 
     @model_validator(mode="after")
     def _searchable(self) -> "DartsSpec":
@@ -122,6 +125,12 @@ class DartsSpec(ModelInit):
         if ((self.image_size + 1) // 2) >> self.cells == 0:
             raise ValueError(f"image_size {self.image_size} is too small for the stem and {self.cells} cells "
                              "(each halves it)")
+        edges = self.nodes * (self.nodes + 1) // 2
+        if self.genotype is not None and len(self.genotype) != edges:
+            raise ValueError(f"genotype lists {len(self.genotype)} ops; a cell of {self.nodes} nodes has {edges} edges")
+        bad = sorted({o for o in self.genotype or [] if o == "none" or o not in self.ops})
+        if bad:
+            raise ValueError(f"genotype op(s) {bad} must be among ops and not 'none' (the search space's cells)")
         return self
 
 

@@ -9,11 +9,14 @@ from every earlier node; the cell's output is the mean of its intermediate nodes
 reduction cell. As in DARTS, convolutions are ReLU -> conv -> batch norm (here per task: models/norm.py).
 
 `derive` reads the discrete architecture off alpha: the strongest op of every edge other than 'none' (DARTS'
-genotype before its top-2-inputs-per-node pruning, which the listed weights allow).
+genotype before its top-2-inputs-per-node pruning, which the listed weights allow). With `genotype` set (one op per
+edge) the network is that fixed discrete cell instead, with no alpha: DARTS' evaluation protocol retrains the derived
+cell from scratch, and random search samples such cells (`random_genotype`) from the same space.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable
 
 import torch
@@ -55,27 +58,36 @@ def edge_names(nodes: int) -> list[tuple[str, str]]:
     return [(states[j], f"node{i}") for i in range(nodes) for j in range(i + 1)]
 
 
+def random_genotype(ops: list[str], nodes: int, seed: int) -> list[str]:
+    """A discrete cell drawn uniformly from the search space: per edge one op other than 'none' (as `derive`
+    chooses), a pure function of `seed`."""
+    rng = random.Random(seed)
+    return [rng.choice([o for o in ops if o != "none"]) for _ in edge_names(nodes)]
+
+
 class MixedEdge(nn.Module):
     def __init__(self, ops: list[str], channels: int):
         super().__init__()
         self.ops = nn.ModuleList(OPS[name](channels) for name in ops)
 
-    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor | None) -> Tensor:
+        if weights is None:  # a fixed discrete cell: the edge's one op
+            return self.ops[0](x)
         return sum(w * op(x) for w, op in zip(weights.unbind(-1), self.ops))
 
 
 class Cell(nn.Module):
-    def __init__(self, ops: list[str], channels: int, nodes: int):
+    def __init__(self, edge_ops: list[list[str]], channels: int, nodes: int):
         super().__init__()
         self.nodes = nodes
-        self.edges = nn.ModuleList(MixedEdge(ops, channels) for _ in edge_names(nodes))
+        self.edges = nn.ModuleList(MixedEdge(ops, channels) for ops in edge_ops)
 
-    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor | None) -> Tensor:
         states, e = [x], 0
         for i in range(self.nodes):
             node = 0
             for j in range(i + 1):
-                node = node + self.edges[e](states[j], weights[e])
+                node = node + self.edges[e](states[j], None if weights is None else weights[e])
                 e += 1
             states.append(node)
         return torch.stack(states[1:]).mean(0)
@@ -88,15 +100,18 @@ class DartsNet(nn.Module):
         self.ops = list(spec.ops)
         self.nodes = spec.nodes
         self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, c, 3, stride=2, padding=1), TaskBatchNorm(c), nn.ReLU())
-        self.cells = nn.ModuleList(Cell(self.ops, c, spec.nodes) for _ in range(spec.cells))
+        edges = len(edge_names(spec.nodes))
+        edge_ops = [[op] for op in spec.genotype] if spec.genotype else [self.ops] * edges
+        self.cells = nn.ModuleList(Cell(edge_ops, c, spec.nodes) for _ in range(spec.cells))
         self.pool = nn.MaxPool2d(2)
         # Zero: a uniform mixture at the start, as in DARTS (1e-3 * randn there; exactly uniform here, no seed needed).
-        self.alpha = nn.Parameter(torch.zeros(len(edge_names(spec.nodes)), len(self.ops)))
+        # A fixed genotype has no alpha: nothing to mix.
+        self.alpha = None if spec.genotype else nn.Parameter(torch.zeros(edges, len(self.ops)))
         self.feature_dim = c
         self.head = nn.Linear(c, out_features)
 
     def forward(self, x: Tensor, embed: bool = False) -> Tensor:
-        weights = torch.softmax(self.alpha, dim=-1)
+        weights = None if self.alpha is None else torch.softmax(self.alpha, dim=-1)
         h = self.stem(x)
         for cell in self.cells:
             h = self.pool(cell(h, weights))
@@ -121,4 +136,10 @@ def derive(alpha: Tensor, ops: list[str], nodes: int) -> dict[str, Any]:
                 "weights": {name: round(float(v), 6) for name, v in zip(ops, w)},
             }
         )
+    return {"ops": list(ops), "nodes": nodes, "cell": "shared by every cell", "edges": edges}
+
+
+def fixed(genotype: list[str], ops: list[str], nodes: int) -> dict[str, Any]:
+    """A fixed discrete cell (`genotype`) in `derive`'s layout: one op per edge, all its weight."""
+    edges = [{"from": src, "to": dst, "op": op, "weight": 1.0} for (src, dst), op in zip(edge_names(nodes), genotype)]
     return {"ops": list(ops), "nodes": nodes, "cell": "shared by every cell", "edges": edges}
