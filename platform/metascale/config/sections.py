@@ -338,7 +338,7 @@ class ShardingSpec(Spec):
     engine: Literal["none", "deepspeed"] = "none"
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
     offload: Literal["none", "cpu"] = "none"  # ZeRO-Offload of the optimiser state (stage >= 1)
-    activation_checkpointing: bool = False  # recompute each transformer block / residual stage in the backward pass
+    activation_checkpointing: bool = False  # recompute each transformer half-block (attention, MLP) / residual stage in the backward pass
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ranks: PositiveInt = 1  # processes in the group (one per GPU; gloo on CPU)
     # A group's ranks share one node (STRICT_PACK placement) unless a group is bigger than a node: then PACK, which

@@ -16,19 +16,42 @@ from metascale.models.norm import TaskLayerNorm
 
 
 class Block(nn.Module):
+    """Pre-norm attention then MLP, each a residual half (`halves`): the units `run_blocks` checkpoints and mixed mode
+    differentiates one at a time, so that what is held at once is half a block's activations. The halves hold the
+    block's own layers but are not registered under it, so the parameters keep one name each (blocks.i.qkv.weight)."""
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
-        self.heads = heads
         self.norm1, self.qkv, self.proj = TaskLayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         hidden = int(dim * mlp_ratio)
         self.norm2, self.fc1, self.fc2 = TaskLayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        object.__setattr__(
+            self, "halves", (Attention(self.norm1, self.qkv, self.proj, heads), MLP(self.norm2, self.fc1, self.fc2))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.halves[1](self.halves[0](x))
+
+
+class Attention(nn.Module):
+    def __init__(self, norm: nn.Module, qkv: nn.Module, proj: nn.Module, heads: int):
+        super().__init__()
+        self.norm, self.qkv, self.proj, self.heads = norm, qkv, proj, heads
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         attn = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
-        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, norm: nn.Module, fc1: nn.Module, fc2: nn.Module):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = norm, fc1, fc2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
 class ViT(nn.Module):
@@ -47,6 +70,6 @@ class ViT(nn.Module):
     def forward(self, x: Tensor, embed: bool = False) -> Tensor:
         h = self.patch(x).flatten(2).transpose(1, 2)
         h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
-        h = run_blocks(self.blocks, h, self.checkpoint_blocks)
+        h = run_blocks([half for block in self.blocks for half in block.halves], h, self.checkpoint_blocks)
         h = self.norm(h)[:, 0]
         return h if embed else self.head(h)
