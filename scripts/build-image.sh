@@ -158,7 +158,7 @@ if [ "$(head -1 "$wheels/.key" 2>/dev/null)" != "$wh_key" ] || [ -n "$missing" ]
   [ -z "$missing" ] || echo "build-image: $missing is missing from the cached wheelhouse: making it again"
   rm -rf "$wheels" && mkdir -p "$wheels"
   log=$CACHE/wheelhouse-$variant.log
-  pipw --constraint deploy/constraints.txt ${torch_index:+--extra-index-url "$torch_index"} "$torch_req" "$src[deepspeed,k8s]" >"$log" 2>&1 \
+  pipw --constraint deploy/constraints.txt ${torch_index:+--extra-index-url "$torch_index"} "$torch_req" "$src[deepspeed,k8s,rl]" >"$log" 2>&1 \
     || die "pip wheel failed: $(grep -m1 -E '^ERROR' "$log" || tail -1 "$log") (log: $log)"
   { echo "$wh_key"; find "$wheels" -name '*.whl' ! -name 'metascale-*' -printf '%f\n' | sort; } > "$wheels/.key"
   made="made from the registries"

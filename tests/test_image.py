@@ -91,8 +91,9 @@ def run_in(image: str, *cmd: str, timeout: float = 120, network: str = "none", o
 def test_cli_entry_point_and_versions(image):
     out = run_in(image, "metascale", "--version", timeout=60)
     assert out.returncode == 0 and "0.1.0" in out.stdout, out.stdout + out.stderr
-    # the extras a cluster job needs are in the image: sharded workers import DeepSpeed, `submit --to k8s://` kubernetes
-    out = run_in(image, "python", "-c", "import deepspeed, kubernetes", timeout=120)
+    # the extras a cluster job needs are in the image: sharded workers import DeepSpeed, `submit --to k8s://` kubernetes,
+    # the HalfCheetah tasks mujoco
+    out = run_in(image, "python", "-c", "import deepspeed, kubernetes, mujoco", timeout=120)
     assert out.returncode == 0, out.stderr.strip().splitlines()[-1:]
     # every distribution the image holds is at the version deploy/constraints.txt pins; Ray and torch match this
     # venv's, which submits to the image's Ray

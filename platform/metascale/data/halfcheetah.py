@@ -15,6 +15,7 @@ policy evaluated once per time step on all of them. mujoco (the `rl` extra) is i
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from importlib.resources import files
 from typing import Callable, Sequence
@@ -42,10 +43,16 @@ class HalfCheetahDirTasks:
         return TaskBatch.stack([self.task(step, slot) for slot in slots])
 
 
+def _mujoco():
+    """mujoco without its OpenGL context: nothing here renders, and a headless node has no display for GLFW."""
+    os.environ.setdefault("MUJOCO_GL", "disable")
+    return require("mujoco")
+
+
 @lru_cache(maxsize=1)
 def cheetah_model():
     """The compiled MjModel, once per process (a worker reuses it for every rollout)."""
-    mujoco = require("mujoco")
+    mujoco = _mujoco()
     return mujoco.MjModel.from_xml_path(str(files("metascale.data") / "assets" / "planar_cheetah.xml"))
 
 
@@ -58,7 +65,7 @@ def rollout(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(observations [K, H, 17], raw actions [K, H, 6], rewards [K, H]) of `data.rollouts` trajectories; no graph.
     The start-state and action noise both come from `gen`."""
-    mujoco, model = require("mujoco"), cheetah_model()
+    mujoco, model = _mujoco(), cheetah_model()
     k, h, dtype = data.rollouts, data.horizon, log_std.dtype
     qpos0 = torch.rand(k, model.nq, generator=gen, dtype=torch.float64) * 2 - 1
     qvel0 = torch.randn(k, model.nv, generator=gen, dtype=torch.float64)
