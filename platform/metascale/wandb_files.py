@@ -121,7 +121,15 @@ def settled(path: str | Path, timeout_s: float = 30.0) -> str:
     writes the file behind the client, so right after finish() the last records may not be there yet."""
     import time
 
+    from google.protobuf.message import DecodeError
+
+    def exited() -> bool:
+        try:
+            return any(rec.WhichOneof("record_type") == "exit" for rec in records(path))
+        except DecodeError:  # caught mid-write: the last record is still partial
+            return False
+
     deadline = time.monotonic() + timeout_s
-    while not any(rec.WhichOneof("record_type") == "exit" for rec in records(path)) and time.monotonic() < deadline:
+    while not exited() and time.monotonic() < deadline:
         time.sleep(0.2)
     return str(path)
