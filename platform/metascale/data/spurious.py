@@ -2,13 +2,13 @@
 matter (config/spurious.py holds the knobs).
 
 To first order MLDG's objective L_tr(theta) + beta L_te(theta - alpha grad L_tr) is L_tr + beta L_te - alpha beta
-grad L_tr . grad L_te (Li et al. 2018, section 3.1): it rewards parameters whose gradients agree across the source
+grad L_tr . grad L_te (Li et al. 2018): it rewards parameters whose gradients agree across the source
 domains, as gradient matching does (Fish: Shi et al. 2022, "Gradient Matching for Domain Generalization"). Here the
 invariant feature's gradient points the same way in every domain, the spurious feature's does not (its sign a
 differs between sources), while pooled over the sources it still predicts the label, so pooled ERM leans on it and
 is fooled by a target domain where a flips. Colored MNIST (Arjovsky et al. 2019, "Invariant Risk Minimization") has
-the spurious correlation of one sign in every source, which gives gradient alignment nothing to act on; that is why
-this task needs sources that disagree.
+the spurious correlation of one sign in every source: there the sources' gradients agree on it too, and the
+alignment term has nothing to penalise, which is why this task's sources disagree.
 
 As a TaskSource, like data/domains.py: a train task is one MLDG step (support: the meta-train sources' examples,
 query: the meta-test sources'); a test task's query is a slice of the target's held-out examples, a val task's a
