@@ -150,7 +150,7 @@ def memory(
 
 @bench_app.command(name="dg")
 def dg(
-    job: str = typer.Argument(..., help="A domain-generalisation job spec (data.source domains)."),
+    job: str = typer.Argument(..., help="A domain-generalisation job spec (data.source domains or spurious)."),
     targets: str = typer.Option("", help="Held-out domains, comma-separated (default: the job's data.target)."),
     seeds: str = typer.Option("0,1,2", help="Seeds, comma-separated: each trains every method afresh."),
     methods: str = typer.Option("mldg,erm_pooled", help="Methods, comma-separated: mldg, erm_pooled."),
@@ -169,7 +169,7 @@ def dg(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"{seeds!r}: expected integers, comma-separated", param_hint="--seeds") from None
-    target_list = [t.strip() for t in targets.split(",") if t.strip()] or [getattr(spec.data, "target", "")]
+    target_list = [t.strip() for t in targets.split(",") if t.strip()] or [str(getattr(spec.data, "target", ""))]
     for t in target_list:
         load_spec(job, [*overrides, f"data.target={t}"])  # an unknown domain is refused with the spec's reason
     emit(run(job, target_list, seed_list or [0], chosen, list(overrides), out or None))

@@ -50,7 +50,10 @@ def run_one(job: str, overrides: Sequence[str], method: str, target: str, seed: 
         raise RuntimeError(f"{name}: training {result['status']} at step {result['step']}; the bench stops here")
     val_spec = load_spec(job, [*sets, "eval.split=val"])
     d = val_spec.data
-    val_slices = len([x for x in d.domains if x != d.target]) * d.ways * d.test_per_class // d.eval_batch
+    if d.source == "spurious":  # the sources' held-out examples
+        val_slices = len(d.domains) * d.test_per_domain // d.eval_batch
+    else:
+        val_slices = len([x for x in d.domains if x != d.target]) * d.ways * d.test_per_class // d.eval_batch
     val = evaluate_checkpoint(val_spec, None, val_slices)
     return {
         "method": method,

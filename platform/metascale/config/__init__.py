@@ -14,6 +14,7 @@ from metascale.config.data import (
 )
 from metascale.config.rl import MAMLRLSpec, NavigationData
 from metascale.config.halfcheetah import HalfCheetahDirData
+from metascale.config.spurious import SpuriousData
 from metascale.config.samplers import FixedSampler, MetaDatasetSampler
 from metascale.config.sections import (
     CHUNKED_QUERY, AlgorithmSpec, CheckpointSpec, ClusterSpec, Conv4Spec, CustomModelSpec, DartsSpec, ESSpec, EvalSpec,
@@ -28,4 +29,5 @@ __all__ = [
     "MLDGSpec", "MLPSpec", "ModelInit", "ModelSpec", "MWNSpec", "NoisyLabelsData", "OuterLoopSpec", "ResNet12Spec",
     "ShardingSpec", "ShardsData", "SinusoidData", "Spec", "StreamSpec", "SyntheticImagesData", "ViTSpec", "Volume",
     "VolumeMount", "WandbSpec", "MAMLRLSpec", "NavigationData", "HalfCheetahDirData", "dump_spec", "load_spec", "parse_spec", "pod_processes", "sharding_problem",
+    "SpuriousData",
 ]

@@ -13,6 +13,7 @@ from metascale.config.samplers import FixedSampler, SamplerSpec, _by_name
 from metascale.config.halfcheetah import HalfCheetahDirData
 from metascale.config.rl import NavigationData
 from metascale.config.sections import PositiveFloat, PositiveInt, Spec
+from metascale.config.spurious import SpuriousData
 
 # ----------------------------------------------------------------------------------------------- data
 class SinusoidData(Spec):
@@ -304,6 +305,6 @@ class DomainsData(Spec):
 
 DataSpec = Annotated[
     Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, MultiData, NoisyLabelsData, DomainsData,
-          NavigationData, HalfCheetahDirData],
+          NavigationData, HalfCheetahDirData, SpuriousData],
     Field(discriminator="source"),
 ]

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from metascale.config.kubernetes import KubernetesSpec, cpu_millis
 from metascale.config.data import DataSpec, DomainsData, NoisyLabelsData, SinusoidData
+from metascale.config.spurious import SpuriousData
 from metascale.config.halfcheetah import OBS_DIM, HalfCheetahDirData
 from metascale.config.rl import NavigationData
 from metascale.config.samplers import episodes_problem
@@ -103,7 +104,12 @@ class JobSpec(Spec):
             raise ValueError(f"data.source 'sinusoid' needs model.name 'mlp' (got '{self.model.name}')")
         if regression and self.algorithm.name in ("protonet", "anil", "blackbox", "abml"):
             raise ValueError(f"algorithm '{self.algorithm.name}' needs a classification data source, not sinusoid")
-        vectors = self.algorithm.name == "lopt" or isinstance(self.data, RL_DATA)  # flattened images, observations
+        if isinstance(self.data, SpuriousData) and (self.model.name != "mlp" or self.model.in_features != 2):
+            raise ValueError("data.source 'spurious' gives 2-feature vectors: it needs model.name 'mlp' with "
+                             f"in_features 2 (got '{self.model.name}', in_features "
+                             f"{getattr(self.model, 'in_features', None)})")
+        # flattened images, observations, feature vectors
+        vectors = self.algorithm.name == "lopt" or isinstance(self.data, (*RL_DATA, SpuriousData))
         if not regression and self.model.name == "mlp" and not vectors:
             raise ValueError("model 'mlp' takes vectors; image data needs conv4, resnet12 or vit")
         self._survey_compatible()
@@ -119,16 +125,16 @@ class JobSpec(Spec):
 
     def _survey_compatible(self) -> None:
         """Combinations of the survey's other axes (docs/survey-map.md) that cannot mean anything."""
-        alg, single_task = self.algorithm, isinstance(self.data, (NoisyLabelsData, DomainsData))
+        alg, single_task = self.algorithm, isinstance(self.data, (NoisyLabelsData, DomainsData, SpuriousData))
         if (alg.name in ("mwn", "erm", "distill")) != isinstance(self.data, NoisyLabelsData):
             raise ValueError(
                 f"algorithm '{alg.name}' with data.source '{self.data.source}': 'mwn', 'erm' and 'distill' train on "
                 "one many-shot set and need data.source 'noisy_labels', which no other algorithm takes"
             )
-        if (alg.name in ("mldg", "erm_pooled")) != isinstance(self.data, DomainsData):
+        if (alg.name in ("mldg", "erm_pooled")) != isinstance(self.data, (DomainsData, SpuriousData)):
             raise ValueError(
                 f"algorithm '{alg.name}' with data.source '{self.data.source}': 'mldg' and 'erm_pooled' learn across "
-                "domains and need data.source 'domains', which no other algorithm takes"
+                "domains and need data.source 'domains' or 'spurious', which no other algorithm takes"
             )
         self._distill_compatible()
         self._rl_compatible()

@@ -7,6 +7,7 @@ import logging
 from metascale.config import (DataSpec, DomainsData, GlyphsData, HalfCheetahDirData, JobSpec, MultiData, NavigationData,
                               NoisyLabelsData, ShardsData, SinusoidData, SyntheticImagesData)
 from metascale.config.halfcheetah import ACTION_DIM
+from metascale.config.spurious import SpuriousData
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
 from metascale.errors import DataError
 
@@ -38,6 +39,10 @@ def build_task_source(spec: DataSpec, split: Split, seed: int) -> TaskSource:
         from metascale.data.domains import DomainTasks
 
         return DomainTasks(spec, split, seed)
+    if isinstance(spec, SpuriousData):  # an invariant and a spurious feature (MLDG vs ERM where alignment matters)
+        from metascale.data.spurious import SpuriousTasks
+
+        return SpuriousTasks(spec, split, seed)
     if isinstance(spec, NavigationData):  # goals of the 2D navigation tasks (meta-RL)
         from metascale.data.navigation import NavigationTasks
 
