@@ -31,8 +31,15 @@ from metascale.cluster.messages import NumpyParams
 from metascale.config import JobSpec
 from metascale.data.tasks import Task
 from metascale.extras import require
-from metascale.sharding.engine import Params, build_engine, enable_activation_checkpointing, partition_of
-from metascale.sharding.second_order import cast_task, evaluate_dealt, meta_module, sum_over_ranks
+from metascale.sharding.engine import Params, build_engine, partition_of
+from metascale.sharding.second_order import (
+    cast_task,
+    evaluate_dealt,
+    functional_blocks,
+    meta_module,
+    recomputed_blocks,
+    sum_over_ranks,
+)
 
 
 def hook_free_twin(make_model: Any, model: nn.Module) -> nn.Module:
@@ -50,12 +57,12 @@ class GatheredSecondOrderLearner:
         # memory_efficient_linear off: zero.Init would otherwise replace torch.nn.functional.linear process-wide
         # with a custom autograd.Function that has no forward-mode rule (mixed mode's jvp fails on it).
         self.engine = build_engine(
-            meta_module(spec, make_model), spec.sharding, lambda module: None, {"memory_efficient_linear": False}
+            meta_module(spec, make_model),
+            functional_blocks(spec.sharding),
+            lambda module: None,
+            {"memory_efficient_linear": False},
         )
-        twin = hook_free_twin(make_model, self.engine.module.model)
-        if spec.sharding.activation_checkpointing:
-            enable_activation_checkpointing(twin)
-        self.alg = build_algorithm(spec.algorithm, twin)
+        self.alg = build_algorithm(spec.algorithm, hook_free_twin(make_model, self.engine.module.model))
         self.dtype = next(iter(self.engine.module.parameters())).dtype
 
     def params(self) -> dict[str, Tensor]:
@@ -102,7 +109,8 @@ class GatheredSecondOrderLearner:
 
     def _add_task(self, whole: Params, task: Task, total: Params, metrics: dict[str, float]) -> bool:
         """Adds one task's meta-gradient (flat, float32) and metrics; False, adding nothing, if it is not finite."""
-        out = self.alg.task_objective(whole, cast_task(task, self.dtype))
+        with recomputed_blocks(self.spec):
+            out = self.alg.task_objective(whole, cast_task(task, self.dtype))
         grads = torch.autograd.grad(out.objective.float(), list(whole.values()), allow_unused=True)
         grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, whole.values())]
         if not (torch.isfinite(out.objective).all() and all(torch.isfinite(g).all() for g in grads)):

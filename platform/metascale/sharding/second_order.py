@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import MetaGradient
 from metascale.cluster.messages import NumpyParams
-from metascale.config import JobSpec
+from metascale.config import JobSpec, ShardingSpec
 from metascale.data.tasks import Task
+from metascale.models.checkpointing import checkpointed_blocks
 from metascale.sharding.engine import build_engine
 
 SEP = "/"  # module attribute names cannot hold '.', so extra meta-parameter names (e.g. 'lr.head.weight') use '/'
@@ -63,8 +64,11 @@ def _shaped(p: Tensor) -> Tensor:
 class SecondOrderLearner:
     def __init__(self, spec: JobSpec, make_model: Any, rank: int, world: int):
         self.spec, self.rank, self.world = spec, rank, world
-        self.engine = build_engine(meta_module(spec, make_model), spec.sharding,
-                                   lambda module: torch.optim.SGD(module.parameters(), lr=0.0))
+        self.engine = build_engine(
+            meta_module(spec, make_model),
+            functional_blocks(spec.sharding),
+            lambda module: torch.optim.SGD(module.parameters(), lr=0.0),
+        )
         self.alg = build_algorithm(spec.algorithm, self.engine.module.model)
         self.dtype = next(iter(self.engine.module.parameters())).dtype
 
@@ -94,7 +98,10 @@ class SecondOrderLearner:
         bad: list[int] = []
         for start in range(0, len(tasks), self.world):
             mine = start + self.rank
-            out = self.alg.task_objective(self.params(), cast_task(tasks[mine], self.dtype)) if mine < len(tasks) else None
+            out = None
+            if mine < len(tasks):
+                with recomputed_blocks(self.spec):
+                    out = self.alg.task_objective(self.params(), cast_task(tasks[mine], self.dtype))
             finite = out is not None and bool(torch.isfinite(out.objective).all())
             flags = [torch.zeros(2) for _ in range(self.world)]
             dist.all_gather(flags, torch.tensor([float(out is not None), float(finite)]))
@@ -132,10 +139,24 @@ class SecondOrderLearner:
         """Zero times the objective of `task` with zeroed inputs: the same graph, every gradient exactly zero."""
         blank = dataclasses.replace(task, support_x=torch.zeros_like(task.support_x),
                                     query_x=torch.zeros_like(task.query_x))
-        return self.alg.task_objective(self.params(), cast_task(blank, self.dtype)).objective.float() * 0.0
+        with recomputed_blocks(self.spec):
+            return self.alg.task_objective(self.params(), cast_task(blank, self.dtype)).objective.float() * 0.0
 
     def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
         return evaluate_dealt(self.alg, contextlib.nullcontext(self.params()), tasks, steps, self.dtype)
+
+
+def functional_blocks(s: ShardingSpec) -> ShardingSpec:
+    """`s` without the model's own `checkpoint_blocks` flag: that recomputes a block with the module's own weights,
+    but a second-order objective runs the model through `functional_call` on other tensors (the adapted weights; at
+    ZeRO-3 the twin's own are on the meta device), which must be recomputed instead (`recomputed_blocks`)."""
+    return s.model_copy(update={"activation_checkpointing": False})
+
+
+def recomputed_blocks(spec: JobSpec) -> contextlib.AbstractContextManager[None]:
+    """`sharding.activation_checkpointing` for a second-order objective: each block recomputed in the backward pass
+    with the tensors `functional_call` substituted (models/checkpointing.py: checkpointed_blocks)."""
+    return checkpointed_blocks(spec.sharding.activation_checkpointing)
 
 
 def evaluate_dealt(alg: Any, params: contextlib.AbstractContextManager[dict[str, Tensor]], tasks: list[Task],
