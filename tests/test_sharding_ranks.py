@@ -151,11 +151,12 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
         ("maml", 0, "mixed", {}),
         ("metasgd", 2, "mixed", {}),  # mixed mode's sweep is the backward engine.backward runs
         ("maml", 1, "mixed", {"inner": {"query_chunk": 4}}),  # ZeRO-1; the query pass in chunks of 4 and 2
-        ("metasgd", 1, "mixed", {"sharding": BF16}),  # bf16: against plain torch in bf16, see the bound
+        # bf16: against plain torch in bf16, see the bound; learned_hparams' rates and decays are 0-dim tensors
+        ("learned_hparams", 1, "mixed", {"sharding": BF16}),
         # per-block recomputation with the adapted weights: mixed mode's query pass; reverse's inner steps too
         ("maml", 3, "mixed", {"sharding": {**BF16, **CKPT}}),
-        ("maml", 2, "mixed", {"sharding": CKPT, "inner": {"steps": 3, "mixed_stride": 2}}),
-        ("metasgd", 3, "mixed", {"sharding": CKPT, "inner": {"query_chunk": 4}}),
+        ("learned_loss", 2, "mixed", {"sharding": CKPT, "inner": {"steps": 3, "mixed_stride": 2}}),
+        ("learned_hparams", 3, "mixed", {"sharding": CKPT, "inner": {"query_chunk": 4}}),
         ("maml", 2, "reverse", {"sharding": CKPT}),
     ],
     ids=[
@@ -166,10 +167,10 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
         "maml-0-mixed",
         "metasgd-2-mixed",
         "maml-1-mixed-chunk4",
-        "metasgd-1-mixed-bf16",
+        "learned_hparams-1-mixed-bf16",
         "maml-3-mixed-bf16-ckpt",
-        "maml-2-mixed-ckpt-stride2",
-        "metasgd-3-mixed-ckpt-chunk4",
+        "learned_loss-2-mixed-ckpt-stride2",
+        "learned_hparams-3-mixed-ckpt-chunk4",
         "maml-2-reverse-ckpt",
     ],
 )

@@ -39,7 +39,6 @@ def last_json(text: str) -> dict:
     ("fomaml", {"support_backprop_subset": 7}, "sharding.support_backprop_subset (7)", "support set (6"),
     ("fomaml", {"support_backprop_subset": 2, "model": "custom"}, "model 'custom' may use", "use model vit"),
     ("protonet", {}, "sharding.engine deepspeed", "use sharding.engine: none"),
-    ("learned_hparams", {}, "sharding.engine deepspeed", "use sharding.engine: none"),  # mixed or not: un-sharded only
     ("fomaml", {"inner": {"query_chunk": 2}}, "algorithm.inner.query_chunk", "drop query_chunk"),  # engine's own pass
     ("maml", {"inner": {"checkpoint": "all"}}, "un-sharded knobs", "sharding.activation_checkpointing"),
     ("maml", {"inner": {"autocast": "bf16"}}, "un-sharded knobs", "sharding.precision"),
@@ -49,7 +48,7 @@ def test_validate_rejects_impossible_combinations(algorithm, sharding, field, in
     model = VIT
     if sharding.pop("model", None) == "custom":  # a module metascale cannot inspect before building it
         model = {"name": "custom", "target": "torch.nn:Flatten", "feature_dim": 144}
-    inner = {"differentiation": "mixed"} if algorithm in ("maml", "learned_hparams") else {}
+    inner = {"differentiation": "mixed"} if algorithm == "maml" else {}
     spec = {"model": model, "data": DATA, "algorithm": {"name": algorithm, "inner": {**inner, **sharding.pop("inner", {})}},
             "executor": {"strategy": sharding.pop("executor", "auto")},
             "sharding": {"engine": "deepspeed", "ranks": 2, **sharding}}
@@ -63,7 +62,7 @@ def test_sharded_jobs_take_any_number_of_groups_any_address_and_every_nonfinite_
             "sharding": {"engine": "deepspeed", "ranks": 2, "zero_stage": 2}}
     for cluster in ({"workers": 3}, {"address": "auto", "workers": 4}, {"address": "ray://head:10001"}):
         parse_spec({**base, "cluster": cluster, "executor": {"nonfinite": "skip_step"}})
-    for name in ("maml", "metasgd", "anil"):  # second order at every stage, mixed mode where it applies
+    for name in ("maml", "metasgd", "anil", "learned_hparams", "learned_loss"):  # second order, mixed where it applies
         mixed = {"differentiation": "mixed"} if name != "anil" else {}
         for zero in (0, 1, 2, 3):
             parse_spec({**base, "algorithm": {"name": name, "inner": mixed},

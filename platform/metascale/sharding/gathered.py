@@ -1,4 +1,4 @@
-"""Second-order meta-learning (MAML, Meta-SGD, ANIL; reverse or mixed inner differentiation) at ZeRO-3.
+"""Second-order meta-learning (MAML, Meta-SGD, ANIL, learned_hparams, learned_loss; reverse or mixed) at ZeRO-3.
 
 ZeRO-3 keeps each meta-parameter as a flat partition per rank and gathers whole tensors in forward hooks on the
 engine's modules; torch.func's functional_call swaps whole tensors into the module and differentiates through the
@@ -66,7 +66,8 @@ class GatheredSecondOrderLearner:
         self.dtype = next(iter(self.engine.module.parameters())).dtype
 
     def params(self) -> dict[str, Tensor]:
-        return self.engine.module.meta_params()
+        """The engine's (partitioned) parameters by meta-parameter name."""
+        return self.engine.module.named_meta()
 
     @torch.no_grad()
     def load(self, params: NumpyParams) -> None:
@@ -80,9 +81,9 @@ class GatheredSecondOrderLearner:
         autograd differentiates with respect to; partitions again after it (modifier_rank None: nothing is broadcast
         back, and nothing here writes to the gathered tensors). The leaves are dropped first, so that no reference
         keeps the whole storage alive past the context."""
-        params = self.params()
+        params, shapes = self.params(), self.engine.module.meta_shapes()
         with require("deepspeed").zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            whole = {k: p.data.detach().requires_grad_() for k, p in params.items()}
+            whole = {k: p.data.detach().view(shapes[k]).requires_grad_() for k, p in params.items()}
             try:
                 yield whole
             finally:

@@ -1,5 +1,5 @@
-"""Second-order meta-learning (MAML, Meta-SGD, ANIL) through a DeepSpeed engine at ZeRO stages 0-2 (stage 3:
-sharding/gathered.py).
+"""Second-order meta-learning (MAML, Meta-SGD, ANIL, learned_hparams, learned_loss) through a DeepSpeed engine at
+ZeRO stages 0-2 (stage 3: sharding/gathered.py).
 
 The engine's module holds the published meta-parameters (the model plus, for Meta-SGD, the per-weight learning
 rates), whole on every rank, as torch.func needs them.
@@ -32,15 +32,32 @@ SEP = "/"  # module attribute names cannot hold '.', so extra meta-parameter nam
 
 
 class MetaParameters(nn.Module):
-    """The model plus the algorithm's extra meta-parameters (Meta-SGD's learning rates) as one module."""
+    """The model plus the algorithm's extra meta-parameters (Meta-SGD's learning rates, learned_hparams' per-layer
+    rates and decays, learned_loss' loss network) as one module. DeepSpeed flattens parameters into buckets and
+    partitions, which a 0-dim tensor cannot join (stages 1-3 fail on it), so a scalar is held as one element and
+    handed to the algorithm as a 0-dim view."""
 
     def __init__(self, model: nn.Module, extra: dict[str, Tensor]):
         super().__init__()
         self.model = model
-        self.extra = nn.ParameterDict({k.replace(".", SEP): nn.Parameter(v.detach().clone()) for k, v in extra.items()})
+        self.scalars = {k for k, v in extra.items() if v.dim() == 0}
+        self.extra = nn.ParameterDict(
+            {k.replace(".", SEP): nn.Parameter(v.detach().clone().reshape(v.shape or (1,))) for k, v in extra.items()}
+        )
+
+    def named_meta(self) -> dict[str, nn.Parameter]:
+        """The engine's parameters by meta-parameter name (what DeepSpeed's own functions take)."""
+        return {**dict(self.model.named_parameters()), **{k.replace(SEP, "."): v for k, v in self.extra.items()}}
+
+    def meta_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each meta-parameter's own (whole) shape."""
+        return {
+            k: () if k in self.scalars else tuple(getattr(p, "ds_shape", p.shape)) for k, p in self.named_meta().items()
+        }
 
     def meta_params(self) -> dict[str, Tensor]:
-        return {**dict(self.model.named_parameters()), **{k.replace(SEP, "."): v for k, v in self.extra.items()}}
+        """The meta-parameters as the algorithm takes them (whole: stages 0-2, or gathered at ZeRO-3)."""
+        return {k: p.view(()) if k in self.scalars else p for k, p in self.named_meta().items()}
 
 
 def meta_module(spec: JobSpec, make_model: Any) -> Any:
@@ -80,8 +97,8 @@ class SecondOrderLearner:
         """The published meta-parameters, whole: the compute copy and the ZeRO optimiser's fp32 master copy."""
         from deepspeed.utils import safe_set_full_fp32_param
 
-        for k, p in self.params().items():
-            whole = torch.tensor(params[k], dtype=torch.float32, device=p.device)
+        for k, p in self.engine.module.named_meta().items():
+            whole = torch.tensor(params[k], dtype=torch.float32, device=p.device).reshape(p.shape)
             p.copy_(whole)
             safe_set_full_fp32_param(p, whole)
 
@@ -129,10 +146,10 @@ class SecondOrderLearner:
         from the ranks' partitions; every rank calls this)."""
         from deepspeed.utils import safe_get_full_grad
 
-        out = {}
-        for k, p in self.params().items():
+        shapes, out = self.engine.module.meta_shapes(), {}
+        for k, p in self.engine.module.named_meta().items():
             g = safe_get_full_grad(p)
-            out[k] = torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float().clone()
+            out[k] = torch.zeros(shapes[k]) if g is None else g.detach().float().reshape(shapes[k]).clone()
         return out
 
     def _blank_objective(self, task: Task) -> Tensor:
