@@ -18,7 +18,8 @@ from metascale.config.sections import (
 
 
 RL_DATA = (NavigationData, HalfCheetahDirData)  # the environments maml_rl acts in
-SECOND_ORDER = ("maml", "metasgd", "anil", "learned_hparams", "learned_loss")  # differentiate through the inner loop unless inner.first_order
+# differentiate through the inner loop unless inner.first_order
+SECOND_ORDER = ("maml", "metasgd", "anil", "learned_hparams", "learned_loss")
 SHARDED_FIRST_ORDER = ("fomaml", "reptile")  # the inner loop runs through the engine, at every ZeRO stage
 
 

@@ -1,8 +1,8 @@
 """Second-order meta-learning (MAML, Meta-SGD, ANIL, learned_hparams, learned_loss) through a DeepSpeed engine at
 ZeRO stages 0-2 (stage 3: sharding/gathered.py).
 
-The engine's module holds the published meta-parameters (the model plus, for Meta-SGD, the per-weight learning
-rates), whole on every rank, as torch.func needs them.
+The engine's module holds the published meta-parameters (the model plus the algorithm's own, e.g. Meta-SGD's
+per-weight learning rates), whole on every rank, as torch.func needs them.
 Tasks are dealt to the ranks in rounds (rank r takes tasks r, r + world, ...); in each round every rank runs the
 algorithm's own `task_objective` on its task (functional_call on the module's parameters, inner gradients with
 create_graph) and calls `engine.backward` once, so the engine's reduction sums the round's meta-gradients over the
