@@ -4,7 +4,8 @@
 Float32 throughout: DeepSpeed refuses float64 (zero.Init asserts on it; ZeRO-2 returns float32 gradients for a
 float64 model). "Equal" is therefore rtol 1e-4, atol 1e-6 elementwise and 1e-5 in norm per parameter: measured
 differences are ~1e-7 absolute, ~1e-6 in norm (the ranks reduce partial gradients in another order than one
-process sums them); a wrong partition, a missed task or a wrong scale is off by orders of magnitude more.
+process sums them); a wrong partition, a missed task or a wrong scale is off by orders of magnitude more. The
+`sharding.precision: bf16` cases are held to a bf16 rounding bound instead (assert_within_bf16_bound).
 """
 
 from __future__ import annotations
