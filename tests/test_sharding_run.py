@@ -39,12 +39,18 @@ def last_json(text: str) -> dict:
     ("fomaml", {"support_backprop_subset": 7}, "sharding.support_backprop_subset (7)", "support set (6"),
     ("fomaml", {"support_backprop_subset": 2, "model": "custom"}, "model 'custom' may use", "use model vit"),
     ("protonet", {}, "sharding.engine deepspeed", "use sharding.engine: none"),
+    ("fomaml", {"inner": {"query_chunk": 2}}, "algorithm.inner.query_chunk", "drop query_chunk"),  # engine's own pass
+    ("maml", {"inner": {"checkpoint": "all"}}, "un-sharded knobs", "sharding.activation_checkpointing"),
+    ("maml", {"inner": {"autocast": "bf16"}}, "un-sharded knobs", "sharding.precision"),
+    ("maml", {"executor": "vmap"}, "executor.strategy", "auto or per_task"),  # tasks go to the ranks one at a time
 ])
 def test_validate_rejects_impossible_combinations(algorithm, sharding, field, instead):
     model = VIT
     if sharding.pop("model", None) == "custom":  # a module metascale cannot inspect before building it
         model = {"name": "custom", "target": "torch.nn:Flatten", "feature_dim": 144}
-    spec = {"model": model, "data": DATA, "algorithm": {"name": algorithm},
+    inner = {"differentiation": "mixed"} if algorithm == "maml" else {}
+    spec = {"model": model, "data": DATA, "algorithm": {"name": algorithm, "inner": {**inner, **sharding.pop("inner", {})}},
+            "executor": {"strategy": sharding.pop("executor", "auto")},
             "sharding": {"engine": "deepspeed", "ranks": 2, **sharding}}
     with pytest.raises(SpecError) as e:
         parse_spec(spec)
@@ -56,22 +62,29 @@ def test_sharded_jobs_take_any_number_of_groups_any_address_and_every_nonfinite_
             "sharding": {"engine": "deepspeed", "ranks": 2, "zero_stage": 2}}
     for cluster in ({"workers": 3}, {"address": "auto", "workers": 4}, {"address": "ray://head:10001"}):
         parse_spec({**base, "cluster": cluster, "executor": {"nonfinite": "skip_step"}})
-    for name in ("maml", "metasgd", "anil"):  # second order at every stage, mixed mode where it applies
+    for name in ("maml", "metasgd", "anil", "learned_hparams", "learned_loss"):  # second order, mixed where it applies
         mixed = {"differentiation": "mixed"} if name != "anil" else {}
-        for zero in (0, 2, 3):
+        for zero in (0, 1, 2, 3):
             parse_spec({**base, "algorithm": {"name": name, "inner": mixed},
-                        "sharding": {**base["sharding"], "zero_stage": zero}})
+                        "sharding": {**base["sharding"], "zero_stage": zero, "precision": "bf16"}})
+    # the second-order learners run the algorithm's own query pass and inner loop, chunked and strided as asked
+    parse_spec({**base, "algorithm": {"name": "metasgd", "inner": {"differentiation": "mixed", "mixed_stride": 2,
+                                                                   "query_chunk": 2, "steps": 3}}})
     with pytest.raises(SpecError, match="rank groups as Ray actors"):
         parse_spec({**base, "cluster": {"address": "inline"}})
 
 
-def test_validate_cli_prints_the_reason_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("algorithm,sharding,field,instead", [
+    ({"inner": {"differentiation": "mixed"}}, {"precision": "fp16"}, "precision fp16", "use precision: bf16"),
+    ({"name": "fomaml", "inner": {"query_chunk": 2}}, {}, "algorithm.inner.query_chunk", "drop query_chunk"),
+])
+def test_validate_cli_prints_the_reason_without_a_traceback(tmp_path, algorithm, sharding, field, instead):
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"model": VIT, "data": DATA, "algorithm": {"inner": {"differentiation": "mixed"}},
-                                    "sharding": {"engine": "deepspeed", "zero_stage": 2, "precision": "fp16"}}))
+    path.write_text(yaml.safe_dump({"model": VIT, "data": DATA, "algorithm": algorithm,
+                                    "sharding": {"engine": "deepspeed", "zero_stage": 2, **sharding}}))
     out = metascale("validate", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "precision fp16" in out.stderr + out.stdout and "use precision: bf16" in out.stderr + out.stdout
+    assert field in out.stderr + out.stdout and instead in out.stderr + out.stdout
 
 
 def _spec_file(tmp_path: Path, **over) -> Path:

@@ -19,7 +19,8 @@ from metascale.config.sections import (
 
 
 RL_DATA = (NavigationData, HalfCheetahDirData)  # the environments maml_rl acts in
-SECOND_ORDER = ("maml", "metasgd", "anil")  # differentiate through the inner loop unless inner.first_order
+# differentiate through the inner loop unless inner.first_order
+SECOND_ORDER = ("maml", "metasgd", "anil", "learned_hparams", "learned_loss")
 SHARDED_FIRST_ORDER = ("fomaml", "reptile")  # the inner loop runs through the engine, at every ZeRO stage
 
 
@@ -57,9 +58,15 @@ def sharding_problem(job: "JobSpec") -> str | None:
     if job.executor.dtype != "float32":
         return "sharding.engine deepspeed keeps float32 master weights: set executor.dtype float32 (precision sets bf16)"
     inner = job.algorithm.inner
-    if inner.checkpoint != "none" or inner.query_chunk is not None or inner.autocast != "none":
-        return ("algorithm.inner.checkpoint/query_chunk/autocast are the un-sharded knobs; with sharding.engine deepspeed use "
+    if inner.checkpoint != "none" or inner.autocast != "none":
+        return ("algorithm.inner.checkpoint/autocast are the un-sharded knobs; with sharding.engine deepspeed use "
                 "sharding.activation_checkpointing and sharding.precision")
+    if inner.query_chunk is not None and not second_order:  # the second-order learners run the algorithm's own pass
+        return (f"algorithm.inner.query_chunk splits a second-order query pass; sharded '{alg.name}' splits each "
+                "task's examples over the ranks instead: drop query_chunk")
+    if job.executor.strategy == "vmap":
+        return ("sharding.engine deepspeed deals tasks to the ranks one at a time (it never batches them with vmap): "
+                "set executor.strategy auto or per_task")
     if job.cluster.address == "inline":
         return ("sharding.engine deepspeed runs rank groups as Ray actors: set cluster.address local (or a cluster's "
                 "address); 'inline' runs one un-sharded worker in the driver")

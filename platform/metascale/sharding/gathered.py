@@ -1,4 +1,4 @@
-"""Second-order meta-learning (MAML, Meta-SGD, ANIL; reverse or mixed inner differentiation) at ZeRO-3.
+"""Second-order meta-learning (MAML, Meta-SGD, ANIL, learned_hparams, learned_loss; reverse or mixed) at ZeRO-3.
 
 ZeRO-3 keeps each meta-parameter as a flat partition per rank and gathers whole tensors in forward hooks on the
 engine's modules; torch.func's functional_call swaps whole tensors into the module and differentiates through the
@@ -31,8 +31,15 @@ from metascale.cluster.messages import NumpyParams
 from metascale.config import JobSpec
 from metascale.data.tasks import Task
 from metascale.extras import require
-from metascale.sharding.engine import Params, build_engine, enable_activation_checkpointing, partition_of
-from metascale.sharding.second_order import cast_task, evaluate_dealt, meta_module, sum_over_ranks
+from metascale.sharding.engine import Params, build_engine, partition_of
+from metascale.sharding.second_order import (
+    cast_task,
+    evaluate_dealt,
+    functional_blocks,
+    meta_module,
+    recomputed_blocks,
+    sum_over_ranks,
+)
 
 
 def hook_free_twin(make_model: Any, model: nn.Module) -> nn.Module:
@@ -50,16 +57,17 @@ class GatheredSecondOrderLearner:
         # memory_efficient_linear off: zero.Init would otherwise replace torch.nn.functional.linear process-wide
         # with a custom autograd.Function that has no forward-mode rule (mixed mode's jvp fails on it).
         self.engine = build_engine(
-            meta_module(spec, make_model), spec.sharding, lambda module: None, {"memory_efficient_linear": False}
+            meta_module(spec, make_model),
+            functional_blocks(spec.sharding),
+            lambda module: None,
+            {"memory_efficient_linear": False},
         )
-        twin = hook_free_twin(make_model, self.engine.module.model)
-        if spec.sharding.activation_checkpointing:
-            enable_activation_checkpointing(twin)
-        self.alg = build_algorithm(spec.algorithm, twin)
+        self.alg = build_algorithm(spec.algorithm, hook_free_twin(make_model, self.engine.module.model))
         self.dtype = next(iter(self.engine.module.parameters())).dtype
 
     def params(self) -> dict[str, Tensor]:
-        return self.engine.module.meta_params()
+        """The engine's (partitioned) parameters by meta-parameter name."""
+        return self.engine.module.named_meta()
 
     @torch.no_grad()
     def load(self, params: NumpyParams) -> None:
@@ -73,9 +81,9 @@ class GatheredSecondOrderLearner:
         autograd differentiates with respect to; partitions again after it (modifier_rank None: nothing is broadcast
         back, and nothing here writes to the gathered tensors). The leaves are dropped first, so that no reference
         keeps the whole storage alive past the context."""
-        params = self.params()
+        params, shapes = self.params(), self.engine.module.meta_shapes()
         with require("deepspeed").zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            whole = {k: p.data.detach().requires_grad_() for k, p in params.items()}
+            whole = {k: p.data.detach().view(shapes[k]).requires_grad_() for k, p in params.items()}
             try:
                 yield whole
             finally:
@@ -102,7 +110,8 @@ class GatheredSecondOrderLearner:
 
     def _add_task(self, whole: Params, task: Task, total: Params, metrics: dict[str, float]) -> bool:
         """Adds one task's meta-gradient (flat, float32) and metrics; False, adding nothing, if it is not finite."""
-        out = self.alg.task_objective(whole, cast_task(task, self.dtype))
+        with recomputed_blocks(self.spec):
+            out = self.alg.task_objective(whole, cast_task(task, self.dtype))
         grads = torch.autograd.grad(out.objective.float(), list(whole.values()), allow_unused=True)
         grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, whole.values())]
         if not (torch.isfinite(out.objective).all() and all(torch.isfinite(g).all() for g in grads)):

@@ -103,12 +103,14 @@ class Rank:
         self._listening = None
         use_group(backend, timeout)
         self.learner = build_learner(self.spec, self.rank, self.world)
-        shapes = {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in self._meta_tensors().items()}
+        shapes = self._meta_shapes()
         return {"shapes": shapes, "node": node, "host": f"{socket.gethostname()}:{os.getpid()}"}
 
-    def _meta_tensors(self) -> dict[str, torch.Tensor]:
+    def _meta_shapes(self) -> dict[str, tuple[int, ...]]:
         module = self.learner.engine.module
-        return module.meta_params() if hasattr(module, "meta_params") else dict(module.named_parameters())
+        if hasattr(module, "meta_shapes"):
+            return module.meta_shapes()
+        return {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in module.named_parameters()}
 
     def run(self, item: WorkItem, params: NumpyParams) -> WorkResult:
         if self.learner is None:

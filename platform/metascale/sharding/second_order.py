@@ -1,8 +1,8 @@
-"""Second-order meta-learning (MAML, Meta-SGD, ANIL) through a DeepSpeed engine at ZeRO stages 0-2 (stage 3:
-sharding/gathered.py).
+"""Second-order meta-learning (MAML, Meta-SGD, ANIL, learned_hparams, learned_loss) through a DeepSpeed engine at
+ZeRO stages 0-2 (stage 3: sharding/gathered.py).
 
-The engine's module holds the published meta-parameters (the model plus, for Meta-SGD, the per-weight learning
-rates), whole on every rank, as torch.func needs them.
+The engine's module holds the published meta-parameters (the model plus the algorithm's own, e.g. Meta-SGD's
+per-weight learning rates), whole on every rank, as torch.func needs them.
 Tasks are dealt to the ranks in rounds (rank r takes tasks r, r + world, ...); in each round every rank runs the
 algorithm's own `task_objective` on its task (functional_call on the module's parameters, inner gradients with
 create_graph) and calls `engine.backward` once, so the engine's reduction sums the round's meta-gradients over the
@@ -23,23 +23,41 @@ from torch import Tensor, nn
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import MetaGradient
 from metascale.cluster.messages import NumpyParams
-from metascale.config import JobSpec
+from metascale.config import JobSpec, ShardingSpec
 from metascale.data.tasks import Task
+from metascale.models.checkpointing import checkpointed_blocks
 from metascale.sharding.engine import build_engine
 
 SEP = "/"  # module attribute names cannot hold '.', so extra meta-parameter names (e.g. 'lr.head.weight') use '/'
 
 
 class MetaParameters(nn.Module):
-    """The model plus the algorithm's extra meta-parameters (Meta-SGD's learning rates) as one module."""
+    """The model plus the algorithm's extra meta-parameters (Meta-SGD's learning rates, learned_hparams' per-layer
+    rates and decays, learned_loss' loss network) as one module. DeepSpeed flattens parameters into buckets and
+    partitions, which a 0-dim tensor cannot join (stages 1-3 fail on it), so a scalar is held as one element and
+    handed to the algorithm as a 0-dim view."""
 
     def __init__(self, model: nn.Module, extra: dict[str, Tensor]):
         super().__init__()
         self.model = model
-        self.extra = nn.ParameterDict({k.replace(".", SEP): nn.Parameter(v.detach().clone()) for k, v in extra.items()})
+        self.scalars = {k for k, v in extra.items() if v.dim() == 0}
+        self.extra = nn.ParameterDict(
+            {k.replace(".", SEP): nn.Parameter(v.detach().clone().reshape(v.shape or (1,))) for k, v in extra.items()}
+        )
+
+    def named_meta(self) -> dict[str, nn.Parameter]:
+        """The engine's parameters by meta-parameter name (what DeepSpeed's own functions take)."""
+        return {**dict(self.model.named_parameters()), **{k.replace(SEP, "."): v for k, v in self.extra.items()}}
+
+    def meta_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each meta-parameter's own (whole) shape."""
+        return {
+            k: () if k in self.scalars else tuple(getattr(p, "ds_shape", p.shape)) for k, p in self.named_meta().items()
+        }
 
     def meta_params(self) -> dict[str, Tensor]:
-        return {**dict(self.model.named_parameters()), **{k.replace(SEP, "."): v for k, v in self.extra.items()}}
+        """The meta-parameters as the algorithm takes them (whole: stages 0-2, or gathered at ZeRO-3)."""
+        return {k: p.view(()) if k in self.scalars else p for k, p in self.named_meta().items()}
 
 
 def meta_module(spec: JobSpec, make_model: Any) -> Any:
@@ -63,8 +81,11 @@ def _shaped(p: Tensor) -> Tensor:
 class SecondOrderLearner:
     def __init__(self, spec: JobSpec, make_model: Any, rank: int, world: int):
         self.spec, self.rank, self.world = spec, rank, world
-        self.engine = build_engine(meta_module(spec, make_model), spec.sharding,
-                                   lambda module: torch.optim.SGD(module.parameters(), lr=0.0))
+        self.engine = build_engine(
+            meta_module(spec, make_model),
+            functional_blocks(spec.sharding),
+            lambda module: torch.optim.SGD(module.parameters(), lr=0.0),
+        )
         self.alg = build_algorithm(spec.algorithm, self.engine.module.model)
         self.dtype = next(iter(self.engine.module.parameters())).dtype
 
@@ -76,8 +97,8 @@ class SecondOrderLearner:
         """The published meta-parameters, whole: the compute copy and the ZeRO optimiser's fp32 master copy."""
         from deepspeed.utils import safe_set_full_fp32_param
 
-        for k, p in self.params().items():
-            whole = torch.tensor(params[k], dtype=torch.float32, device=p.device)
+        for k, p in self.engine.module.named_meta().items():
+            whole = torch.tensor(params[k], dtype=torch.float32, device=p.device).reshape(p.shape)
             p.copy_(whole)
             safe_set_full_fp32_param(p, whole)
 
@@ -94,7 +115,10 @@ class SecondOrderLearner:
         bad: list[int] = []
         for start in range(0, len(tasks), self.world):
             mine = start + self.rank
-            out = self.alg.task_objective(self.params(), cast_task(tasks[mine], self.dtype)) if mine < len(tasks) else None
+            out = None
+            if mine < len(tasks):
+                with recomputed_blocks(self.spec):
+                    out = self.alg.task_objective(self.params(), cast_task(tasks[mine], self.dtype))
             finite = out is not None and bool(torch.isfinite(out.objective).all())
             flags = [torch.zeros(2) for _ in range(self.world)]
             dist.all_gather(flags, torch.tensor([float(out is not None), float(finite)]))
@@ -122,20 +146,34 @@ class SecondOrderLearner:
         from the ranks' partitions; every rank calls this)."""
         from deepspeed.utils import safe_get_full_grad
 
-        out = {}
-        for k, p in self.params().items():
+        shapes, out = self.engine.module.meta_shapes(), {}
+        for k, p in self.engine.module.named_meta().items():
             g = safe_get_full_grad(p)
-            out[k] = torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float().clone()
+            out[k] = torch.zeros(shapes[k]) if g is None else g.detach().float().reshape(shapes[k]).clone()
         return out
 
     def _blank_objective(self, task: Task) -> Tensor:
         """Zero times the objective of `task` with zeroed inputs: the same graph, every gradient exactly zero."""
         blank = dataclasses.replace(task, support_x=torch.zeros_like(task.support_x),
                                     query_x=torch.zeros_like(task.query_x))
-        return self.alg.task_objective(self.params(), cast_task(blank, self.dtype)).objective.float() * 0.0
+        with recomputed_blocks(self.spec):
+            return self.alg.task_objective(self.params(), cast_task(blank, self.dtype)).objective.float() * 0.0
 
     def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
         return evaluate_dealt(self.alg, contextlib.nullcontext(self.params()), tasks, steps, self.dtype)
+
+
+def functional_blocks(s: ShardingSpec) -> ShardingSpec:
+    """`s` without the model's own `checkpoint_blocks` flag: that recomputes a block with the module's own weights,
+    but a second-order objective runs the model through `functional_call` on other tensors (the adapted weights; at
+    ZeRO-3 the twin's own are on the meta device), which must be recomputed instead (`recomputed_blocks`)."""
+    return s.model_copy(update={"activation_checkpointing": False})
+
+
+def recomputed_blocks(spec: JobSpec) -> contextlib.AbstractContextManager[None]:
+    """`sharding.activation_checkpointing` for a second-order objective: each block recomputed in the backward pass
+    with the tensors `functional_call` substituted (models/checkpointing.py: checkpointed_blocks)."""
+    return checkpointed_blocks(spec.sharding.activation_checkpointing)
 
 
 def evaluate_dealt(alg: Any, params: contextlib.AbstractContextManager[dict[str, Tensor]], tasks: list[Task],
