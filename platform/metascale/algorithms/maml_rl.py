@@ -28,8 +28,10 @@ rollouts: the policy before adaptation) and `loss` = -return.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -159,6 +161,17 @@ class MAMLRL(MetaAlgorithm):
             return clipped_surrogate(logp, ro.logp, adv, cfg.clip), logp
         return (logp * adv).mean(), logp
 
+    @contextlib.contextmanager
+    def sampled_by(self, old: Params) -> Iterator[None]:
+        """PPO epochs after a step's first: the task objectives inside sample with `old` (theta_old, the parameters
+        that sampled the step's rollouts: the same trajectories, regenerated from the task seeds) and adapt and score
+        the meta-parameters they are given on them."""
+        self._old = old
+        try:
+            yield
+        finally:
+            self._old = None
+
     def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
         train = torch.is_grad_enabled()
         if not train:  # evaluation: the inner steps still need gradients, of a copy
@@ -168,22 +181,34 @@ class MAMLRL(MetaAlgorithm):
 
     def _objective(self, meta: Params, task: Task, steps: int, train: bool) -> TaskOutput:
         inner, data, goal = self.spec.inner, self.data, task.support_x[0]
+        create_graph = train and not inner.first_order
+        old = getattr(self, "_old", None)
         fast, score, ret_pre = dict(meta), None, None
+        sampler = None if old is None else {k: v.detach().requires_grad_(True) for k, v in old.items()}
         for i in range(steps):
-            ro = rollout(self._mean(fast), fast[LOG_STD], goal, data, generator(task.support_y[0], i))
+            src = fast if sampler is None else sampler
+            ro = rollout(self._mean(src), src[LOG_STD], goal, data, generator(task.support_y[0], i))
             ret_pre = ro.rewards.sum(1).mean() if ret_pre is None else ret_pre
+            if sampler is not None:  # theta_old's own inner step, the same ops as its epoch's: the same next rollouts
+                sampler = {k: v.detach().requires_grad_(True) for k, v in self._step(sampler, ro, create_graph).items()}
             surr, logp = self.surrogate(fast, ro)
-            names = list(fast)
-            grads = torch.autograd.grad(
-                surr, [fast[k] for k in names], create_graph=train and not inner.first_order, allow_unused=True
-            )
             score = logp.sum() if score is None else score + logp.sum()
-            fast = {k: fast[k] if g is None else fast[k] + inner.lr * g for k, g in zip(names, grads)}
-        ro = rollout(self._mean(fast), fast[LOG_STD], goal, data, generator(task.query_y[0], 0))
+            fast = self._step(fast, ro, create_graph, surr)
+        src = fast if sampler is None else sampler
+        ro = rollout(self._mean(src), src[LOG_STD], goal, data, generator(task.query_y[0], 0))
         ret = ro.rewards.sum(1).mean()
-        surr, _ = self.surrogate(fast, ro, clipped=self.spec.maml_rl.outer_objective == "ppo")
+        surr, logp = self.surrogate(fast, ro, clipped=self.spec.maml_rl.outer_objective == "ppo")
         objective = -surr
         if self.spec.maml_rl.pre_score and score is not None:  # E[R' * grad log p_theta(pre-update rollouts)]
             objective = objective - (score - score.detach()) * ret / data.horizon  # the surrogate's 1/horizon
         metrics = {"loss": -ret, "return": ret, "return_pre": ret if ret_pre is None else ret_pre}
+        if old is not None:  # how far this epoch's adapted policy has moved from the sampling one
+            metrics["clip_fraction"] = ((logp.detach() - ro.logp).exp() - 1).abs().gt(self.spec.maml_rl.clip).double().mean()
         return TaskOutput(objective, metrics)
+
+    def _step(self, fast: Params, ro: Rollouts, create_graph: bool, surr: Tensor | None = None) -> Params:
+        """One inner step of `inner.lr` up the REINFORCE surrogate on `ro` (`surr`, when already computed)."""
+        surr = self.surrogate(fast, ro)[0] if surr is None else surr
+        names = list(fast)
+        grads = torch.autograd.grad(surr, [fast[k] for k in names], create_graph=create_graph, allow_unused=True)
+        return {k: fast[k] if g is None else fast[k] + self.spec.inner.lr * g for k, g in zip(names, grads)}
