@@ -83,8 +83,9 @@ def test_a_later_epoch_at_theta_old_regenerates_the_first_epochs_rollouts_bit_fo
     job's dtype, second order, linear baseline)."""
     data = NavigationData(horizon=8, rollouts=5)
     model = build_model(MLPSpec(in_features=2, hidden=[16]), 2)
-    spec = AlgorithmSpec(name="maml_rl", inner=InnerLoopSpec(lr=0.1, steps=2),
-                         maml_rl=MAMLRLSpec(outer_objective="ppo", epochs=3))
+    spec = AlgorithmSpec(
+        name="maml_rl", inner=InnerLoopSpec(lr=0.1, steps=2), maml_rl=MAMLRLSpec(outer_objective="ppo", epochs=3)
+    )
     alg = build_algorithm(spec, model, data)
     theta = {k: v.detach() for k, v in alg.init(dict(model.named_parameters())).items()}
     tasks = NavigationTasks(data, "train", 2).batch(0, range(3))
@@ -116,19 +117,24 @@ def test_a_later_epochs_meta_gradient_matches_a_plain_torch_reimplementation(flo
 
 
 def _nav(tmp_path, epochs: int, clip: float = 0.2, steps: int = 2, cluster=None, lr: float = 0.05):
-    return parse_spec({
-        "name": "nav-ppo",
-        "seed": 0,
-        "model": {"name": "mlp", "in_features": 2, "hidden": [16, 16]},
-        "data": {"source": "navigation", "horizon": 10, "rollouts": 8},
-        "algorithm": {"name": "maml_rl", "inner": {"steps": 1, "lr": 0.1},
-                      "maml_rl": {"outer_objective": "ppo", "clip": clip, "epochs": epochs}},
-        "outer": {"optimizer": "adam", "lr": lr, "meta_batch": 4, "steps": steps},
-        "eval": {"every": 0, "episodes": 4, "final_episodes": 4},
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 0},
-        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
-        "cluster": cluster or {"address": "inline"},
-    })
+    return parse_spec(
+        {
+            "name": "nav-ppo",
+            "seed": 0,
+            "model": {"name": "mlp", "in_features": 2, "hidden": [16, 16]},
+            "data": {"source": "navigation", "horizon": 10, "rollouts": 8},
+            "algorithm": {
+                "name": "maml_rl",
+                "inner": {"steps": 1, "lr": 0.1},
+                "maml_rl": {"outer_objective": "ppo", "clip": clip, "epochs": epochs},
+            },
+            "outer": {"optimizer": "adam", "lr": lr, "meta_batch": 4, "steps": steps},
+            "eval": {"every": 0, "episodes": 4, "final_episodes": 4},
+            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 0},
+            "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+            "cluster": cluster or {"address": "inline"},
+        }
+    )
 
 
 def _steps(spec, n: int):
@@ -212,8 +218,11 @@ def test_epochs_without_the_clipped_surrogate_are_refused(patch, reason):
 
 
 def test_epochs_need_the_backprop_estimator():
-    job = {"model": {"name": "mlp", "in_features": 2}, "data": {"source": "navigation"},
-           "algorithm": {"name": "maml_rl", "maml_rl": {"outer_objective": "ppo", "epochs": 2}},
-           "outer": {"estimator": "es"}}
+    job = {
+        "model": {"name": "mlp", "in_features": 2},
+        "data": {"source": "navigation"},
+        "algorithm": {"name": "maml_rl", "maml_rl": {"outer_objective": "ppo", "epochs": 2}},
+        "outer": {"estimator": "es"},
+    }
     with pytest.raises(SpecError, match="outer.estimator 'backprop'"):
         parse_spec(job)

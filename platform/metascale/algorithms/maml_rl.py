@@ -15,11 +15,18 @@ standard deviation per action dimension (meta-parameter `policy_log_std`). Per t
   estimates are of the gradient of the return / horizon; with `gamma` < 1 the surrogates weigh discounted returns-to-go
   (the usual variance-reducing approximation) while the return in the score term is undiscounted.
 - `maml_rl.outer_objective: ppo` replaces the outer surrogate by PPO's clipped one (Schulman et al. 2017),
-  mean_{k,t} min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi_theta'(a|s) / pi_old(a|s), pi_old's log-probs recorded
-  when the rollouts were sampled. The coordinator takes one meta-gradient per task per step, computed at the
-  parameters that sampled the rollouts, so r = 1 there: the gradient is the 'pg' one, and clipping acts only on
-  samples whose ratio has left [1 - eps, 1 + eps] (several epochs on the same rollouts would need a per-task optimiser
-  inside the work item, which this contract does not have).
+  mean_{k,t} min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi_theta'(a|s) / pi_old'(a|s), pi_old' the adapted
+  policy that sampled the post-update rollouts, its log-probs recorded at sampling. With `maml_rl.epochs` 1 the
+  meta-gradient is taken at the parameters that sampled the rollouts, so r = 1 (to rounding: the recorded and the
+  recomputed log-probs may differ in the last float32 bit) and the gradient is the 'pg' one.
+- `maml_rl.epochs` E > 1: PPO's epochs, as in MAML-PPO / ProMP (Rothfuss et al. 2019): the meta-step takes E
+  meta-optimiser steps on one batch of rollouts (cluster/estimators.py `epochs`). Round e > 0 runs inside
+  `sampled_by(theta_old)`: the rollouts are regenerated from the task seeds with theta_old and its own adapted
+  policy (the same trajectories, bit for bit), the current theta adapts on theta_old's pre-update rollouts with the
+  plain REINFORCE surrogate (as learn2learn's MAML-TRPO re-adapts at each line-search step; ProMP weighs the inner
+  surrogate by pi_theta / pi_old, whose second-order terms make a different estimator, and at E = 1 would not equal
+  the 'pg' meta-gradient), and the clipped surrogate scores the post-update rollouts against pi_old'. A 'clip_fraction'
+  metric (|r - 1| > eps) reports how far the round's adapted policy has moved.
 
 Action noise comes from the task's seeds (support_y, query_y), so a re-run slot samples the same trajectories.
 Metrics: `return` (post-adaptation, undiscounted, mean over rollouts), `return_pre` (the first inner step's
@@ -203,7 +210,9 @@ class MAMLRL(MetaAlgorithm):
             objective = objective - (score - score.detach()) * ret / data.horizon  # the surrogate's 1/horizon
         metrics = {"loss": -ret, "return": ret, "return_pre": ret if ret_pre is None else ret_pre}
         if old is not None:  # how far this epoch's adapted policy has moved from the sampling one
-            metrics["clip_fraction"] = ((logp.detach() - ro.logp).exp() - 1).abs().gt(self.spec.maml_rl.clip).double().mean()
+            metrics["clip_fraction"] = (
+                ((logp.detach() - ro.logp).exp() - 1).abs().gt(self.spec.maml_rl.clip).double().mean()
+            )
         return TaskOutput(objective, metrics)
 
     def _step(self, fast: Params, ro: Rollouts, create_graph: bool, surr: Tensor | None = None) -> Params:

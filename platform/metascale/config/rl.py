@@ -47,6 +47,7 @@ class MAMLRLSpec(Spec):
         """Later epochs reuse rollouts of an older policy: only the clipped, ratio-weighted surrogate corrects for
         that, and `pre_score`'s term assumes rollouts of the current one."""
         if self.epochs > 1 and (self.outer_objective != "ppo" or self.pre_score):
-            raise ValueError(f"epochs {self.epochs} reuse the step's rollouts: needs outer_objective 'ppo' and "
-                             "pre_score false")
+            raise ValueError(
+                f"epochs {self.epochs} reuse the step's rollouts: needs outer_objective 'ppo' and pre_score false"
+            )
         return self
