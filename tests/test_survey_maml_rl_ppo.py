@@ -104,10 +104,10 @@ def test_a_later_epochs_meta_gradient_matches_a_plain_torch_reimplementation(flo
     data, lr, eps = NavigationData(horizon=4, rollouts=6, gamma=1.0), 0.5, 0.2
     alg = _linear(data, lr, baseline="none", outer_objective="ppo", clip=eps, epochs=2)
     gen = torch.Generator().manual_seed(0)
-    theta = {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in THETA_OLD.items()}
+    theta = {k: v + 0.02 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in THETA_OLD.items()}
     tasks = _tasks(data)
     expected, fraction = _reference(theta, data, tasks, lr, eps)
-    assert 0.1 < fraction < 0.9, fraction  # clipping acts on some samples, not all
+    assert 0.2 < fraction < 0.8, fraction  # clipping acts on some samples, not all (measured: 0.35)
     with alg.sampled_by(THETA_OLD):
         got = meta_gradient(alg, theta, tasks)
     assert got.metrics["clip_fraction"] / got.tasks == pytest.approx(fraction, abs=1e-12)  # metrics are sums
