@@ -188,6 +188,19 @@ def test_a_failed_epoch_restores_the_step_start(tmp_path, monkeypatch):
     assert coord.optimizer.state_dict()["state"] == opt_start["state"] == {}
 
 
+def test_a_resumed_epoch_run_ends_where_an_uninterrupted_one_ends(tmp_path, final_params):
+    """Steps are whole (E optimiser steps each), so stopping after step 2 and resuming to step 3 gives the bits of
+    three steps in one run: the optimiser state in the checkpoint carries the epochs' moments and counts."""
+    straight = _nav(tmp_path / "straight", 3, steps=3)
+    train(straight)
+    train(_nav(tmp_path / "resumed", 3, steps=2))
+    resumed = _nav(tmp_path / "resumed", 3, steps=3)
+    train(resumed, resume=True)
+    reference, got = final_params(straight), final_params(resumed)
+    for k in reference:
+        assert torch.equal(reference[k], got[k]), k
+
+
 def test_a_worker_lost_during_an_epoch_step_ends_bit_identical(local_ray, tmp_path, final_params, drill):
     """Worker 1 exits as it starts meta-step 1 (3 epochs, 2 Ray workers); its slots are recomputed, the later
     rounds run on the rebuilt worker, which regenerates the rollouts from theta_old: the same final parameters."""
