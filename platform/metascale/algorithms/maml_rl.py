@@ -15,11 +15,19 @@ standard deviation per action dimension (meta-parameter `policy_log_std`). Per t
   estimates are of the gradient of the return / horizon; with `gamma` < 1 the surrogates weigh discounted returns-to-go
   (the usual variance-reducing approximation) while the return in the score term is undiscounted.
 - `maml_rl.outer_objective: ppo` replaces the outer surrogate by PPO's clipped one (Schulman et al. 2017),
-  mean_{k,t} min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi_theta'(a|s) / pi_old(a|s), pi_old's log-probs recorded
-  when the rollouts were sampled. The coordinator takes one meta-gradient per task per step, computed at the
-  parameters that sampled the rollouts, so r = 1 there: the gradient is the 'pg' one, and clipping acts only on
-  samples whose ratio has left [1 - eps, 1 + eps] (several epochs on the same rollouts would need a per-task optimiser
-  inside the work item, which this contract does not have).
+  mean_{k,t} min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi_theta'(a|s) / pi_old'(a|s), pi_old' the adapted
+  policy that sampled the post-update rollouts, its log-probs recorded at sampling. With `maml_rl.epochs` 1 the
+  meta-gradient is taken at the parameters that sampled the rollouts, so r = 1 (to rounding: the recorded and the
+  recomputed log-probs may differ in the last float32 bit) and the gradient is the 'pg' one.
+- `maml_rl.epochs` E > 1: PPO's epochs, as in MAML-PPO / ProMP (Rothfuss et al. 2019): the meta-step takes E
+  meta-optimiser steps on one batch of rollouts (cluster/estimators.py `epochs`). Round e > 0 runs inside
+  `sampled_by(theta_old)`: the rollouts are regenerated from the task seeds with theta_old and its own adapted
+  policy (the same trajectories, bit for bit), the current theta adapts on theta_old's pre-update rollouts with the
+  plain REINFORCE surrogate (as learn2learn's MAML-TRPO re-adapts at each line-search step; ProMP weighs the inner
+  surrogate by pi_theta / pi_old, whose second-order terms make a different estimator, and at E = 1 would not equal
+  the 'pg' meta-gradient), and the clipped surrogate scores the post-update rollouts against pi_old'. A 'clip_fraction'
+  metric (|r - 1| > eps) reports how far the round's adapted policy has moved. Measured on navigation (40 steps, two
+  seeds; docs/survey-map.md): four epochs did not beat one at the same rollouts, with Adam at lr 0.01 or 0.0025.
 
 Action noise comes from the task's seeds (support_y, query_y), so a re-run slot samples the same trajectories.
 Metrics: `return` (post-adaptation, undiscounted, mean over rollouts), `return_pre` (the first inner step's
@@ -28,8 +36,10 @@ rollouts: the policy before adaptation) and `loss` = -return.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -159,6 +169,17 @@ class MAMLRL(MetaAlgorithm):
             return clipped_surrogate(logp, ro.logp, adv, cfg.clip), logp
         return (logp * adv).mean(), logp
 
+    @contextlib.contextmanager
+    def sampled_by(self, old: Params) -> Iterator[None]:
+        """PPO epochs after a step's first: the task objectives inside sample with `old` (theta_old, the parameters
+        that sampled the step's rollouts: the same trajectories, regenerated from the task seeds) and adapt and score
+        the meta-parameters they are given on them."""
+        self._old = old
+        try:
+            yield
+        finally:
+            self._old = None
+
     def task_objective(self, meta_params: Params, task: Task, steps: int | None = None) -> TaskOutput:
         train = torch.is_grad_enabled()
         if not train:  # evaluation: the inner steps still need gradients, of a copy
@@ -168,22 +189,36 @@ class MAMLRL(MetaAlgorithm):
 
     def _objective(self, meta: Params, task: Task, steps: int, train: bool) -> TaskOutput:
         inner, data, goal = self.spec.inner, self.data, task.support_x[0]
+        create_graph = train and not inner.first_order
+        old = getattr(self, "_old", None)
         fast, score, ret_pre = dict(meta), None, None
+        sampler = None if old is None else {k: v.detach().requires_grad_(True) for k, v in old.items()}
         for i in range(steps):
-            ro = rollout(self._mean(fast), fast[LOG_STD], goal, data, generator(task.support_y[0], i))
+            src = fast if sampler is None else sampler
+            ro = rollout(self._mean(src), src[LOG_STD], goal, data, generator(task.support_y[0], i))
             ret_pre = ro.rewards.sum(1).mean() if ret_pre is None else ret_pre
+            if sampler is not None:  # theta_old's own inner step, the same ops as its epoch's: the same next rollouts
+                sampler = {k: v.detach().requires_grad_(True) for k, v in self._step(sampler, ro, create_graph).items()}
             surr, logp = self.surrogate(fast, ro)
-            names = list(fast)
-            grads = torch.autograd.grad(
-                surr, [fast[k] for k in names], create_graph=train and not inner.first_order, allow_unused=True
-            )
             score = logp.sum() if score is None else score + logp.sum()
-            fast = {k: fast[k] if g is None else fast[k] + inner.lr * g for k, g in zip(names, grads)}
-        ro = rollout(self._mean(fast), fast[LOG_STD], goal, data, generator(task.query_y[0], 0))
+            fast = self._step(fast, ro, create_graph, surr)
+        src = fast if sampler is None else sampler
+        ro = rollout(self._mean(src), src[LOG_STD], goal, data, generator(task.query_y[0], 0))
         ret = ro.rewards.sum(1).mean()
-        surr, _ = self.surrogate(fast, ro, clipped=self.spec.maml_rl.outer_objective == "ppo")
+        surr, logp = self.surrogate(fast, ro, clipped=self.spec.maml_rl.outer_objective == "ppo")
         objective = -surr
         if self.spec.maml_rl.pre_score and score is not None:  # E[R' * grad log p_theta(pre-update rollouts)]
             objective = objective - (score - score.detach()) * ret / data.horizon  # the surrogate's 1/horizon
         metrics = {"loss": -ret, "return": ret, "return_pre": ret if ret_pre is None else ret_pre}
+        if old is not None:  # how far this epoch's adapted policy has moved from the sampling one
+            metrics["clip_fraction"] = (
+                ((logp.detach() - ro.logp).exp() - 1).abs().gt(self.spec.maml_rl.clip).double().mean()
+            )
         return TaskOutput(objective, metrics)
+
+    def _step(self, fast: Params, ro: Rollouts, create_graph: bool, surr: Tensor | None = None) -> Params:
+        """One inner step of `inner.lr` up the REINFORCE surrogate on `ro` (`surr`, when already computed)."""
+        surr = self.surrogate(fast, ro)[0] if surr is None else surr
+        names = list(fast)
+        grads = torch.autograd.grad(surr, [fast[k] for k in names], create_graph=create_graph, allow_unused=True)
+        return {k: fast[k] if g is None else fast[k] + self.spec.inner.lr * g for k, g in zip(names, grads)}

@@ -7,6 +7,7 @@ which worker finished first or which one recomputed a lost group: runs with and 
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,8 +140,9 @@ class Coordinator:
             self.history = {s: p for s, p in self.history.items() if s > self.step - self.keep_history}
         return out
 
-    def apply(self, result: StepResult) -> bool:
-        """Steps the meta-optimiser with the aggregated meta-gradient; False when the policy skipped the step."""
+    def apply(self, result: StepResult, advance: bool = True) -> bool:
+        """Steps the meta-optimiser with the aggregated meta-gradient; False when the policy skipped the step.
+        `advance` False: a PPO epoch inside the step (cluster/estimators.py `epochs`), the step count stays."""
         policy = self.spec.executor.nonfinite
         if result.nonfinite:
             where = ", ".join(f"slot {s} on worker {w}" for s, w in result.nonfinite)
@@ -148,8 +150,8 @@ class Coordinator:
                 raise NonFiniteError(f"non-finite meta-gradient at step {self.step}: {where} (executor.nonfinite=stop)")
             log.warning("step %d: non-finite meta-gradient from %s; policy %s", self.step, where, policy)
         if result.tasks == 0 or (result.nonfinite and policy == "skip_step"):
-            self.skipped_steps += 1
-            self.step += 1
+            self.skipped_steps += advance
+            self.step += advance
             return False
         for k, p in self.params.items():
             p.grad = result.grads[k].to(p.dtype)
@@ -158,8 +160,19 @@ class Coordinator:
         set_lr(self.optimizer, lr_at(self.spec.outer, self.step))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.step += advance
         return True
+
+    def snapshot(self) -> tuple[NumpyParams, dict[str, Any]]:
+        """Copies of the meta-parameters and the optimiser state: what `restore` puts back (a PPO step's epochs
+        change both before the step ends, and a step must apply whole or not at all)."""
+        return {k: v.copy() for k, v in to_numpy(self.params).items()}, copy.deepcopy(self.optimizer.state_dict())
+
+    def restore(self, snap: tuple[NumpyParams, dict[str, Any]]) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(torch.from_numpy(snap[0][k]))
+        self.optimizer.load_state_dict(snap[1])
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.algorithm.model_params(self.params).items()}

@@ -37,20 +37,49 @@ def items(kind: str, step: int, slots: int, workers: int, **extra: Any) -> list[
     return [WorkItem(kind, step, tuple(g), **extra) for g in split_slots(slots, workers)]  # type: ignore[arg-type]
 
 
-def backprop(spec: JobSpec, pool: Any, step: int, params: Any) -> StepResult:
-    return aggregate(pool.run(items("meta_gradient", step, spec.outer.meta_batch, pool.size), params))
+def backprop(spec: JobSpec, pool: Any, step: int, params: Any, sampled_by: Any = None) -> StepResult:
+    batch = items("meta_gradient", step, spec.outer.meta_batch, pool.size, sampled_by=sampled_by)
+    return aggregate(pool.run(batch, params))
 
 
-def allreduce(spec: JobSpec, pool: Any, step: int, params: Any) -> StepResult:
+def allreduce(spec: JobSpec, pool: Any, step: int, params: Any, sampled_by: Any = None) -> StepResult:
     """'backprop' with `cluster.aggregation: allreduce`: the workers sum among themselves (cluster/allreduce.py) and
     the coordinator receives rank 0's reduced sum; one in-driver worker has nothing to reduce."""
     from metascale.cluster.allreduce import AllReduce
 
     if not hasattr(pool, "workers"):
-        return backprop(spec, pool, step, params)
+        return backprop(spec, pool, step, params, sampled_by)
     if pool not in _GROUPS:
         _GROUPS[pool] = AllReduce()
-    return aggregate(_GROUPS[pool].step(pool, items("meta_gradient", step, spec.outer.meta_batch, pool.size), params))
+    batch = items("meta_gradient", step, spec.outer.meta_batch, pool.size, sampled_by=sampled_by)
+    return aggregate(_GROUPS[pool].step(pool, batch, params))
+
+
+def epochs(spec: JobSpec, coord: Any, base: Estimator, pool: Any, step: int, params: Any) -> StepResult:
+    """`algorithm.maml_rl.epochs` E: PPO's epochs on one batch of rollouts (MAML-PPO as in ProMP, Rothfuss et al.
+    2019). Round 0 samples the step's rollouts with the published theta_old, as a one-epoch step does; the coordinator
+    steps, and each later round sends the new meta-parameters with a reference to a copy of theta_old, from which the
+    workers regenerate the same rollouts (task seeds) and re-adapt on them. The loop applies the last round's result
+    (the step's E-th update). A step applies whole or not at all: a round that fails, or that the non-finite policy
+    skips, restores theta_old and the optimiser state (a skipped round skips the step)."""
+    result = base(pool, step, params)
+    snap = coord.snapshot()
+    old = pool.put(snap[0])
+    worker_s, data_s = dict(result.worker_s), result.data_s
+    try:
+        for _ in range(1, spec.algorithm.maml_rl.epochs):
+            if not coord.apply(result, advance=False):
+                coord.restore(snap)
+                return result
+            result = base(pool, step, pool.put(coord.published()), sampled_by=old)
+            for w, t in result.worker_s.items():
+                worker_s[w] = worker_s.get(w, 0.0) + t
+            data_s += result.data_s
+    except BaseException:
+        coord.restore(snap)
+        raise
+    result.worker_s, result.data_s = worker_s, data_s
+    return result
 
 
 def es(spec: JobSpec, pool: Any, step: int, params: Any) -> StepResult:
@@ -100,4 +129,6 @@ def pick(spec: JobSpec, coord: Any = None) -> Estimator:
 
         return partial(unrolled.ESTIMATORS[spec.outer.estimator], spec, coord)
     chosen = allreduce if spec.cluster.aggregation == "allreduce" else ESTIMATORS[spec.outer.estimator]
+    if spec.algorithm.name == "maml_rl" and spec.algorithm.maml_rl.epochs > 1:  # backprop: the spec checks
+        return partial(epochs, spec, coord, partial(chosen, spec))
     return partial(chosen, spec)

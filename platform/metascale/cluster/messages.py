@@ -9,7 +9,7 @@ functions of (seed, split, step, slot), so any worker, or a rebuilt one, recompu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,7 +35,8 @@ class WorkItem:
                    held-out episodes `slots`;
     unroll:        truncated unrolls (outer.estimator pes/tbptt, cluster/unrolled.py): one truncation of each particle
                    in `slots` at `step`; pes returns (pair, L+, L-) in `fitness`, tbptt the summed gradient.
-    `online` (FTML): `slots` are tasks of the online stream, all arrived by meta-step `step`."""
+    `online` (FTML): `slots` are tasks of the online stream, all arrived by meta-step `step`.
+    `sampled_by`: recomputing an epoch's item regenerates the rollouts from the task seeds and theta_old, bit for bit."""
 
     kind: Kind
     step: int | None
@@ -43,6 +44,10 @@ class WorkItem:
     split: Split = "train"
     inner_steps: int | None = None  # evaluate: test-time adaptation steps (None: algorithm.inner.steps)
     online: bool = False
+    # meta_gradient, PPO epochs after a step's first (algorithm.maml_rl.epochs): the meta-parameters that sampled the
+    # step's rollouts (theta_old), by object-store reference (inline: the arrays); the call's params are the current
+    # ones. None: the call's params sampled them.
+    sampled_by: Any = field(default=None, compare=False)
 
 
 @dataclass

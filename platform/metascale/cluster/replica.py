@@ -8,6 +8,7 @@ states here as a cache; any other replica rebuilds them from the published histo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any
@@ -41,6 +42,9 @@ def resolve_device(choice: str) -> torch.device:
 
 def to_numpy(params: dict[str, torch.Tensor]) -> NumpyParams:
     return {k: v.detach().cpu().numpy() for k, v in params.items()}
+
+
+FETCH_TIMEOUT_S = 300.0  # an object-store fetch of a PPO epoch's theta_old (the item's own params come with the call)
 
 
 class Replica:
@@ -79,7 +83,8 @@ class Replica:
                 meter.lap("data")
                 meta = self._params(params)
                 if item.kind == "meta_gradient":
-                    mg = meta_gradient(self.alg, meta, batch, self.strategy, item.slots)
+                    with self._sampled_by(item):
+                        mg = meta_gradient(self.alg, meta, batch, self.strategy, item.slots)
                     grads, out.tasks, out.metrics = mg.grads, mg.tasks, mg.metrics
                     out.nonfinite_slots = mg.nonfinite_slots
                 else:
@@ -89,6 +94,17 @@ class Replica:
         out.data_s, out.compute_s = meter.laps.get("data", 0.0), meter.laps["compute"]
         out.peak_bytes = meter.peak_bytes
         return out, grads
+
+    def _sampled_by(self, item: WorkItem) -> Any:
+        """A PPO epoch's item (algorithm.maml_rl.epochs): its rollouts are sampled by theta_old, fetched here."""
+        if item.sampled_by is None:
+            return contextlib.nullcontext()
+        old = item.sampled_by
+        if not isinstance(old, dict):  # an object-store reference (the pool's put)
+            import ray
+
+            old = ray.get(old, timeout=FETCH_TIMEOUT_S)
+        return self.alg.sampled_by(self._params(old))
 
     def _params(self, params: NumpyParams) -> dict[str, torch.Tensor]:
         return {k: torch.tensor(v, device=self.device, dtype=self.dtype) for k, v in params.items()}

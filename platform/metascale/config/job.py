@@ -225,6 +225,9 @@ class JobSpec(Spec):
                              f"observation: model.name 'mlp', in_features {obs}")
         if self.executor.strategy == "vmap":
             raise ValueError("algorithm 'maml_rl' samples rollouts per task: executor.strategy 'per_task' or 'auto'")
+        if alg.maml_rl.epochs > 1 and self.outer.estimator != "backprop":
+            raise ValueError(f"algorithm.maml_rl.epochs {alg.maml_rl.epochs} takes several meta-gradient rounds per "
+                             f"meta-step: outer.estimator 'backprop' (got '{self.outer.estimator}')")
 
     def _distill_compatible(self) -> None:
         """Dataset distillation's meaningless combinations (algorithms/distill.py)."""

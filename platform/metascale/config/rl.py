@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from metascale.config.base import PositiveFloat, PositiveInt, Spec
 
@@ -34,7 +34,20 @@ class MAMLRLSpec(Spec):
     # post-update return including how theta shapes the adaptation data (E-MAML; Finn et al.'s code drops it).
     pre_score: bool = False
     # The outer objective on the adapted policy's rollouts: the REINFORCE surrogate ('pg'), or PPO's clipped surrogate
-    # (Schulman et al. 2017) of the ratio to the log-probs the sampling policy recorded ('ppo'; one gradient per
-    # meta-step, so the ratio is 1 and the gradient is the 'pg' one: algorithms/maml_rl.py says why).
+    # (Schulman et al. 2017) of the ratio to the log-probs the sampling policy recorded ('ppo'; at `epochs` 1 the ratio
+    # is 1 and the gradient is the 'pg' one: algorithms/maml_rl.py says why).
     outer_objective: Literal["pg", "ppo"] = "pg"
     clip: Annotated[float, Field(gt=0, lt=1)] = 0.2  # 'ppo': the ratio's range [1 - clip, 1 + clip]
+    # 'ppo': meta-optimiser steps per meta-step, each one a meta-gradient round over the same sampled rollouts (PPO's
+    # epochs, as in MAML-PPO/ProMP); 1 is one step per fresh batch of rollouts.
+    epochs: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _epochs_need_ppo(self) -> "MAMLRLSpec":
+        """Later epochs reuse rollouts of an older policy: only the clipped, ratio-weighted surrogate corrects for
+        that, and `pre_score`'s term assumes rollouts of the current one."""
+        if self.epochs > 1 and (self.outer_objective != "ppo" or self.pre_score):
+            raise ValueError(
+                f"epochs {self.epochs} reuse the step's rollouts: needs outer_objective 'ppo' and pre_score false"
+            )
+        return self
