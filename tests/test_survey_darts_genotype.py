@@ -4,6 +4,7 @@ mean of random cells from the same space retrained identically (random search, t
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -60,6 +61,18 @@ def test_bad_genotypes_are_refused_with_a_reason(model, algorithm, reason):
         parse_spec(
             {"model": {"name": "darts", **model}, "data": {"source": "synthetic"}, "algorithm": {"name": algorithm}}
         )
+
+
+def test_convs_only_draws_every_all_convolution_cell_and_nothing_else():
+    """The restricted baseline's space: 2 convolutions over 3 edges make 8 cells; 64 seeded draws reach all
+    of them and no other op, a seed gives one cell, and a space without a convolution is refused."""
+    ops = ["none", "skip", "conv3", "dil_conv3", "max_pool", "avg_pool"]
+    draws = [tuple(random_genotype(ops, 2, s, convs_only=True)) for s in range(64)]
+    assert set(draws) == set(itertools.product(["conv3", "dil_conv3"], repeat=3))
+    assert draws[5] == tuple(random_genotype(ops, 2, 5, convs_only=True))
+    assert any(op not in ("conv3", "dil_conv3") for s in range(8) for op in random_genotype(ops, 2, s))
+    with pytest.raises(ValueError, match="no convolution"):
+        random_genotype(["none", "skip", "max_pool"], 2, 0, convs_only=True)
 
 
 def _job(root, name, genotype=None, steps=25):
