@@ -1,6 +1,8 @@
 """DARTS' evaluation protocol: a fixed discrete cell (`model.genotype`) is the search network with alpha one-hot on
-its ops, bad genotypes are refused in one line, and the cell derived from a search, retrained from scratch, beats the
-mean of random cells from the same space retrained identically (random search, the baseline of a searched cell)."""
+its ops, bad genotypes are refused in one line, the cell derived from a search, retrained from scratch, beats the
+mean of random cells from the whole space retrained identically (random search, the baseline of a searched cell), and
+`convs_only` draws the restricted baseline (a convolution on every edge), which docs/survey-map.md measures the derived
+cell against: it does not beat it, so no test claims it does."""
 
 from __future__ import annotations
 
