@@ -68,7 +68,7 @@ def random_genotype(ops: list[str], nodes: int, seed: int, convs_only: bool = Fa
     rng = random.Random(seed)
     pool = [o for o in ops if o != "none" and (not convs_only or o in CONVS)]
     if not pool:
-        raise ValueError(f"ops {ops} hold no convolution to draw from (convs_only)")
+        raise ValueError(f"ops {ops} leave nothing to draw: " + ("no convolution" if convs_only else "only 'none'"))
     return [rng.choice(pool) for _ in edge_names(nodes)]
 
 
