@@ -58,11 +58,18 @@ def edge_names(nodes: int) -> list[tuple[str, str]]:
     return [(states[j], f"node{i}") for i in range(nodes) for j in range(i + 1)]
 
 
-def random_genotype(ops: list[str], nodes: int, seed: int) -> list[str]:
+CONVS = ("conv3", "conv5", "dil_conv3")  # the ops with weights: random search restricted to them is the baseline that
+# separates a search from the rule "a convolution on every edge" (docs/survey-map.md)
+
+
+def random_genotype(ops: list[str], nodes: int, seed: int, convs_only: bool = False) -> list[str]:
     """A discrete cell drawn uniformly from the search space: per edge one op other than 'none' (as `derive`
-    chooses), a pure function of `seed`."""
+    chooses), only from `CONVS` with `convs_only`; a pure function of `seed`."""
     rng = random.Random(seed)
-    return [rng.choice([o for o in ops if o != "none"]) for _ in edge_names(nodes)]
+    pool = [o for o in ops if o != "none" and (not convs_only or o in CONVS)]
+    if not pool:
+        raise ValueError(f"ops {ops} leave nothing to draw: " + ("no convolution" if convs_only else "only 'none'"))
+    return [rng.choice(pool) for _ in edge_names(nodes)]
 
 
 class MixedEdge(nn.Module):
