@@ -94,8 +94,8 @@ class _Support:
             _accumulate(total, g)
         return total
 
-    def product(self, phi: Params, h: Params, u: Params) -> tuple[Params, Params, Params]:
-        """(dL/dphi, H_phiphi u, H_hphi u)."""
+    def product(self, phi: Params, h: Params, u: Params, with_grad: bool) -> tuple[Params, Params, Params]:
+        """(dL/dphi, H_phiphi u, H_hphi u); dL/dphi left empty unless `with_grad` (only tensor rates read it)."""
         g_all: Params = {}
         hu_all: Params = {}
         hhu_all: Params = {}
@@ -107,7 +107,8 @@ class _Support:
             else:
                 g, _, hu, hhu = grad_and_product(self.split, loss_fn, phi, h, x, y, u)
                 assert hu is not None and hhu is not None
-            _accumulate(g_all, g)
+            if with_grad:
+                _accumulate(g_all, g)
             _accumulate(hu_all, hu)
             _accumulate(hhu_all, hhu)
             del g, hu, hhu
@@ -189,7 +190,7 @@ class _MixedDescent(torch.autograd.Function):
             while stretch:
                 phi = stretch.pop()
                 u = v if rates is None else {k: rates[k] * v[k] for k in names}
-                g, hu, hhu = support.product(phi, h, u)
+                g, hu, hhu = support.product(phi, h, u, rates is not None)
                 del phi, u
                 if rates is not None:
                     for k in names:
