@@ -68,6 +68,13 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
         ({"algorithm": {"inner": {"differentiation": "forward"}}}, "differentiation: Input should be 'reverse' or 'mixed'"),
         ({"algorithm": {"inner": {"mixed_stride": 3}}}, "inner.mixed_stride recomputes mixed mode's stored weights"),
         ({"algorithm": {"inner": {"differentiation": "mixed", "mixed_stride": 0}}}, "mixed_stride: Input should be greater than 0"),
+        ({"algorithm": {"inner": {"support_chunk": 2}}}, "inner.support_chunk splits mixed mode's support products"),
+        ({"model": {"name": "conv4"}, "data": {"source": "synthetic"},
+          "algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 2}}},
+         "exact only when examples are independent: models mlp, vit, not 'conv4'"),
+        ({"model": {"name": "resnet12"}, "data": {"source": "synthetic"},
+          "algorithm": {"name": "learned_loss", "inner": {"differentiation": "mixed", "support_chunk": 2}}}, "not 'resnet12'"),
+        ({"algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 0}}}, "support_chunk: Input should be greater than 0"),
         ({"cluster": {"cpus_per_process": 2}, "kubernetes": {"worker": {"cpu": "1500m", "memory": "1Gi"}}},
          "kubernetes.worker.cpu (1500m) is below what a worker pod's processes need (cluster.cpus_per_process x 1 = 2)"),
     ],
@@ -83,6 +90,14 @@ def test_mixed_mode_validates_sharded_at_every_zero_stage(zero_stage):
                        "algorithm": {"name": "metasgd", "inner": {"differentiation": "mixed"}},
                        "sharding": {"engine": "deepspeed", "zero_stage": zero_stage}})
     assert spec.algorithm.inner.differentiation == "mixed" and spec.sharding.zero_stage == zero_stage
+
+
+@pytest.mark.parametrize("model", ["mlp", "vit"])
+def test_support_chunks_validate_on_models_without_batch_statistics(model):
+    data = {"source": "synthetic" if model == "vit" else "sinusoid"}
+    spec = parse_spec({"model": {"name": model}, "data": data,
+                       "algorithm": {"name": "learned_hparams", "inner": {"differentiation": "mixed", "support_chunk": 3}}})
+    assert spec.algorithm.inner.support_chunk == 3
 
 
 def test_the_kubernetes_section_defaults_to_the_former_rayjob():

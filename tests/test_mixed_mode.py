@@ -122,6 +122,38 @@ def test_mixed_stride_recomputes_the_same_meta_gradient(float64, sweeps, name, m
     assert _relative(expected, got) < 1e-8
 
 
+@pytest.mark.parametrize("strategy", ["per_task", "vmap"])
+@pytest.mark.parametrize("name", ["maml", "metasgd", "learned_hparams", "learned_loss"])
+def test_support_chunks_sum_to_the_whole_support_sets_meta_gradient(float64, sweeps, name, strategy):
+    """Chunks of 2, 2 and 1 of the 5 support examples (uneven, so their weights matter): the ViT's products and
+    gradients run once per chunk, and the meta-gradient is reverse mode's and unchunked mixed mode's."""
+    reverse, whole, meta = _setup(name, MODELS["vit"], 5, steps=3)
+    _, chunked, _ = _setup(name, MODELS["vit"], 5, steps=3, support_chunk=2)
+    batch = _images()
+    expected = meta_gradient(reverse, meta, batch, strategy).grads
+    unchunked = meta_gradient(whole, meta, batch, strategy).grads
+    products = sweeps["block_products"]
+    got = meta_gradient(chunked, meta, batch, strategy)
+    assert got.strategy == strategy
+    assert sweeps["block_products"] - products == 3 * products  # 3 chunks, 3 steps, every task
+    assert _relative(expected, got.grads) < 1e-8 and _relative(unchunked, got.grads) < 1e-8
+    for k in meta:  # hyperparameters and the learned loss's network included
+        assert torch.allclose(expected[k], got.grads[k], rtol=1e-7, atol=1e-12), k
+
+
+@pytest.mark.parametrize("strategy", ["per_task", "vmap"])
+def test_support_chunks_without_blocks_sum_the_whole_model_products(float64, sweeps, strategy):
+    """The MLP has no blocks: each chunk takes one whole-model product (chunks of 3 of the sinusoid's support set)."""
+    reverse, _, meta = _setup("metasgd", MLPSpec(), 1, steps=2)
+    _, chunked, _ = _setup("metasgd", MLPSpec(), 1, steps=2, support_chunk=3)
+    batch = _sinusoid()
+    assert batch.support_x.shape[1] % 3  # an uneven last chunk
+    expected = meta_gradient(reverse, meta, batch, strategy).grads
+    got = meta_gradient(chunked, meta, batch, strategy).grads
+    assert sweeps["n"] and sweeps["block_products"] == 0
+    assert _relative(expected, got) < 1e-8
+
+
 def _summed_objective(alg, params, batch) -> float:
     with torch.no_grad():
         return sum(float(alg.task_objective(params, t).objective) for t in batch.tasks())

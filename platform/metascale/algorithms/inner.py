@@ -39,7 +39,17 @@ def adapt(
     are the meta-parameters the support loss reads besides the weights. Without a meta-graph to build (first order,
     evaluation, no steps) both are the plain loop."""
     if inner.differentiation == "mixed" and not first_order and steps and torch.is_grad_enabled():
-        return mixed_descent(loss_fn, params, hparams, x, y, steps=steps, lr=lr, stride=inner.mixed_stride)
+        return mixed_descent(
+            loss_fn,
+            params,
+            hparams,
+            x,
+            y,
+            steps=steps,
+            lr=lr,
+            stride=inner.mixed_stride,
+            support_chunk=inner.support_chunk,
+        )
     return gradient_descent(
         lambda p: loss_fn(p, hparams, x, y),
         params,

@@ -13,8 +13,10 @@ between the passes is phi_0, phi_s, phi_2s, ... (every `stride`-th step's weight
 every step's double-backward graph; the sweep recomputes the s-1 steps after a kept one with plain gradients (the
 same ops, so the same bits) and then goes back through them, so it holds at most s-1 more copies at a time. Where
 the model has blocks, gradients and products run block by block (block_products.py: the block boundaries and one
-block's forward-over-reverse at a time); otherwise over the whole model. Per-task batch norm is differentiated through its
-batch statistics exactly as reverse mode does (the same ops; inside `vmap`, models/norm.py's basic-op form).
+block's forward-over-reverse at a time); otherwise over the whole model. With `inner.support_chunk` both run over
+that many support examples at a time and are summed (_Support says when that is exact). Per-task batch norm is
+differentiated through its batch statistics exactly as reverse mode does (the same ops; inside `vmap`,
+models/norm.py's basic-op form).
 
 The sweep is the backward of an `autograd.Function`, so whatever consumes phi_K (the plain, block-checkpointed or
 chunked query pass) feeds it v as usual, and `generate_vmap_rule` lets the vmap executor batch it over tasks.
@@ -41,9 +43,11 @@ def mixed_descent(
     steps: int,
     lr: float | Params,
     stride: int = 1,
+    support_chunk: int | None = None,
 ) -> Params:
     """`steps` steps p <- p - lr * dL_s/dp from `params`, differentiable w.r.t. `params`, `hparams` and tensor
-    rates `lr` (one per key of `params`) through the reverse sweep above, keeping every `stride`-th step's weights."""
+    rates `lr` (one per key of `params`) through the reverse sweep above, keeping every `stride`-th step's weights;
+    gradients and products over `support_chunk` support examples at a time (see _Support)."""
     names, hnames = list(params), list(hparams)
     rates = [lr[k] for k in names] if isinstance(lr, dict) else []
     outputs = _MixedDescent.apply(
@@ -52,6 +56,7 @@ def mixed_descent(
         hnames,
         steps,
         stride,
+        support_chunk,
         None if rates else lr,
         x,
         y,
@@ -64,27 +69,63 @@ def mixed_descent(
 
 class _Support:
     """The support loss's gradient and products: block by block where the model has blocks (block_products.py),
-    else over the whole model (one `jvp` of `grad`)."""
+    else over the whole model (one `jvp` of `grad`); with `chunk`, over that many support examples at a time.
 
-    def __init__(self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params):
-        self.loss_fn, self.x, self.y = loss_fn, x, y
-        self.split = split_at_blocks(loss_fn, phi, h, x, y)
-        self.whole = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))
+    Chunks are exact where the support loss is a mean over independent examples plus terms that do not read the data
+    (learned_hparams' decay): L = sum_c (n_c / n) L_c, so the gradient and every product are the chunks' weighted
+    sums (the same numbers up to summation order), while a product holds one chunk's block boundaries and
+    forward-over-reverse instead of the whole support set's. The config admits it only for models without batch
+    statistics (which couple a task's examples)."""
+
+    def __init__(self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params, chunk: int | None):
+        n = x.shape[0]
+        size = min(chunk or n, n)
+        self.parts = [(x[i : i + size], y[i : i + size], _weighted(loss_fn, (min(i + size, n) - i) / n))
+                      for i in range(0, n, size)] if size < n else [(x, y, loss_fn)]  # fmt: skip
+        self.split = split_at_blocks(loss_fn, phi, h, *self.parts[0][:2])
 
     def grad(self, phi: Params, h: Params) -> Params:
-        if self.split is None:
-            return self.whole(phi, h)[0]
-        return grad_and_product(self.split, self.loss_fn, phi, h, self.x, self.y, None)[0]
+        total: Params = {}
+        for x, y, loss_fn in self.parts:
+            if self.split is None:
+                g = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))(phi, h)[0]
+            else:
+                g = grad_and_product(self.split, loss_fn, phi, h, x, y, None)[0]
+            _accumulate(total, g)
+        return total
 
-    def product(self, phi: Params, h: Params, u: Params) -> tuple[Params, Params, Params]:
-        """(dL/dphi, H_phiphi u, H_hphi u)."""
-        if self.split is None:
-            zeros = {k: torch.zeros_like(t) for k, t in h.items()}
-            (g, _), (hu, hhu) = torch.func.jvp(self.whole, (phi, h), (u, zeros))
-            return g, hu, hhu
-        g, _, hu, hhu = grad_and_product(self.split, self.loss_fn, phi, h, self.x, self.y, u)
-        assert hu is not None and hhu is not None
-        return g, hu, hhu
+    def product(self, phi: Params, h: Params, u: Params, with_grad: bool) -> tuple[Params, Params, Params]:
+        """(dL/dphi, H_phiphi u, H_hphi u); dL/dphi left empty unless `with_grad` (only tensor rates read it)."""
+        g_all: Params = {}
+        hu_all: Params = {}
+        hhu_all: Params = {}
+        for x, y, loss_fn in self.parts:
+            if self.split is None:
+                zeros = {k: torch.zeros_like(t) for k, t in h.items()}
+                whole = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))
+                (g, _), (hu, hhu) = torch.func.jvp(whole, (phi, h), (u, zeros))
+            else:
+                g, _, hu, hhu = grad_and_product(self.split, loss_fn, phi, h, x, y, u)
+                assert hu is not None and hhu is not None
+            if with_grad:
+                _accumulate(g_all, g)
+            _accumulate(hu_all, hu)
+            _accumulate(hhu_all, hhu)
+            del g, hu, hhu
+        return g_all, hu_all, hhu_all
+
+
+def _weighted(loss_fn: SupportLoss, weight: float) -> SupportLoss:
+    """A chunk's share of the support loss: its mean over the chunk times the chunk's fraction of the examples."""
+    return lambda p, h, x, y: loss_fn(p, h, x, y) * weight
+
+
+def _accumulate(total: Params, more: Params) -> None:
+    """total += more, key by key, emptying `more` as it goes (one key's sum at a time besides the two); not in place:
+    under vmap a total may be unbatched where a later chunk's term is not."""
+    for k in list(more):
+        t = more.pop(k)
+        total[k] = t if k not in total else total[k] + t
 
 
 def _update(phi: Params, g: Params, rates: Params | None, lr: float | None) -> Params:
@@ -101,12 +142,12 @@ class _MixedDescent(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(loss_fn, names, hnames, steps, stride, lr, x, y, *tensors):
+    def forward(loss_fn, names, hnames, steps, stride, chunk, lr, x, y, *tensors):
         n = len(names)
         phi = dict(zip(names, tensors[:n]))
         rates = dict(zip(names, tensors[n : 2 * n])) if lr is None else None
         h = dict(zip(hnames, tensors[len(tensors) - len(hnames) :]))
-        support = _Support(loss_fn, x, y, phi, h)
+        support = _Support(loss_fn, x, y, phi, h, chunk)
         kept: list[Tensor] = []  # phi_s, phi_2s, ... below K (phi_0 is an input)
         for step in range(steps):
             if step and step % stride == 0:
@@ -116,9 +157,10 @@ class _MixedDescent(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        loss_fn, names, hnames, steps, stride, lr, x, y, *tensors = inputs
+        loss_fn, names, hnames, steps, stride, chunk, lr, x, y, *tensors = inputs
         n = len(names)
         ctx.loss_fn, ctx.names, ctx.hnames, ctx.steps, ctx.stride, ctx.lr = loss_fn, names, hnames, steps, stride, lr
+        ctx.chunk = chunk
         ctx.n_rates = n if lr is None else 0
         ctx.mark_non_differentiable(*output[n:])
         # no zero-filled gradients for the kept outputs (that many weight copies more at the backward's start)
@@ -133,7 +175,7 @@ class _MixedDescent(torch.autograd.Function):
         rates = dict(zip(names, saved[: ctx.n_rates])) if ctx.n_rates else None
         h = dict(zip(hnames, saved[ctx.n_rates : ctx.n_rates + len(hnames)]))
         kept = saved[ctx.n_rates + len(hnames) :]
-        support = _Support(ctx.loss_fn, x, y, dict(zip(names, kept[:n])), h)
+        support = _Support(ctx.loss_fn, x, y, dict(zip(names, kept[:n])), h, ctx.chunk)
         v = {k: torch.zeros_like(kept[i]) if g is None else g for i, (k, g) in enumerate(zip(names, grad_outputs))}
         del grad_outputs
         # with a float rate the product runs along v itself and is scaled after (no W-sized u)
@@ -148,7 +190,7 @@ class _MixedDescent(torch.autograd.Function):
             while stretch:
                 phi = stretch.pop()
                 u = v if rates is None else {k: rates[k] * v[k] for k in names}
-                g, hu, hhu = support.product(phi, h, u)
+                g, hu, hhu = support.product(phi, h, u, rates is not None)
                 del phi, u
                 if rates is not None:
                     for k in names:
@@ -161,14 +203,7 @@ class _MixedDescent(torch.autograd.Function):
                 own_v = True
                 del hu, hhu
         return (
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            *(None,) * 9,
             *(v[k] for k in names),
             *((d_rates[k] for k in names) if rates is not None else ()),
             *(d_h[k] for k in hnames),

@@ -14,9 +14,10 @@ the coordinator holds for a 1B-parameter model.
    per-process budget, with the fit's worst residual.
 4. mixed_mode_memory_ratio / mixed_mode_time_ratio: peak memory and time of one task's exact second-order MAML
    meta-gradient (10 inner steps, the ViT on 5-way 5-shot 84x84: mixed_mode_ratios_episode names it),
-   `inner.differentiation: mixed` over the best reverse-mode path; and the same on 5-way 1-shot 32x32 (ResNet-12
-   and ViT, mixed_mode) and 5-shot 32x32 ViT (mixed_mode_larger_support) episodes (bench/mixed_mode.py;
-   without the 84x84 rows, `--no-mixed-mode-84`, the headline is the 1-shot 32x32 episode's).
+   `inner.differentiation: mixed` (at its lowest-peak stride and support chunking) over the best reverse-mode
+   path; and the same on 5-way 1-shot 32x32 (ResNet-12 and ViT, mixed_mode) and 5-shot 32x32 ViT
+   (mixed_mode_larger_support) episodes (bench/mixed_mode.py; without the 84x84 rows, `--no-mixed-mode-84`, the
+   headline is the 1-shot 32x32 episode's).
 3. coordinator_bytes_per_param: the coordinator (cluster/coordinator.py) for an MLP of `coordinator_params`
    parameters: the peak rise over building it, publishing the parameters (the numpy views the object store copies)
    and one Adam step from a whole meta-gradient, in a fresh process. The meta-optimiser lives there for every job.

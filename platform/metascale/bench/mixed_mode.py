@@ -7,8 +7,9 @@ recomputation is for.
 
 Reverse mode's best path is the lowest peak of its memory options (nothing recomputed; `checkpoint: all`: every
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
-query-pass option as that best, so the two differ only in how they differentiate through the inner loop, keeping
-every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed); its lower peak is compared.
+query-pass option as that best (at 84x84 with its lowest-memory one, the query pass in chunks), keeping
+every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84, on models without
+batch statistics, also with its support products 5 examples at a time (`support_chunk`); its lowest peak is compared.
 Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call. Time: CPU seconds of the
 one thread (less sensitive than wall time to other jobs on the machine); at 32x32 the best of `repeats` calls, the
 two modes interleaved, whose meta-gradients are compared; at 84x84 the peak's own call (one per configuration).
@@ -30,6 +31,7 @@ from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
 from metascale.bench.peak import added_bytes, fresh_process_json, in_fresh_process, settle
 from metascale.config import AlgorithmSpec, InnerLoopSpec, ModelSpec, ResNet12Spec, SyntheticImagesData, ViTSpec
+from metascale.config.sections import PER_EXAMPLE_MODELS
 from metascale.data import build_task_source
 from metascale.models import build_model
 
@@ -47,16 +49,34 @@ MINI_EPISODE = dict(ways=5, shots=5, queries=15, image_size=84, channels=3)
 MINI_MODELS: dict[str, dict[str, Any]] = {
     "vit": ViTSpec(in_channels=3, image_size=84, patch_size=12, dim=96, depth=4, heads=3).model_dump(),  # 50 tokens
 }
+# the 84x84 rows' mixed mode also computes its support products this many examples at a time (`inner.support_chunk`;
+# models without batch statistics): one chunk's activations instead of the 25 support examples'
+SUPPORT_CHUNK = 5
 # not in the default rows: a 2-step reverse meta-gradient of it had not finished after 180 CPU s (one thread), so its
 # four 10-step configurations would take the bench far past its time budget; `run(mini=(MINI_EPISODE, {...}))` adds it
 MINI_RESNET12 = ResNet12Spec(in_channels=3, channels=[32, 64, 128, 256], image_size=84).model_dump()
 
 
-def _setup(model: dict, episode: dict, steps: int, mode: str, checkpoint: str, chunk: int | None, stride: int = 1):
+def _setup(
+    model: dict,
+    episode: dict,
+    steps: int,
+    mode: str,
+    checkpoint: str,
+    chunk: int | None,
+    stride: int = 1,
+    support_chunk: int | None = None,
+):
     torch.manual_seed(0)  # the same weights and episode in every process: the meta-gradients can be compared
     net = build_model(TypeAdapter(ModelSpec).validate_python(model), episode["ways"])
     inner = InnerLoopSpec(
-        steps=steps, lr=0.1, checkpoint=checkpoint, query_chunk=chunk, differentiation=mode, mixed_stride=stride
+        steps=steps,
+        lr=0.1,
+        checkpoint=checkpoint,
+        query_chunk=chunk,
+        differentiation=mode,
+        mixed_stride=stride,
+        support_chunk=support_chunk,
     )
     alg = build_algorithm(AlgorithmSpec(name="maml", inner=inner), net)
     batch = build_task_source(SyntheticImagesData(**episode), "train", 0).batch(0, range(1))
@@ -143,13 +163,19 @@ def _rows(models: dict[str, dict], episode: dict, steps: int, repeats: int) -> d
     return rows
 
 
-def _large_rows(models: dict[str, dict], episode: dict, steps: int, workers: int = 1) -> dict[str, dict[str, Any]]:
+def _large_rows(
+    models: dict[str, dict], episode: dict, steps: int, workers: int = 1, support_chunk: int | None = SUPPORT_CHUNK
+) -> dict[str, dict[str, Any]]:
     """`_rows` for an episode whose full calls take minutes: each configuration runs once, in its own fresh process
     that measures both its peak and its CPU time (after a 1-step warm-up); plain reverse is left out (it keeps every
-    step's graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT).
-    `workers` > 1 runs that many processes at once (peaks do not depend on it; CPU times somewhat do)."""
+    step's graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT). Mixed
+    mode runs with the query pass block by block in chunks, at each stride, whole and, on models without batch
+    statistics, with `support_chunk` too; the headline is its lowest-peak configuration. `workers` > 1 runs that many processes at once (peaks do not depend on it; CPU
+    times somewhat do)."""
     strides = sorted({1, math.ceil(math.sqrt(steps))})
     options = {k: REVERSE[k] for k in ("blocks", "chunked")}
+    chunks = {m: [None] + ([support_chunk] if support_chunk and spec["name"] in PER_EXAMPLE_MODELS else [])
+              for m, spec in models.items()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(workers) as pool:
 
         def profile(model: str, name: str, **setup: Any) -> dict[str, float]:
@@ -160,25 +186,43 @@ def _large_rows(models: dict[str, dict], episode: dict, steps: int, workers: int
         reverse = {(m, k): pool.submit(profile, m, k, mode="reverse", checkpoint=o[0], chunk=o[1])
                    for m in models for k, o in options.items()}  # fmt: skip
         best = {m: min(options, key=lambda k: reverse[m, k].result()["peak_bytes"]) for m in models}
-        mixed = {(m, s): pool.submit(profile, m, f"mixed{s}", mode="mixed", stride=s, checkpoint=options[best[m]][0],
-                                     chunk=options[best[m]][1]) for m in models for s in strides}  # fmt: skip
+        # mixed mode at its own lowest-memory query pass (block by block, in chunks): reverse's peak, its inner
+        # double backward, does not depend on that option (116.1 MB and 116.2 MB on the 84x84 ViT); mixed mode's does
+        mixed = {(m, s, c): pool.submit(profile, m, f"mixed{s}_{c}", mode="mixed", stride=s, support_chunk=c,
+                                        checkpoint=options["chunked"][0], chunk=options["chunked"][1])
+                 for m in models for s in strides for c in chunks[m]}  # fmt: skip
         rows = {}
         for m in models:
             rev = {k: reverse[m, k].result() for k in options}
-            mix = {s: mixed[m, s].result() for s in strides}
-            stride = min(mix, key=lambda s: mix[s]["peak_bytes"])
+            mix = {(s, c): mixed[m, s, c].result() for s in strides for c in chunks[m]}
+            stride, chunk = min(mix, key=lambda sc: mix[sc]["peak_bytes"])
             ref = torch.load(Path(tmp, m + best[m]))
-            diff = max(_relative_difference(torch.load(Path(tmp, f"{m}mixed{s}")), ref) for s in strides)
+            diff = max(_relative_difference(torch.load(Path(tmp, f"{m}mixed{s}_{c}")), ref) for s, c in mix)
+            chosen = mix[stride, chunk]
             rows[m] = {
                 "reverse_peak_bytes": {k: int(r["peak_bytes"]) for k, r in rev.items()},
                 "best_reverse": best[m],
-                "mixed_peak_bytes_by_stride": {str(s): int(r["peak_bytes"]) for s, r in mix.items()},
+                "mixed_peak_bytes_by_stride": {str(s): int(mix[s, None]["peak_bytes"]) for s in strides},
+                "mixed_s_by_stride": {str(s): round(mix[s, None]["cpu_s"], 3) for s in strides},
+                **(
+                    {}
+                    if len(chunks[m]) == 1
+                    else {
+                        "support_chunk": support_chunk,
+                        "mixed_support_chunk_peak_bytes_by_stride": {
+                            str(s): int(mix[s, support_chunk]["peak_bytes"]) for s in strides
+                        },
+                        "mixed_support_chunk_s_by_stride": {
+                            str(s): round(mix[s, support_chunk]["cpu_s"], 3) for s in strides
+                        },
+                    }
+                ),
                 "mixed_stride": stride,
-                "memory_ratio": round(mix[stride]["peak_bytes"] / rev[best[m]]["peak_bytes"], 3),
+                "mixed_support_chunk": chunk,
+                "memory_ratio": round(chosen["peak_bytes"] / rev[best[m]]["peak_bytes"], 3),
                 "reverse_s": round(rev[best[m]]["cpu_s"], 3),
-                "mixed_s_by_stride": {str(s): round(r["cpu_s"], 3) for s, r in mix.items()},
-                "mixed_s": round(mix[stride]["cpu_s"], 3),
-                "time_ratio": round(mix[stride]["cpu_s"] / rev[best[m]]["cpu_s"], 3),
+                "mixed_s": round(chosen["cpu_s"], 3),
+                "time_ratio": round(chosen["cpu_s"] / rev[best[m]]["cpu_s"], 3),
                 "meta_gradient_relative_difference": diff,
             }
     return rows

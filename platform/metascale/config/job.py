@@ -13,8 +13,8 @@ from metascale.config.halfcheetah import OBS_DIM, HalfCheetahDirData
 from metascale.config.rl import NavigationData
 from metascale.config.samplers import episodes_problem
 from metascale.config.sections import (
-    CHUNKED_QUERY, MIXED_MODE, AlgorithmSpec, CheckpointSpec, ClusterSpec, EvalSpec, ExecutorSpec, LoggingSpec,
-    MLPSpec, ModelSpec, NonNegInt, OuterLoopSpec, ShardingSpec, Spec,
+    CHUNKED_QUERY, MIXED_MODE, PER_EXAMPLE_MODELS, AlgorithmSpec, CheckpointSpec, ClusterSpec, EvalSpec, ExecutorSpec,
+    LoggingSpec, MLPSpec, ModelSpec, NonNegInt, OuterLoopSpec, ShardingSpec, Spec,
 )
 
 
@@ -175,6 +175,13 @@ class JobSpec(Spec):
         if alg.inner.mixed_stride > 1 and alg.inner.differentiation != "mixed":
             raise ValueError("inner.mixed_stride recomputes mixed mode's stored weights: it needs "
                              "inner.differentiation 'mixed'")
+        if alg.inner.support_chunk is not None and alg.inner.differentiation != "mixed":
+            raise ValueError("inner.support_chunk splits mixed mode's support products: it needs "
+                             "inner.differentiation 'mixed' (reverse mode's double backward keeps every chunk's graph)")
+        if alg.inner.support_chunk is not None and self.model.name not in PER_EXAMPLE_MODELS:
+            raise ValueError(f"inner.support_chunk sums per-chunk support gradients, exact only when examples are "
+                             f"independent: models {', '.join(PER_EXAMPLE_MODELS)}, not '{self.model.name}' (its batch "
+                             "norm couples a task's examples)")
         if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
             raise ValueError("algorithm 'imaml' needs inner.steps >= 1 and inner.checkpoint 'none' "
                              "(its memory is already independent of the inner steps)")

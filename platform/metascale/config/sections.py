@@ -159,10 +159,17 @@ class InnerLoopSpec(Spec):
     # stretch at a time: about K/s + s weight copies instead of K, for K - K/s more plain gradients (s ~ sqrt(K) is
     # the lowest peak). 1 keeps every step.
     mixed_stride: PositiveInt = 1
+    # 'mixed' computes its support gradients and Hessian-vector products this many support examples at a time and
+    # sums them (the same numbers): a product holds one chunk's activations instead of the support set's. Exact where
+    # examples are independent, so models without batch statistics (mlp, vit). Reverse mode cannot gain this way: its
+    # double backward needs every chunk's graph at once.
+    support_chunk: PositiveInt | None = None
 
 
 CHUNKED_QUERY = ("maml", "fomaml", "metasgd", "learned_loss", "learned_hparams")
 MIXED_MODE = ("maml", "metasgd", "learned_hparams", "learned_loss")  # second order through the whole model
+# models whose outputs for one example read no other example (no batch statistics): inner.support_chunk is exact
+PER_EXAMPLE_MODELS = ("mlp", "vit")
 
 
 class IMAMLSpec(Spec):
