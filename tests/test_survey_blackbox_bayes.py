@@ -213,3 +213,36 @@ def test_abml_kl_weight_is_what_makes_it_under_confident(tmp_path, make_job):
         out[kl] = train(spec)
     assert out[3e-6]["final/ece"] < out[3e-5]["final/ece"] - 0.02, out
     assert out[3e-6]["final/loss"] < out[3e-5]["final/loss"], out
+
+
+def test_abml_averaged_predictive_is_better_calibrated_than_maml_where_maml_is_over_confident(tmp_path, make_job):
+    """Where the point-estimate learner is over-confident (noisy 1-shot images, 10 test-time adaptation steps that
+    fit the one support image per class), ABML's predictive, the softmax averaged over weight draws from a posterior
+    of standard deviation ~e^-3, has the lower ECE at no cost in accuracy; the same checkpoint predicting from one
+    draw (no averaging over weights) loses the margin. Same seed, tasks and meta-steps for both learners; 5
+    meta-steps, since on this task neither learner's held-out figures move in 200 (docs/survey-map.md, ABML)."""
+    from metascale.evaluate import evaluate_checkpoint
+    from metascale.train import train
+
+    def job(name, **kw):
+        return make_job(
+            tmp_path / name,
+            data__noise=2.0,
+            data__classes=10,
+            algorithm__inner={"steps": 1, "lr": 0.4},
+            outer__steps=5,
+            outer__meta_batch=4,
+            eval__inner_steps=10,
+            **{**SMALL, "eval__final_episodes": 60},
+            **kw,
+        )
+
+    maml = train(job("maml"))
+    abml_spec = {"samples": 2, "eval_samples": 10, "init_log_std": -3.0, "kl_weight": 1.64e-4}
+    abml = train(job("abml", algorithm__name="abml", algorithm__abml=abml_spec))
+    one_draw = job("abml", algorithm__name="abml", algorithm__abml={**abml_spec, "eval_samples": 1})
+    single = evaluate_checkpoint(one_draw, None, 60)
+    assert maml["final/confidence"] > maml["final/accuracy"] + 0.1, maml  # the regime: MAML over-confident
+    assert abml["final/ece"] < maml["final/ece"] - 0.03, (abml, maml)
+    assert abml["final/accuracy"] > maml["final/accuracy"] - 0.05, (abml, maml)  # not bought with accuracy
+    assert single["test/ece"] > abml["final/ece"] + 0.02, (single, abml)

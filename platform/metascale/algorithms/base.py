@@ -61,7 +61,9 @@ def task_metrics(out: Tensor, y: Tensor, loss: Tensor) -> dict[str, Tensor]:
     m = {"loss": loss.detach()}
     if y.dtype in (torch.int64, torch.int32):
         m["accuracy"] = (out.detach().argmax(-1) == y).float().mean()
-        m["ece"] = expected_calibration_error(torch.softmax(out.detach().float(), -1), y)  # out: logits/log-probs
+        probs = torch.softmax(out.detach().float(), -1)  # out: logits/log-probs
+        m["ece"] = expected_calibration_error(probs, y)
+        m["confidence"] = probs.max(-1).values.mean()  # above accuracy: over-confident; below: under-confident
     return m
 
 
