@@ -138,8 +138,15 @@ def final_params():
 
 
 RAY_HEAD_PORTS = (
-    "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-    "metrics-export-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+    "runtime-env-agent-port",
 )
 
 
@@ -215,8 +222,9 @@ def kuberay_crds():
 
     found = crd_dir()
     if found is None:
-        pytest.skip(f"KubeRay's CRD schemas not found: set ${CRD_ENV}, or run scripts/fetch-kuberay-crds.sh "
-                    f"with network access")
+        pytest.skip(
+            f"KubeRay's CRD schemas not found: set ${CRD_ENV}, or run scripts/fetch-kuberay-crds.sh with network access"
+        )
     return found
 
 

@@ -55,8 +55,10 @@ def crd_schema(kind: str, strict: bool = True) -> dict[str, Any]:
     """KubeRay's v1 openAPIV3Schema; strict adds additionalProperties: false wherever unknown fields are not kept."""
     folder = crd_dir()
     if folder is None:  # a test that validates ray.io objects without taking the kuberay_crds fixture
-        raise RuntimeError(f"KubeRay's CRDs were not found (${CRD_ENV}, {', '.join(map(str, CRD_PLACES))}); "
-                           f"tests that validate {kind} objects must take the kuberay_crds fixture")
+        raise RuntimeError(
+            f"KubeRay's CRDs were not found (${CRD_ENV}, {', '.join(map(str, CRD_PLACES))}); "
+            f"tests that validate {kind} objects must take the kuberay_crds fixture"
+        )
     path = folder / CRD_FILES[kind]
     with path.open() as f:
         crd = yaml.load(f, Loader=yaml.CSafeLoader)  # the pure-Python loader takes seconds on 1.4 MB
@@ -234,7 +236,8 @@ class ApiServerEmulator:
         if ns in self.forbidden:
             verb = {"POST": "create", "DELETE": "delete"}.get(method, "get" if name else "list")
             return _status(
-                403, "Forbidden",
+                403,
+                "Forbidden",
                 f'{resource} is forbidden: User "tester" cannot {verb} resource "{plural}" in the namespace "{ns}"',
             )
         with self._lock:
@@ -265,8 +268,9 @@ class ApiServerEmulator:
                 return _status(400, "BadRequest", f"strict decoding error: unknown field(s): {'; '.join(unknown)}")
         problems = schema_errors(obj, unknown_fields=False)
         if problems:
-            return _status(422, "Invalid", f'{kind}.{resource.partition(".")[2] or ""} "{name}" is invalid: '
-                           + "; ".join(problems))
+            return _status(
+                422, "Invalid", f'{kind}.{resource.partition(".")[2] or ""} "{name}" is invalid: ' + "; ".join(problems)
+            )
         if (plural, ns, name) in self.objects:
             return _status(409, "AlreadyExists", f'{resource} "{name}" already exists')
         obj = self._stamp(copy.deepcopy(obj), ns)
@@ -274,20 +278,26 @@ class ApiServerEmulator:
             self.objects[(plural, ns, name)] = obj
         return 201, obj
 
-    def _patch(self, ns: str, plural: str, kind: str, resource: str, name: str, content_type: str, body: bytes,
-               query: dict) -> tuple[int, Any]:
+    def _patch(
+        self, ns: str, plural: str, kind: str, resource: str, name: str, content_type: str, body: bytes, query: dict
+    ) -> tuple[int, Any]:
         """A JSON merge patch (custom resources take no strategic merge patch), validated like a create."""
         obj = self.objects.get((plural, ns, name))
         if obj is None:
             return _status(404, "NotFound", f'{resource} "{name}" not found')
         if content_type.split(";")[0].strip() != "application/merge-patch+json":
-            return _status(415, "UnsupportedMediaType", f"the body of the request was in an unknown format "
-                           f"- accepted media types include: application/merge-patch+json (got {content_type!r})")
+            return _status(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format "
+                f"- accepted media types include: application/merge-patch+json (got {content_type!r})",
+            )
         patched = _merge_patch(copy.deepcopy(obj), json.loads(body or b"{}"))
         problems = schema_errors(patched, unknown_fields=query.get("fieldValidation") == "Strict")
         if problems:
-            return _status(422, "Invalid", f'{kind}.{resource.partition(".")[2]} "{name}" is invalid: '
-                           + "; ".join(problems))
+            return _status(
+                422, "Invalid", f'{kind}.{resource.partition(".")[2]} "{name}" is invalid: ' + "; ".join(problems)
+            )
         if query.get("dryRun") != "All":
             self._rv += 1
             patched["metadata"]["resourceVersion"] = str(self._rv)
@@ -305,18 +315,28 @@ class ApiServerEmulator:
         for key, other in list(self.objects.items()):  # the garbage collector, for owned objects
             if any(ref.get("uid") == uid for ref in other["metadata"].get("ownerReferences", [])):
                 del self.objects[key]
-        return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                     "details": {"name": name, "kind": plural, "uid": uid}}
+        return 200, {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": {"name": name, "kind": plural, "uid": uid},
+        }
 
     def _list(self, ns: str, plural: str, kind: str, selector: str) -> dict[str, Any]:
         want = dict(p.split("=", 1) for p in selector.split(",") if "=" in p)
         items = [
-            o for (p, n, _), o in sorted(self.objects.items())
+            o
+            for (p, n, _), o in sorted(self.objects.items())
             if p == plural and n == ns and all(o["metadata"].get("labels", {}).get(k) == v for k, v in want.items())
         ]
         api_version = "ray.io/v1" if plural.startswith("ray") else "v1"
-        return {"apiVersion": api_version, "kind": f"{kind}List", "metadata": {"resourceVersion": str(self._rv)},
-                "items": items}
+        return {
+            "apiVersion": api_version,
+            "kind": f"{kind}List",
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": items,
+        }
 
     def _stamp(self, obj: dict[str, Any], ns: str | None = None) -> dict[str, Any]:
         self._rv += 1
@@ -346,8 +366,15 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 
 
 def _status(code: int, reason: str, message: str) -> tuple[int, dict[str, Any]]:
-    return code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                  "message": message, "reason": reason, "code": code}
+    return code, {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def _handler(emu: ApiServerEmulator):
@@ -399,7 +426,9 @@ def rule_violations(obj: dict[str, Any]) -> list[str]:
     for g in spec.get("workerGroupSpecs") or []:
         lo, n, hi = g.get("minReplicas", 0), g.get("replicas", g.get("minReplicas", 0)), g.get("maxReplicas", 0)
         if not lo <= n <= hi:
-            problems.append(f"group {g.get('groupName')}: need minReplicas ({lo}) <= replicas ({n}) <= maxReplicas ({hi})")
+            problems.append(
+                f"group {g.get('groupName')}: need minReplicas ({lo}) <= replicas ({n}) <= maxReplicas ({hi})"
+            )
     for where, template in _pod_templates(obj):
         pod = template.get("spec") or {}
         if not (pod.get("securityContext") or {}).get("runAsNonRoot"):

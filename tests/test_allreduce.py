@@ -27,8 +27,11 @@ def _kill_worker_1_after_checkpoint(spec, step: int, killed: list) -> threading.
         deadline = time.time() + 120
         while time.time() < deadline and step not in checkpoint.list_steps(spec.path(spec.checkpoint.dir)):
             time.sleep(0.02)
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith(f"metascale-{spec.name}-") and a["name"].endswith("worker-1")]
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"metascale-{spec.name}-") and a["name"].endswith("worker-1")
+        ]
         ray.kill(ray.get_actor(names[0]), no_restart=False)
         killed.append((names[0], checkpoint.list_steps(spec.path(spec.checkpoint.dir))))
 
@@ -64,8 +67,9 @@ def test_allreduce_needs_backprop_and_replicated_workers(tmp_path, make_job):
         make_job(tmp_path, cluster__aggregation="allreduce", sharding__engine="deepspeed")
 
 
-def test_killed_worker_falls_back_and_ends_with_the_fault_free_parameters(local_ray, tmp_path, caplog, make_job,
-                                                                          final_params):
+def test_killed_worker_falls_back_and_ends_with_the_fault_free_parameters(
+    local_ray, tmp_path, caplog, make_job, final_params
+):
     caplog.set_level(logging.INFO, logger="metascale.cluster.allreduce")
     # 2 workers: a + b == b + a, so the all-reduce run equals the coordinator run bit for bit (module docstring).
     clean = make_job(tmp_path / "clean", outer__steps=8, eval__every=0)

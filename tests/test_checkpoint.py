@@ -25,9 +25,15 @@ from metascale.train import train
 
 
 def _state(step: int, fill: float = 1.0) -> dict:
-    return {"step": step, "params": {"w": torch.full((2, 3), fill, dtype=torch.float64), "lr": torch.tensor(fill)},
-            "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-            "rng": {"torch": torch.get_rng_state()}, "spec": "name: t\n", "wandb_run_id": "abc", "skipped_steps": 0}
+    return {
+        "step": step,
+        "params": {"w": torch.full((2, 3), fill, dtype=torch.float64), "lr": torch.tensor(fill)},
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "rng": {"torch": torch.get_rng_state()},
+        "spec": "name: t\n",
+        "wandb_run_id": "abc",
+        "skipped_steps": 0,
+    }
 
 
 def _legacy(path: Path, state: dict) -> None:
@@ -68,8 +74,9 @@ def test_a_checkpoint_is_a_folder_of_files_other_tools_read(tmp_path, make_job, 
     assert back["step"] == 7 and back["skipped_steps"] == 2 and back["wandb_run_id"] == "run-123"
     other = Coordinator(spec)
     other.load_state_dict(back)
-    assert other.step == 7 and other.optimizer.state_dict()["param_groups"] == coord.optimizer.state_dict()[
-        "param_groups"]
+    assert (
+        other.step == 7 and other.optimizer.state_dict()["param_groups"] == coord.optimizer.state_dict()["param_groups"]
+    )
     for k in coord.params:
         assert torch.equal(other.params[k], coord.params[k]), k
     assert checkpoint.read(str(path / "manifest.json"))["step"] == 7  # the manifest stands for its folder
@@ -95,8 +102,10 @@ DAMAGE = {
     "flipped byte": (_damage_params_byte, "params.safetensors: checksum mismatch (torn or corrupt write)"),
     "truncated file": (_truncate_state, "state.pt has 100 bytes, its manifest says"),
     "missing file": (lambda p: (p / "params.safetensors").unlink(), "params.safetensors is missing"),
-    "torn manifest": (lambda p: (p / "manifest.json").write_bytes((p / "manifest.json").read_bytes()[:40]),
-                      "manifest.json is not JSON (torn or corrupt write)"),
+    "torn manifest": (
+        lambda p: (p / "manifest.json").write_bytes((p / "manifest.json").read_bytes()[:40]),
+        "manifest.json is not JSON (torn or corrupt write)",
+    ),
     "edited manifest": (_edit_manifest, "manifest.json: checksum mismatch"),
 }
 
@@ -200,17 +209,24 @@ def _resigned_manifest(folder: Path, **changes) -> None:
 
 
 FOLDER_CASES = {
-    "not safetensors": (lambda f: _consistent(f, "params.safetensors", b"not safetensors at all"),
-                        "params.safetensors does not load ("),
-    "not weights-only": (lambda f: _consistent(f, "state.pt", _saved({"x": Path("/etc")})),
-                         "state.pt does not load (Weights only load failed"),
-    "state is a list": (lambda f: _consistent(f, "state.pt", _saved([1, 2])),
-                        "state.pt is a list, not a checkpoint's state dict"),
+    "not safetensors": (
+        lambda f: _consistent(f, "params.safetensors", b"not safetensors at all"),
+        "params.safetensors does not load (",
+    ),
+    "not weights-only": (
+        lambda f: _consistent(f, "state.pt", _saved({"x": Path("/etc")})),
+        "state.pt does not load (Weights only load failed",
+    ),
+    "state is a list": (
+        lambda f: _consistent(f, "state.pt", _saved([1, 2])),
+        "state.pt is a list, not a checkpoint's state dict",
+    ),
     "newer format": (lambda f: _resigned_manifest(f, version=3), "format version 3, this metascale reads up to 2"),
-    "foreign manifest": (lambda f: (f / "manifest.json").write_text('{"format": "other"}'),
-                         "is not a metascale checkpoint manifest"),
-    "path in a file name": (lambda f: _resigned_manifest(f, files={"../x": {"sha256": "0", "bytes": 0}}),
-                            "malformed"),
+    "foreign manifest": (
+        lambda f: (f / "manifest.json").write_text('{"format": "other"}'),
+        "is not a metascale checkpoint manifest",
+    ),
+    "path in a file name": (lambda f: _resigned_manifest(f, files={"../x": {"sha256": "0", "bytes": 0}}), "malformed"),
 }
 
 

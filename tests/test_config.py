@@ -36,47 +36,98 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
         ({"model": {"name": "conv4", "hiden": 3}, "data": {"source": "synthetic"}}, "model.hiden: unknown field"),
         ({"data": {"source": "shards"}, "model": {"name": "conv4"}}, "data.url: Field required"),
         ({"model": {"name": "conv4"}}, "data.source 'sinusoid' needs model.name 'mlp'"),
-        ({"model": {"name": "vit", "image_size": 28, "patch_size": 5}, "data": {"source": "synthetic"}},
-         "image_size (28) must be a multiple of patch_size (5)"),
+        (
+            {"model": {"name": "vit", "image_size": 28, "patch_size": 5}, "data": {"source": "synthetic"}},
+            "image_size (28) must be a multiple of patch_size (5)",
+        ),
         ({"name": "bad name; rm -rf /"}, "name: String should match pattern"),
-        ({"outer": {"steps": 100, "schedule": {"decay": "cosine", "decay_steps": 200}}},
-         "schedule.warmup_steps (0) + schedule.decay_steps (200) must fit in outer.steps (100)"),
+        (
+            {"outer": {"steps": 100, "schedule": {"decay": "cosine", "decay_steps": 200}}},
+            "schedule.warmup_steps (0) + schedule.decay_steps (200) must fit in outer.steps (100)",
+        ),
         ({"outer": {"schedule": {"decay_steps": 10}}}, "schedule.decay_steps (10) needs schedule.decay 'cosine'"),
         ({"outer": {"schedule": {"decay": "step"}}}, "outer.schedule.decay: Input should be 'none', 'cosine'"),
         ({"checkpoint": {"dir": "runs/{nam}"}}, "checkpoint.dir: {name} is the only placeholder"),
         ({"logging": {"wandb": {"dir": "runs/{"}}}, "logging.wandb.dir: {name} is the only placeholder"),
-        ({"kubernetes": {"imagePullSecrets": [{"name": "Reg_Cred"}]}}, "kubernetes.imagePullSecrets.0.name: String "
-         "should match pattern"),
-        ({"kubernetes": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}},
-         "volume type 'hostPath' is not allowed by the restricted Pod Security Standard"),
+        (
+            {"kubernetes": {"imagePullSecrets": [{"name": "Reg_Cred"}]}},
+            "kubernetes.imagePullSecrets.0.name: String should match pattern",
+        ),
+        (
+            {"kubernetes": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}},
+            "volume type 'hostPath' is not allowed by the restricted Pod Security Standard",
+        ),
         ({"kubernetes": {"volumes": [{"name": "v"}]}}, "volume 'v' needs exactly one of configMap"),
-        ({"kubernetes": {"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "w", "mountPath": "/w"}]}},
-         "volumeMounts: 'w' names no volume"),
-        ({"kubernetes": {"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "v", "mountPath": "/tmp"}]}},
-         "overlaps metascale's own mounts"),
+        (
+            {
+                "kubernetes": {
+                    "volumes": [{"name": "v", "emptyDir": {}}],
+                    "volumeMounts": [{"name": "w", "mountPath": "/w"}],
+                }
+            },
+            "volumeMounts: 'w' names no volume",
+        ),
+        (
+            {
+                "kubernetes": {
+                    "volumes": [{"name": "v", "emptyDir": {}}],
+                    "volumeMounts": [{"name": "v", "mountPath": "/tmp"}],
+                }
+            },
+            "overlaps metascale's own mounts",
+        ),
         ({"kubernetes": {"volumeMounts": [{"name": "v", "mountPath": "relative"}]}}, "mountPath: String should match"),
         ({"kubernetes": {"nodeSelector": {"pool": "gpu nodes"}}}, "'gpu nodes' is not a Kubernetes label value"),
         ({"kubernetes": {"tolerations": [{"key": "k", "operator": "In"}]}}, "operator: Input should be 'Exists'"),
         ({"kubernetes": {"head": {"memory": "four gigs"}}}, "kubernetes.head.memory: String should match pattern"),
         ({"kubernetes": {"ttlSecondsAfterFinished": -1}}, "ttlSecondsAfterFinished: Input should be greater than"),
         ({"kubernetes": {"wandbSecret": "x"}}, "kubernetes.wandbSecret: unknown field"),
-        ({"algorithm": {"name": "fomaml", "inner": {"differentiation": "mixed"}}},
-         "inner.differentiation 'mixed' computes exact second-order meta-gradients through the whole model"),
-        ({"algorithm": {"inner": {"differentiation": "mixed", "first_order": True}}}, "not 'maml' with inner.first_order"),
-        ({"algorithm": {"inner": {"differentiation": "mixed", "checkpoint": "steps"}}},
-         "inner.checkpoint 'steps' recomputes reverse mode's graph of each inner step"),
-        ({"algorithm": {"inner": {"differentiation": "forward"}}}, "differentiation: Input should be 'reverse' or 'mixed'"),
+        (
+            {"algorithm": {"name": "fomaml", "inner": {"differentiation": "mixed"}}},
+            "inner.differentiation 'mixed' computes exact second-order meta-gradients through the whole model",
+        ),
+        (
+            {"algorithm": {"inner": {"differentiation": "mixed", "first_order": True}}},
+            "not 'maml' with inner.first_order",
+        ),
+        (
+            {"algorithm": {"inner": {"differentiation": "mixed", "checkpoint": "steps"}}},
+            "inner.checkpoint 'steps' recomputes reverse mode's graph of each inner step",
+        ),
+        (
+            {"algorithm": {"inner": {"differentiation": "forward"}}},
+            "differentiation: Input should be 'reverse' or 'mixed'",
+        ),
         ({"algorithm": {"inner": {"mixed_stride": 3}}}, "inner.mixed_stride recomputes mixed mode's stored weights"),
-        ({"algorithm": {"inner": {"differentiation": "mixed", "mixed_stride": 0}}}, "mixed_stride: Input should be greater than 0"),
+        (
+            {"algorithm": {"inner": {"differentiation": "mixed", "mixed_stride": 0}}},
+            "mixed_stride: Input should be greater than 0",
+        ),
         ({"algorithm": {"inner": {"support_chunk": 2}}}, "inner.support_chunk splits mixed mode's support products"),
-        ({"model": {"name": "conv4"}, "data": {"source": "synthetic"},
-          "algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 2}}},
-         "exact only when examples are independent: models mlp, vit, not 'conv4'"),
-        ({"model": {"name": "resnet12"}, "data": {"source": "synthetic"},
-          "algorithm": {"name": "learned_loss", "inner": {"differentiation": "mixed", "support_chunk": 2}}}, "not 'resnet12'"),
-        ({"algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 0}}}, "support_chunk: Input should be greater than 0"),
-        ({"cluster": {"cpus_per_process": 2}, "kubernetes": {"worker": {"cpu": "1500m", "memory": "1Gi"}}},
-         "kubernetes.worker.cpu (1500m) is below what a worker pod's processes need (cluster.cpus_per_process x 1 = 2)"),
+        (
+            {
+                "model": {"name": "conv4"},
+                "data": {"source": "synthetic"},
+                "algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 2}},
+            },
+            "exact only when examples are independent: models mlp, vit, not 'conv4'",
+        ),
+        (
+            {
+                "model": {"name": "resnet12"},
+                "data": {"source": "synthetic"},
+                "algorithm": {"name": "learned_loss", "inner": {"differentiation": "mixed", "support_chunk": 2}},
+            },
+            "not 'resnet12'",
+        ),
+        (
+            {"algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 0}}},
+            "support_chunk: Input should be greater than 0",
+        ),
+        (
+            {"cluster": {"cpus_per_process": 2}, "kubernetes": {"worker": {"cpu": "1500m", "memory": "1Gi"}}},
+            "kubernetes.worker.cpu (1500m) is below what a worker pod's processes need (cluster.cpus_per_process x 1 = 2)",
+        ),
     ],
 )
 def test_bad_fields_name_their_path_and_what_was_expected(raw, expected):
@@ -86,24 +137,40 @@ def test_bad_fields_name_their_path_and_what_was_expected(raw, expected):
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_mixed_mode_validates_sharded_at_every_zero_stage(zero_stage):
     """Stages 0-2 run mixed mode's sweep as the backward of engine.backward, stage 3 on gathered whole tensors."""
-    spec = parse_spec({"model": {"name": "vit"}, "data": {"source": "synthetic"}, "cluster": {"address": "local"},
-                       "algorithm": {"name": "metasgd", "inner": {"differentiation": "mixed"}},
-                       "sharding": {"engine": "deepspeed", "zero_stage": zero_stage}})
+    spec = parse_spec(
+        {
+            "model": {"name": "vit"},
+            "data": {"source": "synthetic"},
+            "cluster": {"address": "local"},
+            "algorithm": {"name": "metasgd", "inner": {"differentiation": "mixed"}},
+            "sharding": {"engine": "deepspeed", "zero_stage": zero_stage},
+        }
+    )
     assert spec.algorithm.inner.differentiation == "mixed" and spec.sharding.zero_stage == zero_stage
 
 
 @pytest.mark.parametrize("model", ["mlp", "vit"])
 def test_support_chunks_validate_on_models_without_batch_statistics(model):
     data = {"source": "synthetic" if model == "vit" else "sinusoid"}
-    spec = parse_spec({"model": {"name": model}, "data": data,
-                       "algorithm": {"name": "learned_hparams", "inner": {"differentiation": "mixed", "support_chunk": 3}}})
+    spec = parse_spec(
+        {
+            "model": {"name": model},
+            "data": data,
+            "algorithm": {"name": "learned_hparams", "inner": {"differentiation": "mixed", "support_chunk": 3}},
+        }
+    )
     assert spec.algorithm.inner.support_chunk == 3
 
 
 def test_the_kubernetes_section_defaults_to_the_former_rayjob():
     k = parse_spec({}).kubernetes
-    assert (k.image, k.head.cpu, k.head.memory, k.worker.cpu, k.worker.memory) == ("metascale:0.1.0", "1", "4Gi", None,
-                                                                                  "8Gi")
+    assert (k.image, k.head.cpu, k.head.memory, k.worker.cpu, k.worker.memory) == (
+        "metascale:0.1.0",
+        "1",
+        "4Gi",
+        None,
+        "8Gi",
+    )
     assert (k.ttlSecondsAfterFinished, k.backoffLimit, k.wandb_secret) == (3600, 2, "metascale-wandb")
     assert not (k.volumes or k.volumeMounts or k.tolerations or k.nodeSelector or k.imagePullSecrets)
 
@@ -127,12 +194,16 @@ def test_there_are_example_jobs():
 def test_every_example_job_validates(job):
     module = NEEDS_EXTRA.get(job.name)
     if module is not None and not available(module):
-        pytest.skip(f"{job.name} needs {module}, which is not installed (its refusal is tested in test_survey_halfcheetah.py)")
+        pytest.skip(
+            f"{job.name} needs {module}, which is not installed (its refusal is tested in test_survey_halfcheetah.py)"
+        )
     assert isinstance(load_spec(job), JobSpec), job
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "metascale", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "metascale", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -166,14 +237,20 @@ def test_cli_missing_file_and_bad_override_are_clear(tmp_path):
     [
         ({"outer": {"lr": float("inf")}}, "outer.lr: Input should be a finite number (got inf)"),
         ({"algorithm": {"inner": {"lr": float("nan")}}}, "algorithm.inner.lr: Input should be a finite number"),
-        ({"data": {"source": "sinusoid", "amplitude": [float("nan"), 1.0]}},
-         "data.amplitude.0: Input should be a finite number (got nan)"),
+        (
+            {"data": {"source": "sinusoid", "amplitude": [float("nan"), 1.0]}},
+            "data.amplitude.0: Input should be a finite number (got nan)",
+        ),
         ({"cluster": {"gpus_per_process": float("inf")}}, "cluster.gpus_per_process: Input should be a finite number"),
         ({"outer": {"es": {"sigma": float("-inf")}}}, "outer.es.sigma: Input should be a finite number (got -inf)"),
-        ({"outer": {"schedule": {"final_ratio": float("nan")}}},
-         "outer.schedule.final_ratio: Input should be a finite number"),
-        ({"model": {"name": "vit", "mlp_ratio": float("inf")}, "data": {"source": "synthetic"}},
-         "model.mlp_ratio: Input should be a finite number"),
+        (
+            {"outer": {"schedule": {"final_ratio": float("nan")}}},
+            "outer.schedule.final_ratio: Input should be a finite number",
+        ),
+        (
+            {"model": {"name": "vit", "mlp_ratio": float("inf")}, "data": {"source": "synthetic"}},
+            "model.mlp_ratio: Input should be a finite number",
+        ),
     ],
 )
 def test_nan_and_infinity_are_refused_with_the_field_path(raw, expected):
@@ -190,9 +267,11 @@ def _one_error(r: subprocess.CompletedProcess, needle: str) -> None:
 
 
 # A YAML "billion laughs": six levels of ten aliases make a million-element list out of 200 bytes.
-LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{k}: &{k} [{', '.join([f'*{p}'] * 10)}]\n" for p, k in zip("abcde", "bcdef")
-) + "name: *f\n"
+LAUGHS = (
+    "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 10)}]\n" for p, k in zip("abcde", "bcdef"))
+    + "name: *f\n"
+)
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def packed(tmp_path) -> Path:
     rng = np.random.default_rng(0)
-    classes = [SourceClass(f"k{c}", f"k{c}", "train", list(rng.integers(0, 256, (8, 6, 6), dtype=np.uint8)))
-               for c in range(12)]
+    classes = [
+        SourceClass(f"k{c}", f"k{c}", "train", list(rng.integers(0, 256, (8, 6, 6), dtype=np.uint8))) for c in range(12)
+    ]
     pack(classes, tmp_path / "set", progress=False, max_classes_per_shard=4)
     return tmp_path / "set"
 
@@ -72,8 +73,11 @@ def test_corrupted_bytes_fail_the_checksum(packed):
 
 
 def test_sample_missing_a_field(packed):
-    _rewrite_shard(packed, "train-00002.tar", lambda s: {k: v for k, v in s.items() if k != "json"}
-                   if s["__key__"] == "c000009" else s)
+    _rewrite_shard(
+        packed,
+        "train-00002.tar",
+        lambda s: {k: v for k, v in s.items() if k != "json"} if s["__key__"] == "c000009" else s,
+    )
     with pytest.raises(DataError, match=r"train-00002\.tar sample c000009: missing field \['json'\]"):
         _source(packed).batch(0, [0])
     src = _source(packed, "skip")
@@ -82,15 +86,19 @@ def test_sample_missing_a_field(packed):
 
 
 def test_image_that_does_not_decode(packed):
-    _rewrite_shard(packed, "train-00000.tar", lambda s: {**s, "png": b"\x89PNG not really"}
-                   if s["__key__"] == "c000002" else s)
+    _rewrite_shard(
+        packed, "train-00000.tar", lambda s: {**s, "png": b"\x89PNG not really"} if s["__key__"] == "c000002" else s
+    )
     with pytest.raises(DataError, match=r"train-00000\.tar sample c000002: image does not decode"):
         _source(packed).batch(0, [0])
 
 
 def test_image_of_the_wrong_shape_is_not_silently_used(packed):
-    _rewrite_shard(packed, "train-00000.tar", lambda s: {**s, "png": encode_png(np.zeros((7 * 6, 6), np.uint8))}
-                   if s["__key__"] == "c000001" else s)
+    _rewrite_shard(
+        packed,
+        "train-00000.tar",
+        lambda s: {**s, "png": encode_png(np.zeros((7 * 6, 6), np.uint8))} if s["__key__"] == "c000001" else s,
+    )
     with pytest.raises(DataError, match=r"sample c000001: image is 6x42, expected 6x48"):
         _source(packed).batch(0, [0])
 
@@ -103,10 +111,14 @@ def test_class_missing_from_its_shard(packed):
 
 def test_class_with_fewer_than_shots_plus_queries(tmp_path):
     rng = np.random.default_rng(1)
-    classes = [SourceClass(f"k{c}", "a", "train", list(rng.integers(0, 256, (3 if c == 2 else 6, 5, 5), dtype=np.uint8)))
-               for c in range(5)]
+    classes = [
+        SourceClass(f"k{c}", "a", "train", list(rng.integers(0, 256, (3 if c == 2 else 6, 5, 5), dtype=np.uint8)))
+        for c in range(5)
+    ]
     pack(classes, tmp_path / "s", progress=False)
-    with pytest.raises(DataError, match=r"class 2 'k2' \(shard train-00000\.tar\) has 3 examples, fewer than shots\+queries=4"):
+    with pytest.raises(
+        DataError, match=r"class 2 'k2' \(shard train-00000\.tar\) has 3 examples, fewer than shots\+queries=4"
+    ):
         _source(tmp_path / "s").batch(0, [0])
     src = _source(tmp_path / "s", "skip")
     b = src.batch(0, range(10))
@@ -162,8 +174,11 @@ def test_a_shard_name_from_the_index_never_reaches_a_shell(packed, tmp_path):
     doc["shards"][0]["name"] = f"train-00000.tar; touch {marker}"
     (packed / "index.json").write_text(json.dumps(doc))
     root = f"pipe:cat {packed}/{{name}}"
-    with pytest.raises(DataError, match=rf"^pipe:cat {packed}/index\.json: shard 0 is named 'train-00000\.tar; touch "
-                                        rf".*pwned', not a plain file name"):
+    with pytest.raises(
+        DataError,
+        match=rf"^pipe:cat {packed}/index\.json: shard 0 is named 'train-00000\.tar; touch "
+        rf".*pwned', not a plain file name",
+    ):
         _source(root).batch(0, [0])
     assert not marker.exists()
     with pytest.raises(DataError, match="not a plain file name"):

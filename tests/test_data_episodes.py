@@ -36,7 +36,9 @@ def shards(tmp_path_factory) -> str:
 
 
 def _digest(b) -> str:
-    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in (b.support_x, b.support_y, b.query_x, b.query_y))).hexdigest()
+    return hashlib.sha256(
+        b"".join(t.numpy().tobytes() for t in (b.support_x, b.support_y, b.query_x, b.query_y))
+    ).hexdigest()
 
 
 def test_batch_shapes_labels_and_pixels(shards):
@@ -64,9 +66,11 @@ def test_pure_in_seed_split_step_slot(shards):
     assert torch.equal(whole[2].query_x, b.task(11, 2).query_x)  # a slot is the same wherever it is computed
     assert _digest(a.batch(12, [0])) != _digest(a.batch(11, [0]))
     assert _digest(ShardTasks(spec, "train", 1, shards).batch(11, [0])) != _digest(a.batch(11, [0]))
-    code = (f"import hashlib; from metascale.config import ShardsData; from metascale.data.episodes import ShardTasks; "
-            f"b = ShardTasks(ShardsData(url={shards!r}, ways=3, shots=1, queries=2), 'train', 0, {shards!r}).batch(11, [0, 1, 2, 3]); "
-            f"print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in (b.support_x, b.support_y, b.query_x, b.query_y))).hexdigest())")
+    code = (
+        f"import hashlib; from metascale.config import ShardsData; from metascale.data.episodes import ShardTasks; "
+        f"b = ShardTasks(ShardsData(url={shards!r}, ways=3, shots=1, queries=2), 'train', 0, {shards!r}).batch(11, [0, 1, 2, 3]); "
+        f"print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in (b.support_x, b.support_y, b.query_x, b.query_y))).hexdigest())"
+    )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other.stdout.strip() == _digest(whole)
 
@@ -83,7 +87,9 @@ def test_splits_never_mix(shards):
 
 
 def test_rot90_makes_rotated_copies_new_classes(shards):
-    src = ShardTasks(ShardsData(url=shards, ways=5, shots=1, queries=1, augment=["rot90"], normalize=False), "train", 0, shards)
+    src = ShardTasks(
+        ShardsData(url=shards, ways=5, shots=1, queries=1, augment=["rot90"], normalize=False), "train", 0, shards
+    )
     assert len(src.planner.virtual) == 4 * 20
     turns = set()
     for step in range(10):
@@ -100,8 +106,12 @@ def test_rot90_makes_rotated_copies_new_classes(shards):
 def test_rank_and_worker_splits_partition_the_shards(shards):
     names = [s.name for s in load_index(shards).shards]
     for world, workers in itertools.product((1, 2, 3), (1, 2, 4)):
-        got = [item["url"].rsplit("/", 1)[1] for r in range(world) for w in range(workers)
-               for item in shard_stream(shards, names, r, world, w, workers)]
+        got = [
+            item["url"].rsplit("/", 1)[1]
+            for r in range(world)
+            for w in range(workers)
+            for item in shard_stream(shards, names, r, world, w, workers)
+        ]
         assert sorted(got) == sorted(names)  # none duplicated, none dropped
 
 

@@ -27,8 +27,13 @@ PINNED = "aad047a3d1374245c0e7926b2b9e22584af5536ef4c2d67864e4653320a9279a"
 def test_rendering_is_byte_identical_to_the_pinned_checksum():
     gs = [g for g in hershey_glyphs() if g.name in ("hershey-futural/U+0041", "hershey-greek/U+0047")]
     gs += kanjivg_glyphs(2, 3)
-    assert [g.name for g in gs] == ["hershey-futural/U+0041", "hershey-greek/U+0047", "kanjivg/U+304F",
-                                    "kanjivg/U+3057", "kanjivg/U+30CE"]
+    assert [g.name for g in gs] == [
+        "hershey-futural/U+0041",
+        "hershey-greek/U+0047",
+        "kanjivg/U+304F",
+        "kanjivg/U+3057",
+        "kanjivg/U+30CE",
+    ]
     h = hashlib.sha256()
     for g in gs:
         for size in (28, 84):
@@ -80,8 +85,10 @@ def test_cli_pack_glyphs_info_and_errors(tmp_path):
     runner = CliRunner()
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", images=images, labels=np.repeat(np.arange(10), 4))
-    r = runner.invoke(app, ["data", "pack", str(tmp_path / "a.npz"), str(tmp_path / "p"), "--format", "numpy",
-                            "--split", "0.6,0.2,0.2"])
+    r = runner.invoke(
+        app,
+        ["data", "pack", str(tmp_path / "a.npz"), str(tmp_path / "p"), "--format", "numpy", "--split", "0.6,0.2,0.2"],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert sum(summary["classes"].values()) == 10 and summary["images"]["train"] == 24
@@ -99,5 +106,6 @@ def test_an_unwritable_glyph_root_is_a_one_line_data_error(tmp_path):
     root = tmp_path / "file" / "glyphs"
     with pytest.raises(DataError) as e:
         build_task_source(GlyphsData(root=str(root), classes=5, instances=2), "train", 0)
-    assert str(e.value) == (f"{root}: cannot create the glyph set (data.root) there "
-                            f"({tmp_path}/file is a file, not a folder)")
+    assert str(e.value) == (
+        f"{root}: cannot create the glyph set (data.root) there ({tmp_path}/file is a file, not a folder)"
+    )

@@ -54,7 +54,9 @@ def test_numpy_roundtrip_every_image_once_with_its_label(tmp_path):
 def test_numpy_explicit_splits_and_alphabets(tmp_path):
     labels = np.repeat(np.arange(6), 4)
     splits = np.array(["train", "train", "val", "test", "test", "train"])
-    np.savez(tmp_path / "s.npz", images=_images(1, 24), labels=labels, splits=splits, alphabets=np.array(list("aabccd")))
+    np.savez(
+        tmp_path / "s.npz", images=_images(1, 24), labels=labels, splits=splits, alphabets=np.array(list("aabccd"))
+    )
     src = read_source("numpy", tmp_path / "s.npz", ReadOptions())
     index = pack(src.classes, tmp_path / "o", progress=False)
     assert [c.split for c in index.classes] == list(splits)
@@ -158,8 +160,9 @@ def test_digits_are_real_handwriting_held_out_for_test(tmp_path):
 
 def _pack_cli(*args: str) -> subprocess.CompletedProcess:
     """`metascale data pack ARGS` as a user runs it: a new process, through the real entry point."""
-    return subprocess.run([sys.executable, "-m", "metascale", "data", "pack", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "metascale", "data", "pack", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:

@@ -128,8 +128,10 @@ IMG = _png(np.zeros((8, 8, 3), np.uint8))
         ({"a.png": IMG, "a.cls": b"cat"}, "sample a: .cls is 'cat', not an integer class"),
         ({"a.png": b"not an image", "a.cls": b"1"}, "sample a: .png is not a readable image"),
         ({"a.cls": b"1", "a.txt": b"x"}, "sample a: no image member"),
-        ({"a.png": IMG, "a.cls": b"1", "b.png": _png(np.zeros((9, 8), np.uint8)), "b.cls": b"1"},
-         "images differ in size"),
+        (
+            {"a.png": IMG, "a.cls": b"1", "b.png": _png(np.zeros((9, 8), np.uint8)), "b.cls": b"1"},
+            "images differ in size",
+        ),
     ],
     ids=["missing-cls", "non-integer-cls", "unreadable-image", "no-image", "mixed-sizes"],
 )
@@ -149,8 +151,11 @@ def test_a_class_in_two_splits_and_a_short_class_are_errors(tmp_path, make_job):
     (tmp_path / "short").mkdir()
     write_set(tmp_path / "short", per_class=4)
     job = make_job(tmp_path / "job", data=spec(tmp_path / "short").model_dump())
-    with pytest.raises(DataError, match=r"class 0 '0' \(shard train-000000.tar\) has 4 examples, fewer than "
-                                        r"shots\+queries=5"):
+    with pytest.raises(
+        DataError,
+        match=r"class 0 '0' \(shard train-000000.tar\) has 4 examples, fewer than "
+        r"shots\+queries=5",
+    ):
         check_episodes(job)
 
 

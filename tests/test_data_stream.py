@@ -47,7 +47,9 @@ def _spec(root, window_shards: int, window_steps: int, **kw) -> ShardsData:
 
 
 def _digest(b) -> str:
-    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in (b.support_x, b.support_y, b.query_x, b.query_y))).hexdigest()
+    return hashlib.sha256(
+        b"".join(t.numpy().tobytes() for t in (b.support_x, b.support_y, b.query_x, b.query_y))
+    ).hexdigest()
 
 
 def _classes(b) -> set[int]:
@@ -78,8 +80,9 @@ def test_same_step_and_slot_give_the_same_bytes_in_any_order(shards):
     whole = _spec(shards, window_shards=8, window_steps=1, augment=["rot90"])
     cached = ShardTasks(whole, "train", 0, shards)
     for step in (0, 7):
-        assert _digest(build_task_source(whole, "train", 0).batch_uint8(step, range(8))) == \
-            _digest(cached.batch_uint8(step, range(8)))
+        assert _digest(build_task_source(whole, "train", 0).batch_uint8(step, range(8))) == _digest(
+            cached.batch_uint8(step, range(8))
+        )
 
 
 def test_decoded_shards_never_exceed_the_window(shards):
@@ -112,8 +115,11 @@ def test_one_epoch_of_windows_uses_every_class_of_the_split_and_no_other(shards)
 
 
 def test_a_window_too_small_for_ways_is_a_clear_error(shards, tmp_path):
-    with pytest.raises(DataError, match=r"data\.stream: a window of 1 shard\(s\) of split 'train' can hold as few as "
-                                        r"3 usable classes \(train-0000\d\.tar\), fewer than ways=5"):
+    with pytest.raises(
+        DataError,
+        match=r"data\.stream: a window of 1 shard\(s\) of split 'train' can hold as few as "
+        r"3 usable classes \(train-0000\d\.tar\), fewer than ways=5",
+    ):
         build_task_source(_spec(shards, window_shards=1, window_steps=5, ways=5), "train", 0).batch(0, [0])
     with pytest.raises(SpecError, match=r"data\.stream\.window_shards: Input should be greater than 0"):
         parse_spec({"data": {"source": "shards", "url": shards, "stream": {"window_shards": 0, "window_steps": 1}}})
@@ -123,8 +129,11 @@ def test_a_window_too_small_for_ways_is_a_clear_error(shards, tmp_path):
     src = build_task_source(_spec(root, window_shards=2, window_steps=1, ways=5, on_bad_sample="skip"), "train", 0)
     first = window_of(src._loaded()[1], 2, 0, "train", 0)
     (root / load_index(str(root)).shards[first[0]].name).write_bytes(b"not a tar")
-    with pytest.raises(DataError, match=r"window 0 of split 'train' \(meta-steps from 0; shards train-\d+\.tar, "
-                                        r"train-\d+\.tar\) has 3 usable classes, fewer than ways=5"):
+    with pytest.raises(
+        DataError,
+        match=r"window 0 of split 'train' \(meta-steps from 0; shards train-\d+\.tar, "
+        r"train-\d+\.tar\) has 3 usable classes, fewer than ways=5",
+    ):
         src.batch(0, [0])
     assert src.stats.skipped_shards == 1
 

@@ -29,6 +29,7 @@ cluster: {address: inline}
 
 def _strict(line: str):
     """json.loads that refuses NaN and Infinity, as JavaScript's JSON.parse and Go's encoding/json do."""
+
     def refuse(name):
         raise ValueError(f"not JSON: {name}")
 
@@ -38,8 +39,13 @@ def _strict(line: str):
 def _eval(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY)
-    return subprocess.run([sys.executable, "-m", "metascale", "eval", str(spec), *args], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "metascale", "eval", str(spec), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
 
 
 def _with_header(payload: bytes) -> bytes:
@@ -82,20 +88,35 @@ def test_read_names_what_is_wrong_in_one_line(tmp_path, content, needle):
 def test_eval_checkpoint_that_is_not_a_checkpoint_is_one_error(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")
-    for where, needle in [("/nonexistent", "/nonexistent: no such checkpoint file"),
-                          (str(tmp_path), "is a directory"), (str(text), "not a metascale checkpoint")]:
+    for where, needle in [
+        ("/nonexistent", "/nonexistent: no such checkpoint file"),
+        (str(tmp_path), "is a directory"),
+        (str(text), "not a metascale checkpoint"),
+    ]:
         r = _eval(tmp_path, "--checkpoint", where)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_result_line_writes_non_finite_numbers_as_null():
-    result = {"status": "finished", "step": 3, "final/loss": float("nan"), "final/loss_ci95": float("inf"),
-              "nested": {"x": float("-inf"), "ok": 0.5, "xs": [1.0, float("nan")]}, "none": None}
+    result = {
+        "status": "finished",
+        "step": 3,
+        "final/loss": float("nan"),
+        "final/loss_ci95": float("inf"),
+        "nested": {"x": float("-inf"), "ok": 0.5, "xs": [1.0, float("nan")]},
+        "none": None,
+    }
     line = result_line(result)
     assert "\n" not in line
-    assert _strict(line) == {"status": "finished", "step": 3, "final/loss": None, "final/loss_ci95": None,
-                             "nested": {"x": None, "ok": 0.5, "xs": [1.0, None]}, "none": None}
+    assert _strict(line) == {
+        "status": "finished",
+        "step": 3,
+        "final/loss": None,
+        "final/loss_ci95": None,
+        "nested": {"x": None, "ok": 0.5, "xs": [1.0, None]},
+        "none": None,
+    }
     assert _strict(result_line({"a": 1e308, "b": -0.0})) == {"a": 1e308, "b": -0.0}
 
 

@@ -19,8 +19,13 @@ from metascale.models import MODELS, build_model
 from metascale.models.mlp import MLP
 from metascale.train import train
 
-QUICK = {"outer__steps": 2, "checkpoint__every": 1, "eval__every": 0, "eval__final_episodes": 2,
-         "cluster__address": "inline"}
+QUICK = {
+    "outer__steps": 2,
+    "checkpoint__every": 1,
+    "eval__every": 0,
+    "eval__final_episodes": 2,
+    "cluster__address": "inline",
+}
 
 
 def _trained(make_job, tmp_path, **kw):
@@ -51,8 +56,11 @@ def test_export_of_a_job_loads_into_its_model_strictly(tmp_path, make_job, cli):
         assert torch.equal(v, state["params"][k]), k
     with safe_open(out, "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "pt" and meta["metascale.step"] == "2" and json.loads(meta["metascale.model"])["name"] \
-        == "conv4"
+    assert (
+        meta["format"] == "pt"
+        and meta["metascale.step"] == "2"
+        and json.loads(meta["metascale.model"])["name"] == "conv4"
+    )
 
 
 def test_export_of_a_checkpoint_leaves_out_meta_parameters_that_are_not_weights(tmp_path, make_job, cli):
@@ -85,8 +93,12 @@ class MLPWithBuffers(MLP):
 
 def test_buffers_are_exported_as_the_model_builds_them(tmp_path, make_job, cli, monkeypatch):
     monkeypatch.setitem(MODELS, "mlp", MLPWithBuffers)
-    spec, path = _trained(make_job, tmp_path, model={"name": "mlp", "hidden": [8, 8]},
-                          data={"source": "sinusoid", "shots": 5, "queries": 5})
+    spec, path = _trained(
+        make_job,
+        tmp_path,
+        model={"name": "mlp", "hidden": [8, 8]},
+        data={"source": "sinusoid", "shots": 5, "queries": 5},
+    )
     out = tmp_path / "m.safetensors"
     code, stdout, err = cli("export", str(path), "--to", str(out))
     assert code == 0, err

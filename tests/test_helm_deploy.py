@@ -34,8 +34,12 @@ def test_example_rayjob_validates_and_keeps_the_rules():
     assert schema_errors(obj) == [] and rule_violations(obj) == []
     pods = pod_templates(obj)
     assert len(pods) == 3 and [restricted_violations(p) for _, p in pods] == [[], [], []]
-    assert shlex.split(obj["spec"]["entrypoint"]) == ["metascale", "run", f"{SPEC_DIR}/metascale-job.yaml",
-                                                      "--auto-resume"]
+    assert shlex.split(obj["spec"]["entrypoint"]) == [
+        "metascale",
+        "run",
+        f"{SPEC_DIR}/metascale-job.yaml",
+        "--auto-resume",
+    ]
     assert obj["spec"]["backoffLimit"] == 2  # a retry resumes from the job's checkpoints
 
 
@@ -43,7 +47,9 @@ def test_example_rayjob_validates_and_keeps_the_rules():
 def test_kustomization_builds_valid_objects():
     out = subprocess.run(
         [str(REPO / ".venv" / "bin" / "kubectl"), "kustomize", str(DEPLOY)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     objs = {o["kind"]: o for o in yaml.safe_load_all(out.stdout) if o}
@@ -75,13 +81,18 @@ def test_image_pins_match_the_project():
     for dep in deps:
         m = re.fullmatch(r"([A-Za-z0-9._-]+)(?:\[[\w,]+\])?==(.+)", dep)
         if m and m[1] != "torch":
-            assert constrained.get(m[1].lower().replace("_", "-")) == m[2], f"{dep}: regenerate deploy/constraints.txt (see its header)"
+            assert constrained.get(m[1].lower().replace("_", "-")) == m[2], (
+                f"{dep}: regenerate deploy/constraints.txt (see its header)"
+            )
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     torch = next(d for d in deps if d.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch.split('==')[1]}" in dockerfile
     base = re.search(r"^ARG BASE=(\S+)", dockerfile, re.M)[1]
     assert ":" in base and not base.endswith(":latest")
-    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${BASE}", "${BASE}"]  # two stages, one base (both variants)
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == [
+        "${BASE}",
+        "${BASE}",
+    ]  # two stages, one base (both variants)
     assert re.search(r"^USER 1000:1000$", dockerfile, re.M) and "--constraint /tmp/constraints.txt" in dockerfile
     assert "--no-index" in dockerfile  # the wheelhouse only: nothing is fetched inside the build
     copied = set(re.findall(r"^COPY (image/\S+)", dockerfile, re.M))

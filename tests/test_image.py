@@ -28,16 +28,30 @@ DOCKER = os.environ.get("DOCKER") or "docker"
 IMAGE = os.environ.get("METASCALE_IMAGE") or "metascale:0.1.0-cpu"
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 VENV_BIN = Path(sys.executable).parent
-SIZE_LIMIT = 3_000_000_000  # bytes; the CPU image is ~1.9 GB (torch ~750 MB, Ray ~240 MB): a wheelhouse left in would cross it
+SIZE_LIMIT = (
+    3_000_000_000  # bytes; the CPU image is ~1.9 GB (torch ~750 MB, Ray ~240 MB): a wheelhouse left in would cross it
+)
 # a short sinusoid run: 20 meta-steps, one worker, a 20-episode final evaluation
-SHORT = ["--set", "outer.steps=20", "--set", "cluster.workers=1", "--set", "eval.every=0",
-         "--set", "eval.final_episodes=20", "--set", "checkpoint.every=10"]
+SHORT = [
+    "--set",
+    "outer.steps=20",
+    "--set",
+    "cluster.workers=1",
+    "--set",
+    "eval.every=0",
+    "--set",
+    "eval.final_episodes=20",
+    "--set",
+    "checkpoint.every=10",
+]
 
 
 def _docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     out = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
     if check:
-        assert out.returncode == 0, f"docker {' '.join(args[:3])} ...: exit {out.returncode}: {out.stderr.strip()[-2000:]}"
+        assert out.returncode == 0, (
+            f"docker {' '.join(args[:3])} ...: exit {out.returncode}: {out.stderr.strip()[-2000:]}"
+        )
     return out
 
 
@@ -48,8 +62,9 @@ def _remove(name: str) -> None:
 def _unavailable() -> str | None:
     """Why the image cannot be checked here, or None: the engine answers and holds the image."""
     try:
-        version = subprocess.run([DOCKER, "version", "--format", "{{.Server.Version}}"], capture_output=True,
-                                 text=True, timeout=20)
+        version = subprocess.run(
+            [DOCKER, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=20
+        )
     except FileNotFoundError:
         return f"no container engine: `{DOCKER}` is not installed (the image checks need one; .ci/run starts one)"
     except subprocess.TimeoutExpired:
@@ -75,13 +90,19 @@ def image() -> str:
     return IMAGE
 
 
-def run_in(image: str, *cmd: str, timeout: float = 120, network: str = "none", options: tuple = ()) -> subprocess.CompletedProcess:
+def run_in(
+    image: str, *cmd: str, timeout: float = 120, network: str = "none", options: tuple = ()
+) -> subprocess.CompletedProcess:
     """`docker run --rm` of cmd in the image, named so that a run past its timeout is removed, not left behind."""
     assert network in {"none", "host"}
     name = f"metascale-test-{uuid.uuid4().hex[:10]}"
     try:
-        return subprocess.run([DOCKER, "run", "--rm", "--name", name, "--network", network, *options, image, *cmd],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [DOCKER, "run", "--rm", "--name", name, "--network", network, *options, image, *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         raise AssertionError(f"{' '.join(cmd)} in {image} did not finish within {timeout} s") from None
     finally:
@@ -101,15 +122,23 @@ def test_cli_entry_point_and_versions(image):
     out = run_in(image, "python", "-c", script, timeout=60)
     assert out.returncode == 0, out.stderr
     installed = json.loads(out.stdout)
-    pins = dict(ln.split("==") for ln in (REPO / "deploy" / "constraints.txt").read_text().splitlines()
-                if ln and not ln.startswith("#"))
+    pins = dict(
+        ln.split("==")
+        for ln in (REPO / "deploy" / "constraints.txt").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    )
     pins = {k.lower().replace("_", "-"): v for k, v in pins.items()}
     wrong = {k: (installed[k], v) for k, v in pins.items() if k in installed and installed[k] != v}
     assert not wrong, f"installed != pinned: {wrong}"
     from importlib.metadata import version
+
     for dist in ("ray", "torch", "metascale"):  # torch without its local label (+cpu, +cu128)
-        assert installed[dist].split("+")[0] == version(dist).split("+")[0], f"{dist}: image {installed[dist]}, this venv {version(dist)}"
-    variant = _docker("image", "inspect", "-f", '{{index .Config.Labels "org.metascale.variant"}}', image).stdout.strip()
+        assert installed[dist].split("+")[0] == version(dist).split("+")[0], (
+            f"{dist}: image {installed[dist]}, this venv {version(dist)}"
+        )
+    variant = _docker(
+        "image", "inspect", "-f", '{{index .Config.Labels "org.metascale.variant"}}', image
+    ).stdout.strip()
     assert installed["torch"].endswith({"cpu": "+cpu", "cuda": "+cu128"}[variant]), (variant, installed["torch"])
 
 
@@ -126,17 +155,30 @@ def test_runs_as_non_root_with_the_entry_point_kuberay_uses(image):
     config = json.loads(_docker("image", "inspect", "-f", "{{json .Config}}", image).stdout)
     assert config["User"] == "1000:1000", f"the image's USER is {config['User']!r}, not 1000:1000"
     assert config["Entrypoint"] == ["/usr/bin/tini", "--"], f"ENTRYPOINT is {config['Entrypoint']}"
-    assert (config.get("Healthcheck") or {}).get("Test") == ["CMD", "/usr/local/bin/metascale-healthcheck"], \
+    assert (config.get("Healthcheck") or {}).get("Test") == ["CMD", "/usr/local/bin/metascale-healthcheck"], (
         f"HEALTHCHECK is {config.get('Healthcheck')}"
+    )
     # KubeRay replaces the entry point with a login shell: `/bin/bash -lc -- "ulimit -n 65536; ray start ..."`
     # (Debian's /etc/profile resets PATH there); its probes run `bash -c "wget ... | grep success"`.
-    check = ("id -u; id -g; echo $HOME; command -v ray metascale wget python; "
-             "test -w $HOME/work && echo home-writable; test -w /opt/venv/lib || echo venv-read-only; "
-             "test -e /wheels || echo no-wheelhouse")
+    check = (
+        "id -u; id -g; echo $HOME; command -v ray metascale wget python; "
+        "test -w $HOME/work && echo home-writable; test -w /opt/venv/lib || echo venv-read-only; "
+        "test -e /wheels || echo no-wheelhouse"
+    )
     out = run_in(image, "-lc", "--", check, options=("--entrypoint", "/bin/bash"), timeout=60)
     assert out.returncode == 0, out.stderr
-    want = ["1000", "1000", "/home/ray", "/opt/venv/bin/ray", "/opt/venv/bin/metascale", "/usr/bin/wget",
-            "/opt/venv/bin/python", "home-writable", "venv-read-only", "no-wheelhouse"]
+    want = [
+        "1000",
+        "1000",
+        "/home/ray",
+        "/opt/venv/bin/ray",
+        "/opt/venv/bin/metascale",
+        "/usr/bin/wget",
+        "/opt/venv/bin/python",
+        "home-writable",
+        "venv-read-only",
+        "no-wheelhouse",
+    ]
     assert out.stdout.splitlines() == want, f"in KubeRay's login shell: {out.stdout.split()} != {want}"
 
 
@@ -147,8 +189,15 @@ def test_image_size(image):
 
 @pytest.mark.slow
 def test_sinusoid_job_runs_with_no_network(image):
-    out = run_in(image, "metascale", "run", "/jobs/sinusoid-maml.yaml", *SHORT,
-                 options=("-v", f"{JOBS}:/jobs:ro", "--shm-size", "512m"), timeout=300)
+    out = run_in(
+        image,
+        "metascale",
+        "run",
+        "/jobs/sinusoid-maml.yaml",
+        *SHORT,
+        options=("-v", f"{JOBS}:/jobs:ro", "--shm-size", "512m"),
+        timeout=300,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     steps = [ln for ln in out.stdout.splitlines() if ln.startswith("step ")]
     assert steps and steps[-1].startswith("step 20/20 "), out.stdout[-2000:]
@@ -156,12 +205,12 @@ def test_sinusoid_job_runs_with_no_network(image):
     assert summary["status"] == "finished" and summary["step"] == 20, summary
 
 
-
 def _metascale(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """This venv's `metascale` console script (what a user runs), under a bound wait."""
     try:
-        return subprocess.run([str(VENV_BIN / "metascale"), *args], capture_output=True, text=True, env=env,
-                              timeout=timeout, cwd=REPO)
+        return subprocess.run(
+            [str(VENV_BIN / "metascale"), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+        )
     except subprocess.TimeoutExpired:
         raise AssertionError(f"metascale {' '.join(args[:2])} did not finish within {timeout} s") from None
 
@@ -171,14 +220,39 @@ def test_ray_head_from_the_image_runs_a_submitted_job(image, tmp_path, ray_head_
     dash, agent = ray_head_ports["dashboard-port"], ray_head_ports["dashboard-agent-listen-port"]
     # KubeRay's command form, on the host network, every Ray component bound to 127.0.0.1
     ports = " ".join(f"--{flag}={port}" for flag, port in ray_head_ports.items())
-    start = (f"ulimit -n 65536; ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 "
-             f"{ports} --num-cpus=2 --disable-usage-stats")
-    env = ["RAY_AUTH_MODE=disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", "RAY_USAGE_STATS_ENABLED=0",
-           f"METASCALE_AGENT_PORT={agent}", f"METASCALE_DASHBOARD_PORT={dash}"]
+    start = (
+        f"ulimit -n 65536; ray start --head --block --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 "
+        f"{ports} --num-cpus=2 --disable-usage-stats"
+    )
+    env = [
+        "RAY_AUTH_MODE=disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0",
+        "RAY_USAGE_STATS_ENABLED=0",
+        f"METASCALE_AGENT_PORT={agent}",
+        f"METASCALE_DASHBOARD_PORT={dash}",
+    ]
     name = f"metascale-test-head-{uuid.uuid4().hex[:10]}"
-    cid = _docker("run", "-d", "--name", name, "--network", "host", "--shm-size", "512m",
-                  *[a for e in env for a in ("-e", e)], "--health-interval", "2s", "--health-start-period", "0s",
-                  "--entrypoint", "/bin/bash", image, "-lc", "--", start).stdout.strip()
+    cid = _docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "--shm-size",
+        "512m",
+        *[a for e in env for a in ("-e", e)],
+        "--health-interval",
+        "2s",
+        "--health-start-period",
+        "0s",
+        "--entrypoint",
+        "/bin/bash",
+        image,
+        "-lc",
+        "--",
+        start,
+    ).stdout.strip()
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -192,8 +266,10 @@ def test_ray_head_from_the_image_runs_a_submitted_job(image, tmp_path, ray_head_
                     logs = _docker("logs", cid, check=False)
                     lines = [ln for ln in (logs.stdout + logs.stderr).splitlines() if ln.strip()] or ["(no output)"]
                     what = "exited" if running != "true" else "ran 120 s"
-                    raise AssertionError(f"the Ray head in {image} {what} without serving {url}; its last line: "
-                                         f"{lines[-1]}\n" + "\n".join(lines[-30:]))
+                    raise AssertionError(
+                        f"the Ray head in {image} {what} without serving {url}; its last line: "
+                        f"{lines[-1]}\n" + "\n".join(lines[-30:])
+                    )
                 time.sleep(1)
         # KubeRay's default probes, as its operator writes them (they retry: the agent answers a few seconds after
         # the dashboard), and the image's own HEALTHCHECK

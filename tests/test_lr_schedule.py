@@ -33,10 +33,15 @@ def test_no_schedule_is_the_constant_rate():
 
 
 def _coordinator(lr: float, **schedule) -> Coordinator:
-    return Coordinator(parse_spec({
-        "model": {"name": "conv4", "hidden": 4}, "data": {"source": "synthetic", "ways": 2, "classes": 4},
-        "outer": {"optimizer": "sgd", "lr": lr, "steps": 8, "schedule": schedule},
-    }))
+    return Coordinator(
+        parse_spec(
+            {
+                "model": {"name": "conv4", "hidden": 4},
+                "data": {"source": "synthetic", "ways": 2, "classes": 4},
+                "outer": {"optimizer": "sgd", "lr": lr, "steps": 8, "schedule": schedule},
+            }
+        )
+    )
 
 
 def _step(coord: Coordinator, grad: float) -> dict[str, torch.Tensor]:

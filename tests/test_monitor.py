@@ -11,17 +11,20 @@ from metascale.monitor import Monitor, resolve_mode, score
 from wandb_records import artifacts, find_run_files, run_files, run_info, settled
 
 
-@pytest.mark.parametrize("mode, env, expected", [
-    ("auto", {}, "offline"),
-    ("auto", {"WANDB_API_KEY": "k"}, "online"),
-    ("auto", {"WANDB_API_KEY": ""}, "offline"),
-    ("auto", {"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}, "offline"),
-    ("auto", {"WANDB_MODE": "disabled"}, "disabled"),
-    ("auto", {"WANDB_MODE": "dryrun", "WANDB_API_KEY": "k"}, "offline"),
-    ("offline", {"WANDB_API_KEY": "k"}, "offline"),
-    ("online", {}, "online"),
-    ("disabled", {"WANDB_API_KEY": "k"}, "disabled"),
-])
+@pytest.mark.parametrize(
+    "mode, env, expected",
+    [
+        ("auto", {}, "offline"),
+        ("auto", {"WANDB_API_KEY": "k"}, "online"),
+        ("auto", {"WANDB_API_KEY": ""}, "offline"),
+        ("auto", {"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}, "offline"),
+        ("auto", {"WANDB_MODE": "disabled"}, "disabled"),
+        ("auto", {"WANDB_MODE": "dryrun", "WANDB_API_KEY": "k"}, "offline"),
+        ("offline", {"WANDB_API_KEY": "k"}, "offline"),
+        ("online", {}, "online"),
+        ("disabled", {"WANDB_API_KEY": "k"}, "disabled"),
+    ],
+)
 def test_mode_auto_is_online_only_with_a_key(mode, env, expected):
     assert resolve_mode(mode, env) == expected
 
@@ -41,10 +44,13 @@ def test_score_is_accuracy_or_minus_the_loss():
 
 
 def _spec(tmp_path, **wandb):
-    return parse_spec({
-        "name": "mon", "outer": {"steps": 6},
-        "logging": {"wandb": {"mode": "offline", "dir": str(tmp_path / "wb"), **wandb}, "progress": False},
-    })
+    return parse_spec(
+        {
+            "name": "mon",
+            "outer": {"steps": 6},
+            "logging": {"wandb": {"mode": "offline", "dir": str(tmp_path / "wb"), **wandb}, "progress": False},
+        }
+    )
 
 
 def _checkpoint(tmp_path, step, as_dir=False):
@@ -93,14 +99,23 @@ def test_all_uploads_every_checkpoint_and_best_follows_the_held_out_accuracy(tmp
     arts = _run(tmp_path, evals, {"final/accuracy": 0.8}, log_checkpoints="all")
     # step 3's 0.9 scores no checkpoint (none was written at step 3); step 6 is scored by the final evaluation
     assert _versions(arts) == [(2, ["best", "latest"]), (4, ["best", "latest"]), (6, ["best", "latest"])]
-    arts = _run(tmp_path / "b", {2: {"eval/accuracy": 0.5}, 4: {"eval/accuracy": 0.4}}, {"final/accuracy": 0.45},
-                log_checkpoints="all")
+    arts = _run(
+        tmp_path / "b",
+        {2: {"eval/accuracy": 0.5}, 4: {"eval/accuracy": 0.4}},
+        {"final/accuracy": 0.45},
+        log_checkpoints="all",
+    )
     assert _versions(arts) == [(2, ["best", "latest"]), (4, ["latest"]), (6, ["latest"])]
 
 
 def test_regression_best_is_the_lowest_loss_and_checkpoint_directories_are_logged_whole(tmp_path):
-    arts = _run(tmp_path, {2: {"eval/loss": 0.5}, 4: {"eval/loss": 0.2}}, {"final/loss": 0.3}, as_dir=True,
-                log_checkpoints="all")
+    arts = _run(
+        tmp_path,
+        {2: {"eval/loss": 0.5}, 4: {"eval/loss": 0.2}},
+        {"final/loss": 0.3},
+        as_dir=True,
+        log_checkpoints="all",
+    )
     assert _versions(arts) == [(2, ["best", "latest"]), (4, ["best", "latest"]), (6, ["latest"])]
     assert sorted(arts[1]["files"]) == ["step-00000004/manifest.json", "step-00000004/model.safetensors"]
 
@@ -115,19 +130,26 @@ def test_the_run_carries_group_tags_notes_job_type_and_the_job_id(tmp_path, monk
     monitor.close()
     [run_file] = find_run_files(tmp_path / "wb")
     info = run_info(settled(run_file))
-    assert (info["group"], info["tags"], info["notes"], info["job_type"]) == ("ablation-1", ["maml", "cpu"], "why",
-                                                                            "sweep")
+    assert (info["group"], info["tags"], info["notes"], info["job_type"]) == (
+        "ablation-1",
+        ["maml", "cpu"],
+        "why",
+        "sweep",
+    )
     meta = info["config"]["metascale"]
     assert meta["job_id"] == "mon-abc123" and meta["cluster_address"] == "local" and meta["version"]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"tags": [""]}, "logging.wandb.tags.0"),
-    ({"tags": ["x" * 65]}, "logging.wandb.tags.0"),
-    ({"job_type": ""}, "logging.wandb.job_type"),
-    ({"log_checkpoints": "best"}, "logging.wandb.log_checkpoints"),
-    ({"mode": "on"}, "logging.wandb.mode"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"tags": [""]}, "logging.wandb.tags.0"),
+        ({"tags": ["x" * 65]}, "logging.wandb.tags.0"),
+        ({"job_type": ""}, "logging.wandb.job_type"),
+        ({"log_checkpoints": "best"}, "logging.wandb.log_checkpoints"),
+        ({"mode": "on"}, "logging.wandb.mode"),
+    ],
+)
 def test_bad_wandb_fields_name_the_field(bad, message):
     from metascale.errors import SpecError
 

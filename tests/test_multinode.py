@@ -49,7 +49,9 @@ def test_aggregation_across_nodes_equals_single_process(three_nodes, tmp_path, m
     finally:
         pool.shutdown()
     worker = Replica(spec)
-    reference = meta_gradient(worker.alg, coord.params, worker.source("train").batch(3, range(6)).to("cpu", torch.float64))
+    reference = meta_gradient(
+        worker.alg, coord.params, worker.source("train").batch(3, range(6)).to("cpu", torch.float64)
+    )
     for k, g in reference.grads.items():
         assert torch.allclose(result.grads[k], g / 6, rtol=0, atol=1e-10), k
 

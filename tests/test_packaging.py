@@ -63,13 +63,15 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, module, extra):
 
 def test_the_drivers_check_is_the_same_line_and_imports_nothing(monkeypatch):
     """The coordinator checks for DeepSpeed (build_pool) without loading it: only the ranks import it."""
-    code = ("import sys; from metascale.extras import check; check('deepspeed'); "
-            "print('deepspeed' in sys.modules)")
+    code = "import sys; from metascale.extras import check; check('deepspeed'); print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
     monkeypatch.setitem(sys.modules, "deepspeed", None)
-    with pytest.raises(MissingExtraError, match=r"^sharding.engine: deepspeed needs deepspeed, which is not "
-                                                r"installed: pip install 'metascale\[deepspeed\]'$"):
+    with pytest.raises(
+        MissingExtraError,
+        match=r"^sharding.engine: deepspeed needs deepspeed, which is not "
+        r"installed: pip install 'metascale\[deepspeed\]'$",
+    ):
         check("deepspeed")
 
 
@@ -78,30 +80,41 @@ def test_a_missing_dependency_of_an_extra_names_both(monkeypatch):
         raise ModuleNotFoundError("No module named 'hjson'", name="hjson")
 
     monkeypatch.setattr("importlib.import_module", broken)
-    with pytest.raises(MissingExtraError, match=r"needs deepspeed, which is not installed \(hjson is missing\): "
-                                                r"pip install 'metascale\[deepspeed\]'"):
+    with pytest.raises(
+        MissingExtraError,
+        match=r"needs deepspeed, which is not installed \(hjson is missing\): "
+        r"pip install 'metascale\[deepspeed\]'",
+    ):
         require("deepspeed")
 
 
 def test_a_sharded_run_without_deepspeed_stops_before_ray_with_one_line(cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
-    spec = {"model": {"name": "vit", "dim": 32, "depth": 2, "heads": 2},
-            "data": {"source": "synthetic", "ways": 3, "shots": 2, "queries": 2},
-            "algorithm": {"name": "fomaml", "inner": {"steps": 1, "lr": 0.1}}, "outer": {"steps": 2},
-            "checkpoint": {"dir": str(tmp_path / "ckpt")}, "logging": {"wandb": {"mode": "disabled"}},
-            "sharding": {"engine": "deepspeed", "ranks": 2}}
+    spec = {
+        "model": {"name": "vit", "dim": 32, "depth": 2, "heads": 2},
+        "data": {"source": "synthetic", "ways": 3, "shots": 2, "queries": 2},
+        "algorithm": {"name": "fomaml", "inner": {"steps": 1, "lr": 0.1}},
+        "outer": {"steps": 2},
+        "checkpoint": {"dir": str(tmp_path / "ckpt")},
+        "logging": {"wandb": {"mode": "disabled"}},
+        "sharding": {"engine": "deepspeed", "ranks": 2},
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     code, out, err = cli("run", str(path))
     assert code == 1 and out == ""
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()  # it stopped before Ray started
-    assert err == ("error: sharding.engine: deepspeed needs deepspeed, which is not installed: "
-                   "pip install 'metascale[deepspeed]'\n")
+    assert err == (
+        "error: sharding.engine: deepspeed needs deepspeed, which is not installed: "
+        "pip install 'metascale[deepspeed]'\n"
+    )
 
 
 def test_a_k8s_verb_without_the_kubernetes_client_is_one_line_naming_the_extra(cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "kubernetes", None)
     code, out, err = cli("status", "job-abc123", "--to", "k8s://ml")
-    assert code == 1 and err == ("error: a KubeRay target (--to k8s://...) needs kubernetes, which is not installed: "
-                                 "pip install 'metascale[k8s]'\n")
+    assert code == 1 and err == (
+        "error: a KubeRay target (--to k8s://...) needs kubernetes, which is not installed: "
+        "pip install 'metascale[k8s]'\n"
+    )

@@ -15,22 +15,33 @@ from metascale.monitor import Monitor
 from metascale.plot import plot
 from wandb_records import find_run_files, history, settled
 
-SPEC = {"name": "curves", "outer": {"steps": 8}, "data": {"source": "synthetic", "ways": 3},
-        "model": {"name": "conv4", "hidden": 8}}
+SPEC = {
+    "name": "curves",
+    "outer": {"steps": 8},
+    "data": {"source": "synthetic", "ways": 3},
+    "model": {"name": "conv4", "hidden": 8},
+}
 
 
 def _metrics(step: int, shift: float = 0.0) -> dict[str, float]:
-    m = {"train/loss": 2.0 / step + shift, "train/accuracy": 0.1 * step, "train/lr": 0.001,
-         "episodes_per_s": 10.0 + step, "step_s": 0.5 + 0.01 * step,
-         "worker/0/compute_s": 0.2 + 0.01 * step, "worker/1/compute_s": 0.3 - 0.01 * step}
+    m = {
+        "train/loss": 2.0 / step + shift,
+        "train/accuracy": 0.1 * step,
+        "train/lr": 0.001,
+        "episodes_per_s": 10.0 + step,
+        "step_s": 0.5 + 0.01 * step,
+        "worker/0/compute_s": 0.2 + 0.01 * step,
+        "worker/1/compute_s": 0.3 - 0.01 * step,
+    }
     if step % 4 == 0:
         m.update({"eval/loss": 1.5 / step, "eval/accuracy": 0.08 * step})
     return m
 
 
 def _session(tmp_path, steps, run_id=None, shift=0.0, final=True):
-    spec = parse_spec({**SPEC, "logging": {"wandb": {"mode": "offline", "dir": str(tmp_path / "wb")},
-                                           "progress": False}})
+    spec = parse_spec(
+        {**SPEC, "logging": {"wandb": {"mode": "offline", "dir": str(tmp_path / "wb")}, "progress": False}}
+    )
     monitor = Monitor(spec, run_id, steps[0] - 1)
     for step in steps:
         monitor.step(step, _metrics(step, shift))
@@ -67,7 +78,8 @@ def test_the_plotted_series_are_the_logged_numbers(tmp_path):
             steps, values = _logged(files, key)
             assert points["x"] == steps and points["y"] == pytest.approx(values), key
     assert drawn["loss"]["train/loss"]["y"] == pytest.approx(
-        [2.0 / s for s in range(1, 9)])  # and those are the numbers given to the monitor
+        [2.0 / s for s in range(1, 9)]
+    )  # and those are the numbers given to the monitor
     assert drawn["accuracy"]["eval/accuracy"] == {"x": [4.0, 8.0], "y": pytest.approx([0.32, 0.64])}
     assert drawn["accuracy"]["final/accuracy"]["y"] == [0.875]
 
@@ -102,5 +114,7 @@ def test_cli_errors_are_one_line(cli, tmp_path, monkeypatch):
     assert code == 2 and "no such file or folder" in err
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, out, err = cli("plot", str(tmp_path / "empty"))
-    assert code == 1 and err == "error: metascale plot needs matplotlib, which is not installed: " \
-                                "pip install 'metascale[plot]'\n"
+    assert (
+        code == 1
+        and err == "error: metascale plot needs matplotlib, which is not installed: pip install 'metascale[plot]'\n"
+    )

@@ -10,8 +10,17 @@ from metascale.algorithms import build_algorithm
 from metascale.algorithms.base import Functional, task_loss
 from metascale.algorithms.executor import meta_gradient
 from metascale.algorithms.query_chunks import chunked_query
-from metascale.config import (AlgorithmSpec, Conv4Spec, InnerLoopSpec, MLPSpec, ResNet12Spec, SinusoidData,
-                              SyntheticImagesData, ViTSpec, parse_spec)
+from metascale.config import (
+    AlgorithmSpec,
+    Conv4Spec,
+    InnerLoopSpec,
+    MLPSpec,
+    ResNet12Spec,
+    SinusoidData,
+    SyntheticImagesData,
+    ViTSpec,
+    parse_spec,
+)
 from metascale.data import build_task_source
 from metascale.errors import SpecError
 from metascale.models import build_model
@@ -79,6 +88,7 @@ def test_regression_without_batch_norm(float64):
 def test_meta_gradient_through_chunked_query_equals_plain(float64, name):
     """Second order through 3 inner steps: the query pass's gradient feeds the inner loop's backward unchanged.
     vmap is asked for and must fall back to the per-task path (the chunked backward has no vmap rule)."""
+
     def setup(**inner):
         torch.manual_seed(0)
         model = build_model(Conv4Spec(hidden=8), 5).double()
@@ -94,17 +104,33 @@ def test_meta_gradient_through_chunked_query_equals_plain(float64, name):
     with torch.no_grad():  # evaluation: the chunked pass needs no graph
         task = batch.tasks()[0]
         assert float(chunked.task_objective(meta, task).objective) == pytest.approx(
-            float(plain.task_objective(meta, task).objective), rel=1e-12)
+            float(plain.task_objective(meta, task).objective), rel=1e-12
+        )
 
 
-@pytest.mark.parametrize("raw, needle", [
-    ({"algorithm": {"name": "protonet", "inner": {"query_chunk": 5}}, "model": {"name": "conv4"},
-      "data": {"source": "synthetic"}}, "inner.query_chunk splits the adapted model's query pass"),
-    ({"algorithm": {"inner": {"query_chunk": 0}}}, "algorithm.inner.query_chunk: Input should be greater than 0"),
-    ({"algorithm": {"name": "fomaml", "inner": {"query_chunk": 2}}, "model": {"name": "vit", "dim": 32, "depth": 2,
-      "heads": 2}, "data": {"source": "synthetic"}, "sharding": {"engine": "deepspeed", "ranks": 2}},
-     "algorithm.inner.checkpoint/query_chunk/autocast are the un-sharded knobs"),
-])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        (
+            {
+                "algorithm": {"name": "protonet", "inner": {"query_chunk": 5}},
+                "model": {"name": "conv4"},
+                "data": {"source": "synthetic"},
+            },
+            "inner.query_chunk splits the adapted model's query pass",
+        ),
+        ({"algorithm": {"inner": {"query_chunk": 0}}}, "algorithm.inner.query_chunk: Input should be greater than 0"),
+        (
+            {
+                "algorithm": {"name": "fomaml", "inner": {"query_chunk": 2}},
+                "model": {"name": "vit", "dim": 32, "depth": 2, "heads": 2},
+                "data": {"source": "synthetic"},
+                "sharding": {"engine": "deepspeed", "ranks": 2},
+            },
+            "algorithm.inner.checkpoint/query_chunk/autocast are the un-sharded knobs",
+        ),
+    ],
+)
 def test_bad_query_chunk_specs_are_refused(raw, needle):
     with pytest.raises(SpecError) as e:
         parse_spec(raw)

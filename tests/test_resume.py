@@ -22,8 +22,14 @@ from wandb_records import history, run_files, run_id
 
 
 def _spec_file(job, tmp_path, name, **kw):
-    settings = {"outer__steps": 24, "eval__every": 0, "checkpoint__every": 2, "cluster__workers": 1,
-                "logging__wandb": {"mode": "offline", "dir": str(tmp_path / name / "wb")}, **kw}
+    settings = {
+        "outer__steps": 24,
+        "eval__every": 0,
+        "checkpoint__every": 2,
+        "cluster__workers": 1,
+        "logging__wandb": {"mode": "offline", "dir": str(tmp_path / name / "wb")},
+        **kw,
+    }
     spec = job(tmp_path / name, **settings)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
@@ -32,9 +38,13 @@ def _spec_file(job, tmp_path, name, **kw):
 
 def _run(path, *extra):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "metascale", "run", str(path), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
+    return subprocess.Popen(
+        [sys.executable, "-m", "metascale", "run", str(path), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("how", ["--resume", "--auto-resume"])
@@ -42,8 +52,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, make_job, ho
     """`--resume`, and `--auto-resume` (what a submitted job runs, every attempt): the first attempt starts fresh in
     an empty directory, the one after the SIGKILL continues from the newest checkpoint."""
     # The reference runs in this process without Ray: one worker computes the same slot group either way.
-    clean_spec, _ = _spec_file(make_job, tmp_path, "clean", cluster__address="inline",
-                               logging__wandb={"mode": "disabled"})
+    clean_spec, _ = _spec_file(
+        make_job, tmp_path, "clean", cluster__address="inline", logging__wandb={"mode": "disabled"}
+    )
     train(clean_spec)
     reference = checkpoint.load_latest(clean_spec.path(clean_spec.checkpoint.dir))[1]["params"]
 

@@ -22,10 +22,13 @@ def gradients(model, x, y, second_order: bool) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, params))
 
 
-@pytest.mark.parametrize("make,size", [
-    (lambda: ViT(ViTSpec(dim=16, depth=2, heads=2), 3), 28),
-    (lambda: ResNet12(ResNet12Spec(channels=[8, 8, 8, 8], image_size=16, in_channels=1), 3), 16),
-])
+@pytest.mark.parametrize(
+    "make,size",
+    [
+        (lambda: ViT(ViTSpec(dim=16, depth=2, heads=2), 3), 28),
+        (lambda: ResNet12(ResNet12Spec(channels=[8, 8, 8, 8], image_size=16, in_channels=1), 3), 16),
+    ],
+)
 @pytest.mark.parametrize("second_order", [False, True])
 def test_checkpointing_gives_the_same_gradients(make, size, second_order, monkeypatch):
     import metascale.models.checkpointing as blocks

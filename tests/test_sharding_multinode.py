@@ -153,8 +153,13 @@ def test_a_rank_killed_as_a_step_starts_ends_bit_identical(two_nodes, fault_free
 
 
 def _metascale(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "metascale", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "metascale", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_driver_sigkill_then_resume_equals_an_uninterrupted_run(two_nodes, fault_free, tmp_path):
@@ -192,8 +197,12 @@ def test_a_node_removed_mid_run_ends_bit_identical(two_nodes, fault_free, tmp_pa
         deadline = time.time() + 300
         while time.time() < deadline and 2 not in checkpoint.list_steps(directory):
             time.sleep(0.02)
-        hosting = {node for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"
-                   and pg["name"].startswith("metascale-node-removed-") for node in pg["bundles_to_node_id"].values()}
+        hosting = {
+            node
+            for pg in ray.util.placement_group_table().values()
+            if pg["state"] == "CREATED" and pg["name"].startswith("metascale-node-removed-")
+            for node in pg["bundles_to_node_id"].values()
+        }
         victim = next(n for n in two_nodes.worker_nodes if n.node_id in hosting)  # never the head: it cannot go
         two_nodes.remove_node(victim)
         removed.append(checkpoint.list_steps(directory))

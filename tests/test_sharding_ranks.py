@@ -97,8 +97,9 @@ def assert_within_bf16_bound(
     assert float(torch.nn.functional.cosine_similarity(*flat, dim=0)) > 0.99
 
 
-def sharded_step(spec: JobSpec, step: int, *, drill_slot: int | None = None, drill=None,
-                 episodes: list | None = None) -> tuple[Any, Any, Any]:
+def sharded_step(
+    spec: JobSpec, step: int, *, drill_slot: int | None = None, drill=None, episodes: list | None = None
+) -> tuple[Any, Any, Any]:
     """One meta_gradient item of `spec`'s slots at `step` through a pool of one rank group: (result, the
     coordinator's parameters, what each rank holds). With `episodes`, an evaluate item of the same episodes runs
     after it and its per-episode metrics are appended there."""
@@ -118,10 +119,15 @@ def sharded_step(spec: JobSpec, step: int, *, drill_slot: int | None = None, dri
     return result, coord.params, held
 
 
-@pytest.mark.parametrize("algorithm", [
-    {"name": "fomaml"}, {"name": "reptile"},
-    {"name": "anil", "inner": {"steps": 2, "lr": 0.1, "first_order": True}},  # head adapts, sharded body frozen
-], ids=["fomaml", "reptile", "anil-first-order"])
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"name": "fomaml"},
+        {"name": "reptile"},
+        {"name": "anil", "inner": {"steps": 2, "lr": 0.1, "first_order": True}},  # head adapts, sharded body frozen
+    ],
+    ids=["fomaml", "reptile", "anil-first-order"],
+)
 def test_zero3_first_order_equals_unsharded_and_each_rank_holds_half(local_ray, algorithm):
     spec = job(algorithm=algorithm)
     result, params, held = sharded_step(spec, 4)

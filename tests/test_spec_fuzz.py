@@ -19,35 +19,104 @@ from metascale.errors import SpecError
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = {p.name: p.read_bytes() for p in sorted((REPO / "jobs").glob("*.yaml"))}
 FUZZ = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None, derandomize=True, database=None,
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
 # Field names and dotted paths of real sections, so generated documents get past "unknown field" into the validators.
-SECTIONS = ["name", "seed", "model", "data", "algorithm", "outer", "eval", "checkpoint", "logging", "executor",
-            "cluster", "sharding"]
-FIELDS = ["name", "source", "steps", "lr", "inner", "ways", "shots", "queries", "amplitude", "hidden", "meta_batch",
-          "schedule", "decay", "decay_steps", "workers", "engine", "zero_stage", "ranks", "stream", "window_shards",
-          "es", "sigma", "mode", "wandb", "dir", "every", "gpus_per_process", "image_size", "patch_size", "augment"]
-PATHS = ["outer.lr", "outer.steps", "outer.schedule.decay", "algorithm.name", "algorithm.inner.lr", "data.source",
-         "data.ways", "data.amplitude", "model.name", "model.hidden", "cluster.workers", "cluster.address",
-         "sharding.engine", "sharding.zero_stage", "logging.wandb.mode", "eval.every", "name", "seed", "checkpoint.dir",
-         "logging.wandb.dir"]
+SECTIONS = [
+    "name",
+    "seed",
+    "model",
+    "data",
+    "algorithm",
+    "outer",
+    "eval",
+    "checkpoint",
+    "logging",
+    "executor",
+    "cluster",
+    "sharding",
+]
+FIELDS = [
+    "name",
+    "source",
+    "steps",
+    "lr",
+    "inner",
+    "ways",
+    "shots",
+    "queries",
+    "amplitude",
+    "hidden",
+    "meta_batch",
+    "schedule",
+    "decay",
+    "decay_steps",
+    "workers",
+    "engine",
+    "zero_stage",
+    "ranks",
+    "stream",
+    "window_shards",
+    "es",
+    "sigma",
+    "mode",
+    "wandb",
+    "dir",
+    "every",
+    "gpus_per_process",
+    "image_size",
+    "patch_size",
+    "augment",
+]
+PATHS = [
+    "outer.lr",
+    "outer.steps",
+    "outer.schedule.decay",
+    "algorithm.name",
+    "algorithm.inner.lr",
+    "data.source",
+    "data.ways",
+    "data.amplitude",
+    "model.name",
+    "model.hidden",
+    "cluster.workers",
+    "cluster.address",
+    "sharding.engine",
+    "sharding.zero_stage",
+    "logging.wandb.mode",
+    "eval.every",
+    "name",
+    "seed",
+    "checkpoint.dir",
+    "logging.wandb.dir",
+]
 # Characters YAML gives meaning to, plus tab, NUL, escapes, non-ASCII text and a Unicode line separator.
-YAML_TEXT = st.text(alphabet=st.sampled_from(list(":-[]{},&*!|>'\"#%@?`\t\n .=\\0123456789aefinsux~\x00é\u2028")),
-                    max_size=40)
+YAML_TEXT = st.text(
+    alphabet=st.sampled_from(list(":-[]{},&*!|>'\"#%@?`\t\n .=\\0123456789aefinsux~\x00é\u2028")), max_size=40
+)
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**50), max_value=10**50),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.sampled_from(SECTIONS + FIELDS),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**50), max_value=10**50),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(SECTIONS + FIELDS),
     st.sampled_from(["runs/{name}", "runs/{{x}}", "{", "}", "{0}", "{nam}", "{name.x}"]),  # path templates
 )
 documents = st.recursive(
     scalars,
     lambda children: st.one_of(
         st.lists(children, max_size=4),
-        st.dictionaries(st.one_of(st.sampled_from(SECTIONS + FIELDS), st.text(max_size=8), st.integers()),
-                        children, max_size=5),
+        st.dictionaries(
+            st.one_of(st.sampled_from(SECTIONS + FIELDS), st.text(max_size=8), st.integers()), children, max_size=5
+        ),
     ),
     max_leaves=25,
 )
@@ -81,7 +150,7 @@ def _mutate(data: st.DataObject, text: bytes) -> bytes:
         at = data.draw(st.integers(0, len(text)), label="at")
         edit = data.draw(st.sampled_from(["delete", "insert", "bytes", "dup_line", "drop_line"]), label="edit")
         if edit == "delete":
-            text = text[:at] + text[at + data.draw(st.integers(1, 20), label="n"):]
+            text = text[:at] + text[at + data.draw(st.integers(1, 20), label="n") :]
         elif edit == "insert":
             text = text[:at] + data.draw(YAML_TEXT, label="ins").encode() + text[at:]
         elif edit == "bytes":
@@ -89,7 +158,7 @@ def _mutate(data: st.DataObject, text: bytes) -> bytes:
         else:
             lines = text.splitlines(keepends=True) or [b""]
             i = data.draw(st.integers(0, len(lines) - 1), label="line")
-            lines[i:i + 1] = [lines[i], lines[i]] if edit == "dup_line" else []
+            lines[i : i + 1] = [lines[i], lines[i]] if edit == "dup_line" else []
             text = b"".join(lines)
     return text
 
@@ -125,8 +194,9 @@ def test_random_text_loads_or_fails_cleanly(spec_file, text):
 
 overrides = st.one_of(
     st.builds(lambda k, v: f"{k}={v}", st.sampled_from(PATHS), YAML_TEXT),
-    st.builds(lambda k, v: f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}", st.sampled_from(PATHS),
-              documents),
+    st.builds(
+        lambda k, v: f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}", st.sampled_from(PATHS), documents
+    ),
     st.text(max_size=30),  # anything at all: no '=', empty key, dots only
 )
 

@@ -46,8 +46,10 @@ def env(emu, tmp_path, monkeypatch):
 @pytest.fixture
 def spec(tmp_path) -> Path:
     path = tmp_path / "e2e.yaml"
-    path.write_text("name: e2e\nouter: {steps: 3, meta_batch: 2}\nlogging: {wandb: {mode: disabled}}\n"
-                    "checkpoint: {dir: 's3://bucket/{name}'}\n")
+    path.write_text(
+        "name: e2e\nouter: {steps: 3, meta_batch: 2}\nlogging: {wandb: {mode: disabled}}\n"
+        "checkpoint: {dir: 's3://bucket/{name}'}\n"
+    )
     return path
 
 
@@ -66,8 +68,11 @@ def test_submit_status_logs_list_cancel(env, emu, spec, cli):
     assert shlex.split(job["spec"]["entrypoint"]) == ENTRYPOINT
     assert job["spec"]["jobId"] == job_id  # `ray job status ID` on the cluster names the same job
     assert rule_violations(job) == [] and _restricted(job) == []
-    assert [w for w, _ in pod_templates(job)] == ["submitterPodTemplate", "headGroupSpec.template",
-                                                  "workerGroupSpecs[0].template"]
+    assert [w for w, _ in pod_templates(job)] == [
+        "submitterPodTemplate",
+        "headGroupSpec.template",
+        "workerGroupSpecs[0].template",
+    ]
     assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["backoffLimit"] == 2  # retries resume
     # The spec travels resolved (override applied, 'local' Ray -> join the cluster) and loads back.
     sent = parse_spec(yaml.safe_load(cm["data"]["metascale-job.yaml"]))
@@ -173,11 +178,15 @@ def test_a_sharded_job_submits_with_a_pod_per_rank_group(env, emu, cli):
     [group] = cluster["workerGroupSpecs"]
     requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
     assert group["replicas"] == 2 and requests["nvidia.com/gpu"] == "4" and requests["cpu"] == "32"
-    assert "nvidia.com/gpu" not in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert (
+        "nvidia.com/gpu" not in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    )
     spanning = rayjob(prepare("jobs/vit-large-zero3.yaml", ["sharding.span_nodes=true"]), NS)
     [group] = spanning["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert group["replicas"] == 8 and group["template"]["spec"]["containers"][0]["resources"]["requests"][
-        "nvidia.com/gpu"] == "1"
+    assert (
+        group["replicas"] == 8
+        and group["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    )
 
 
 def test_forbidden_is_one_line_without_secrets(env, emu, spec, cli):
@@ -229,7 +238,12 @@ def test_no_injection_through_paths_or_values(env, emu, tmp_path, cli):
     evil_name = tmp_path / "x'; touch pwned; echo '.yaml"
     evil_name.write_text("name: e2e\nouter: {steps: 3}\n")
     code, out, err = cli(
-        "submit", str(evil_name), "--to", f"k8s://{NS}", "--set", "logging.wandb.project=$(touch pwned); x`id`",
+        "submit",
+        str(evil_name),
+        "--to",
+        f"k8s://{NS}",
+        "--set",
+        "logging.wandb.project=$(touch pwned); x`id`",
         "--allow-ephemeral",
     )
     assert code == 0, err
@@ -310,7 +324,8 @@ def test_every_kubernetes_field_reaches_valid_restricted_pods(env, emu, tmp_path
     for pod in (head, worker):
         assert pod["serviceAccountName"] == "ray-s3"
         assert {"name": "runs", "persistentVolumeClaim": {"claimName": "metascale-runs", "readOnly": False}} in pod[
-            "volumes"]
+            "volumes"
+        ]
         assert {"name": "runs", "mountPath": "/mnt/runs", "readOnly": False} in pod["containers"][0]["volumeMounts"]
         wandb = next(e for e in pod["containers"][0]["env"] if e["name"] == "WANDB_API_KEY")
         assert wandb["valueFrom"]["secretKeyRef"]["name"] == "team-wandb"
@@ -338,7 +353,10 @@ def test_cluster_runs_on_an_existing_raycluster(env, emu, spec, cli):
     for absent in ("rayClusterSpec", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "suspend"):
         assert absent not in job["spec"], absent
     assert schema_errors(job) == [] and rule_violations(job) == [] and _restricted(job) == []
-    broken = {**job, "spec": {**job["spec"], "suspend": True, "backoffLimit": 2}}  # the rule checker sees KubeRay's rules
+    broken = {
+        **job,
+        "spec": {**job["spec"], "suspend": True, "backoffLimit": 2},
+    }  # the rule checker sees KubeRay's rules
     assert len(rule_violations(broken)) == 3
 
 

@@ -30,7 +30,6 @@ cluster: {workers: 1}
 """
 
 
-
 def _session_pids(sid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -49,13 +48,24 @@ def ray_head(ray_head_ports):
     dash = ray_head_ports["dashboard-port"]
     tmp = tempfile.mkdtemp(prefix="msray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {
-        **os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",  # the job's `metascale`
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": tmp,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",  # the job's `metascale`
     }
     cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1", *[f"--{flag}={port}" for flag, port in ray_head_ports.items()],
-        f"--temp-dir={tmp}", "--num-cpus=3", "--disable-usage-stats",
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        *[f"--{flag}={port}" for flag, port in ray_head_ports.items()],
+        f"--temp-dir={tmp}",
+        "--num-cpus=3",
+        "--disable-usage-stats",
     ]
     log = open(Path(tmp) / "head.log", "w")
     head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)

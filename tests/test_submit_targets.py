@@ -74,7 +74,11 @@ def test_every_example_job_makes_a_valid_rayjob(spec):
     obj = rayjob(job, "ml")
     assert schema_errors(obj) == [] and rule_violations(obj) == []
     assert shlex.split(obj["spec"]["entrypoint"]) == [
-        "metascale", "run", "/etc/metascale/metascale-job.yaml", "--auto-resume"]
+        "metascale",
+        "run",
+        "/etc/metascale/metascale-job.yaml",
+        "--auto-resume",
+    ]
     assert obj["spec"]["backoffLimit"] == 2
     assert job.spec.cluster.address != "local"
 
@@ -83,8 +87,9 @@ def test_a_pipe_data_url_is_submitted_only_with_allow_pipe(tmp_path, monkeypatch
     """A pipe: URL is a command every worker would run: `submit` refuses it, before any request, unless opted in."""
     monkeypatch.setenv("METASCALE_STATE_DIR", str(tmp_path / "state"))
     spec = tmp_path / "piped.yaml"
-    spec.write_text("name: piped\nmodel: {name: conv4}\n"
-                    "data: {source: shards, url: 'pipe:aws s3 cp s3://bucket/set/{name} -'}\n")
+    spec.write_text(
+        "name: piped\nmodel: {name: conv4}\ndata: {source: shards, url: 'pipe:aws s3 cp s3://bucket/set/{name} -'}\n"
+    )
     code, out, err = cli("submit", str(spec), "--to", "http://127.0.0.1:1", "--dry-run")
     assert (code, out) == (2, "") and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"error: {spec}: data.url is a pipe: command") and "pass --allow-pipe" in err

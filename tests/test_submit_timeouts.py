@@ -70,8 +70,11 @@ def _one_line(code: int, err: str, expected_code: int, needle: str) -> None:
 
 
 def test_ray_verbs_against_a_server_that_never_answers_fail_within_the_timeout(cli, spec, silent_server):
-    for args in (["submit", str(spec), "--to", silent_server], ["status", "e2e-abc123", "--to", silent_server],
-                 ["logs", "e2e-abc123", "--follow", "--to", silent_server]):
+    for args in (
+        ["submit", str(spec), "--to", silent_server],
+        ["status", "e2e-abc123", "--to", silent_server],
+        ["logs", "e2e-abc123", "--follow", "--to", silent_server],
+    ):
         start = time.monotonic()
         code, _, err = cli(*args)
         assert time.monotonic() - start < 10 * READ_S, args
@@ -100,10 +103,13 @@ def test_an_http_server_that_is_not_ray_is_a_wrong_address(cli, spec, tmp_path, 
         _one_line(code, err, 2, f"{url} answers HTTP but is not a Ray dashboard ({problem}); --to takes the Ray")
 
 
-def test_kubernetes_calls_against_a_server_that_never_answers_fail_within_the_timeout(cli, tmp_path, monkeypatch,
-                                                                                        silent_server):
+def test_kubernetes_calls_against_a_server_that_never_answers_fail_within_the_timeout(
+    cli, tmp_path, monkeypatch, silent_server
+):
     config = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "silent",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "silent",
         "clusters": [{"name": "silent", "cluster": {"server": silent_server}}],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "silent", "context": {"cluster": "silent", "user": "u"}}],
@@ -183,8 +189,9 @@ def test_k8s_follow_reopens_a_quiet_stream_from_the_middle_of_the_silence(monkey
     jobs = KubeRayJobs(K8sTarget("ml"))
     monkeypatch.setattr(jobs, "status", lambda job_id: SimpleNamespace(status="RUNNING"))
     got: list[str] = []
-    jobs._follow(SimpleNamespace(read_namespaced_pod_log=read_namespaced_pod_log), "e2e-abc123-x", "e2e-abc123",
-                 got.append)
+    jobs._follow(
+        SimpleNamespace(read_namespaced_pod_log=read_namespaced_pod_log), "e2e-abc123-x", "e2e-abc123", got.append
+    )
     assert "".join(got) == "step 1/3\nstep 2/3\nstep 3/3\n"
     assert [c.get("since_seconds") for c in calls] == [None, 1]  # half of a 1 s read timeout, at least 1 s
     assert all(c["_request_timeout"] == (2.0, READ_S) and c["follow"] for c in calls)
@@ -195,6 +202,7 @@ def test_k8s_follow_of_a_finished_job_does_not_reopen(monkeypatch):
     jobs = KubeRayJobs(K8sTarget("ml"))
     monkeypatch.setattr(jobs, "status", lambda job_id: SimpleNamespace(status="SUCCEEDED"))
     got: list[str] = []
-    jobs._follow(SimpleNamespace(read_namespaced_pod_log=lambda pod, ns, **kw: streams.pop(0)), "p", "e2e-abc123",
-                 got.append)
+    jobs._follow(
+        SimpleNamespace(read_namespaced_pod_log=lambda pod, ns, **kw: streams.pop(0)), "p", "e2e-abc123", got.append
+    )
     assert got == ["step 3/3\n"] and streams == []

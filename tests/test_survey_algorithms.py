@@ -81,19 +81,27 @@ def _linear_regression_implicit_gradient(damping, inner=InnerLoopSpec(steps=150,
     """iMAML's meta-gradient and the closed form for linear regression, where L_s is quadratic: phi*(theta) =
     (H + reg I)^-1 (reg theta + c), and the damped system's solution is (I + (H + damping I)/reg)^-1 grad L_q(phi*)."""
     reg = 2.0
-    alg, meta = _setup("imaml", MLPSpec(in_features=3, hidden=[]), 1, inner=inner,
-                       imaml=IMAMLSpec(reg=reg, cg_steps=4, damping=damping, solver=solver))
+    alg, meta = _setup(
+        "imaml",
+        MLPSpec(in_features=3, hidden=[]),
+        1,
+        inner=inner,
+        imaml=IMAMLSpec(reg=reg, cg_steps=4, damping=damping, solver=solver),
+    )
     g = torch.Generator().manual_seed(1)
     sx, qx = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
-    task = Task(sx, torch.randn(8, 1, generator=g, dtype=torch.float64), qx,
-                torch.randn(6, 1, generator=g, dtype=torch.float64))
+    task = Task(
+        sx, torch.randn(8, 1, generator=g, dtype=torch.float64), qx, torch.randn(6, 1, generator=g, dtype=torch.float64)
+    )
     got = meta_gradient(alg, meta, TaskBatch.stack([task])).grads
 
     theta = torch.cat([meta["head.weight"].view(-1), meta["head.bias"]]).detach().requires_grad_(True)
     xs = torch.cat([sx, torch.ones(8, 1, dtype=torch.float64)], 1)
     xq = torch.cat([qx, torch.ones(6, 1, dtype=torch.float64)], 1)
     hess = 2 * xs.T @ xs / 8  # of mean squared error
-    phi = torch.linalg.solve(hess + reg * torch.eye(4, dtype=torch.float64), reg * theta + 2 * xs.T @ task.support_y[:, 0] / 8)
+    phi = torch.linalg.solve(
+        hess + reg * torch.eye(4, dtype=torch.float64), reg * theta + 2 * xs.T @ task.support_y[:, 0] / 8
+    )
     query = ((xq @ phi - task.query_y[:, 0]) ** 2).mean()
     (gq,) = torch.autograd.grad(query, phi, retain_graph=True)
     (exact,) = torch.autograd.grad(query, theta)  # = (I + H/reg)^-1 grad L_q(phi*)

@@ -73,15 +73,17 @@ def test_noise_is_a_pure_function_of_seed_step_and_pair():
 
 
 def _spec(workers, tmp_path):
-    return parse_spec({
-        "name": "es",
-        "data": {"source": "sinusoid"},
-        "algorithm": {"name": "maml", "inner": {"steps": 1, "lr": 0.01}},
-        "outer": {"estimator": "es", "meta_batch": 6, "es": {"tasks": 2, "sigma": 0.05}},
-        "checkpoint": {"dir": str(tmp_path)},
-        "executor": {"dtype": "float64"},
-        "cluster": {"workers": workers},
-    })
+    return parse_spec(
+        {
+            "name": "es",
+            "data": {"source": "sinusoid"},
+            "algorithm": {"name": "maml", "inner": {"steps": 1, "lr": 0.01}},
+            "outer": {"estimator": "es", "meta_batch": 6, "es": {"tasks": 2, "sigma": 0.05}},
+            "checkpoint": {"dir": str(tmp_path)},
+            "executor": {"dtype": "float64"},
+            "cluster": {"workers": workers},
+        }
+    )
 
 
 def test_ray_es_step_sends_scalars_survives_a_lost_worker_and_equals_inline(local_ray, tmp_path):

@@ -21,13 +21,25 @@ from metascale.errors import SpecError
 
 
 def test_meta_weight_net_gives_flipped_labels_lower_weight_than_clean_ones():
-    spec = parse_spec({
-        "name": "mwn", "model": {"name": "conv4", "hidden": 16},
-        "data": {"source": "noisy_labels", "ways": 5, "train_per_class": 200, "meta_per_class": 4, "batch": 50,
-                 "meta_batch_size": 20, "noise": 1.5, "label_noise": 0.4},
-        "algorithm": {"name": "mwn", "inner": {"lr": 0.1}},
-        "outer": {"optimizer": "sgd", "lr": 0.1, "meta_batch": 1}, "cluster": {"address": "inline"},
-    })
+    spec = parse_spec(
+        {
+            "name": "mwn",
+            "model": {"name": "conv4", "hidden": 16},
+            "data": {
+                "source": "noisy_labels",
+                "ways": 5,
+                "train_per_class": 200,
+                "meta_per_class": 4,
+                "batch": 50,
+                "meta_batch_size": 20,
+                "noise": 1.5,
+                "label_noise": 0.4,
+            },
+            "algorithm": {"name": "mwn", "inner": {"lr": 0.1}},
+            "outer": {"optimizer": "sgd", "lr": 0.1, "meta_batch": 1},
+            "cluster": {"address": "inline"},
+        }
+    )
     coord, pool = Coordinator(spec), InlinePool(spec)
     for step in range(80):
         coord.apply(backprop(spec, pool, step, coord.published()))
@@ -42,11 +54,15 @@ def test_meta_weight_net_gives_flipped_labels_lower_weight_than_clean_ones():
 
 
 def _online_spec():
-    return parse_spec({
-        "name": "online", "algorithm": {"name": "maml", "inner": {"lr": 0.01}},
-        "outer": {"estimator": "ftml", "meta_batch": 4}, "executor": {"dtype": "float64"},
-        "cluster": {"address": "inline"},
-    })
+    return parse_spec(
+        {
+            "name": "online",
+            "algorithm": {"name": "maml", "inner": {"lr": 0.01}},
+            "outer": {"estimator": "ftml", "meta_batch": 4},
+            "executor": {"dtype": "float64"},
+            "cluster": {"address": "inline"},
+        }
+    )
 
 
 def test_ftml_scores_the_arriving_task_first_then_steps_on_it_and_the_earlier_stream():
@@ -71,25 +87,55 @@ def test_ftml_scores_the_arriving_task_first_then_steps_on_it_and_the_earlier_st
     assert len(candidates) == 1
 
 
-@pytest.mark.parametrize("patch, reason", [
-    ({"algorithm": {"name": "mwn"}}, "need data.source 'noisy_labels'"),
-    ({"data": {"source": "noisy_labels"}, "model": {"name": "conv4"}}, "need data.source 'noisy_labels'"),
-    ({"algorithm": {"name": "learned_hparams", "inner": {"first_order": True}}}, "hypergradient is zero"),
-    ({"algorithm": {"name": "imaml", "inner": {"checkpoint": "steps"}}}, "independent of the inner steps"),
-    ({"outer": {"estimator": "es", "es": {"objective": "error"}}}, "needs classification data"),
-    ({"data": {"source": "noisy_labels"}, "model": {"name": "conv4"}, "algorithm": {"name": "mwn"},
-      "outer": {"estimator": "es"}}, "needs a few-shot task stream"),
-    ({"data": {"source": "noisy_labels"}, "model": {"name": "conv4"}, "algorithm": {"name": "mwn"},
-      "executor": {"strategy": "vmap"}}, "runs per task"),
-    ({"algorithm": {"name": "fomaml"}, "outer": {"estimator": "ftml"}, "sharding": {"engine": "deepspeed"}},
-     "outer.estimator 'ftml' runs on the Ray workers"),
-])
+@pytest.mark.parametrize(
+    "patch, reason",
+    [
+        ({"algorithm": {"name": "mwn"}}, "need data.source 'noisy_labels'"),
+        ({"data": {"source": "noisy_labels"}, "model": {"name": "conv4"}}, "need data.source 'noisy_labels'"),
+        ({"algorithm": {"name": "learned_hparams", "inner": {"first_order": True}}}, "hypergradient is zero"),
+        ({"algorithm": {"name": "imaml", "inner": {"checkpoint": "steps"}}}, "independent of the inner steps"),
+        ({"outer": {"estimator": "es", "es": {"objective": "error"}}}, "needs classification data"),
+        (
+            {
+                "data": {"source": "noisy_labels"},
+                "model": {"name": "conv4"},
+                "algorithm": {"name": "mwn"},
+                "outer": {"estimator": "es"},
+            },
+            "needs a few-shot task stream",
+        ),
+        (
+            {
+                "data": {"source": "noisy_labels"},
+                "model": {"name": "conv4"},
+                "algorithm": {"name": "mwn"},
+                "executor": {"strategy": "vmap"},
+            },
+            "runs per task",
+        ),
+        (
+            {"algorithm": {"name": "fomaml"}, "outer": {"estimator": "ftml"}, "sharding": {"engine": "deepspeed"}},
+            "outer.estimator 'ftml' runs on the Ray workers",
+        ),
+    ],
+)
 def test_bad_combinations_are_refused_with_a_reason(patch, reason):
     with pytest.raises(SpecError, match=reason):
         parse_spec(patch)
 
 
-@pytest.mark.parametrize("name", ["sinusoid-es", "sinusoid-imaml", "glyphs-learned-hparams", "glyphs-learned-loss",
-                                  "glyphs-mwn", "sinusoid-online", "glyphs-imaml", "glyphs-es-accuracy"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sinusoid-es",
+        "sinusoid-imaml",
+        "glyphs-learned-hparams",
+        "glyphs-learned-loss",
+        "glyphs-mwn",
+        "sinusoid-online",
+        "glyphs-imaml",
+        "glyphs-es-accuracy",
+    ],
+)
 def test_example_jobs_validate(name):
     assert load_spec(f"jobs/{name}.yaml").name == name

@@ -49,9 +49,18 @@ def test_job_runs_end_to_end_and_logs_to_wandb_offline(local_ray, tmp_path, make
     [run_file] = run_files(tmp_path / "wb")
     rows = settled_history(run_file, "final/accuracy_ci95")
     logged = {k for row in rows for k in row}
-    for key in ("train/loss", "train/accuracy", "episodes_per_s", "straggler_spread_s", "data_wait_fraction",
-                "worker/0/compute_s", "worker/1/compute_s", "worker/0/peak_mib", "eval/accuracy",
-                "final/accuracy_ci95"):
+    for key in (
+        "train/loss",
+        "train/accuracy",
+        "episodes_per_s",
+        "straggler_spread_s",
+        "data_wait_fraction",
+        "worker/0/compute_s",
+        "worker/1/compute_s",
+        "worker/0/peak_mib",
+        "eval/accuracy",
+        "final/accuracy_ci95",
+    ):
         assert key in logged, key
     lrs = [row["train/lr"] for row in rows if "train/lr" in row]
     assert lrs == pytest.approx([lr_at(spec.outer, step) for step in range(6)])  # warm-up, then cosine decay
@@ -75,8 +84,9 @@ def test_a_second_run_refuses_to_overwrite_checkpoints_without_resume(local_ray,
 
 
 @pytest.mark.parametrize("fault", ["exit", "hang"])
-def test_a_worker_lost_at_step_3_is_recomputed_and_the_run_ends_bit_identical(local_ray, tmp_path, make_job,
-                                                                             final_params, drill, fault):
+def test_a_worker_lost_at_step_3_is_recomputed_and_the_run_ends_bit_identical(
+    local_ray, tmp_path, make_job, final_params, drill, fault
+):
     """Worker 1 exits (or stops: SIGSTOP, alive and silent) as it starts meta-step 3; its slots are recomputed on
     worker 0 within the step (the hang after `cluster.timeout`), and every later step runs as usual."""
     timeout = {"min_s": 2.0, "factor": 5.0}  # a hang is found in seconds, not minutes

@@ -26,8 +26,13 @@ from metascale.train import train
 
 
 def _run(path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "metascale", "run", str(path), *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "metascale", "run", str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
 
 
 def _spec_file(make_job, tmp_path: Path, name: str, **kw) -> tuple[object, Path]:
@@ -85,9 +90,15 @@ def test_a_second_run_of_the_same_job_is_refused_and_overwrites_nothing(tmp_path
 def test_a_run_that_diverges_stops_after_max_skipped_steps_with_a_checkpoint(tmp_path):
     from metascale.config import parse_spec
 
-    spec = parse_spec({  # sinusoid MAML: one Adam step of 1e9 and every task is non-finite from then on
-        "outer": {"lr": 1e9, "steps": 50, "meta_batch": 4}, "eval": {"every": 0}, "cluster": {"address": "inline"},
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 0}, "logging": {"wandb": {"mode": "disabled"}}})
+    spec = parse_spec(
+        {  # sinusoid MAML: one Adam step of 1e9 and every task is non-finite from then on
+            "outer": {"lr": 1e9, "steps": 50, "meta_batch": 4},
+            "eval": {"every": 0},
+            "cluster": {"address": "inline"},
+            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 0},
+            "logging": {"wandb": {"mode": "disabled"}},
+        }
+    )
     with pytest.raises(NonFiniteError, match="the last 3 meta-steps .* were all skipped") as e:
         train(spec)
     assert "executor.nonfinite=skip_task" in str(e.value) and "\n" not in str(e.value)
@@ -147,8 +158,11 @@ def test_an_unwritable_checkpoint_directory_ends_the_run_naming_the_last_saved_s
 def test_a_checkpoint_of_another_model_is_refused_by_eval_and_resume(tmp_path, make_job):
     spec, path = _spec_file(make_job, tmp_path, "job", outer__steps=2)
     train(spec)
-    for args in (["eval", str(path), "--set", "model.hidden=16"], ["eval", str(path), "--set", "data.ways=4"],
-                 ["run", str(path), "--resume", "--set", "model.hidden=16"]):
+    for args in (
+        ["eval", str(path), "--set", "model.hidden=16"],
+        ["eval", str(path), "--set", "data.ways=4"],
+        ["run", str(path), "--resume", "--set", "model.hidden=16"],
+    ):
         out = subprocess.run([sys.executable, "-m", "metascale", *args], capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         [line] = out.stderr.strip().splitlines()
@@ -169,13 +183,19 @@ def test_a_workers_data_error_is_one_line_without_rays_traceback(tmp_path, make_
     from metascale.data.pack import SourceClass, pack
 
     rng = np.random.default_rng(0)
-    classes = [SourceClass(f"k{c}", f"k{c}", split, list(rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)))
-               for c, split in enumerate(["train"] * 6 + ["val"] * 3 + ["test"] * 3)]
+    classes = [
+        SourceClass(f"k{c}", f"k{c}", split, list(rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)))
+        for c, split in enumerate(["train"] * 6 + ["val"] * 3 + ["test"] * 3)
+    ]
     pack(classes, tmp_path / "set", progress=False, max_classes_per_shard=3)
     shard = tmp_path / "set" / "train-00001.tar"
     shard.write_bytes(shard.read_bytes()[:1500])  # torn: the replica finds it when it reads the shard
-    spec = make_job(tmp_path, data={"source": "shards", "url": str(tmp_path / "set"), "ways": 3, "shots": 1,
-                                    "queries": 1}, outer__steps=2, eval__every=0)
+    spec = make_job(
+        tmp_path,
+        data={"source": "shards", "url": str(tmp_path / "set"), "ways": 3, "shots": 1, "queries": 1},
+        outer__steps=2,
+        eval__every=0,
+    )
     with pytest.raises(DataError) as e:
         train(spec)
     assert "train-00001.tar" in str(e.value) and "\n" not in str(e.value) and "ray::" not in str(e.value)

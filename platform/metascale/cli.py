@@ -24,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
 def _print_version(value: bool) -> None:
     if value:
         from metascale import version
@@ -34,8 +35,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print metascale's version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print metascale's version and exit."
+    ),
 ) -> None:
     pass
 
@@ -59,8 +61,10 @@ def run(
     set_: list[str] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from the job's latest good checkpoint."),
     auto_resume: bool = typer.Option(
-        False, "--auto-resume",
-        help="Continue from the latest good checkpoint if the job has one, else start it (cluster jobs, retries)."),
+        False,
+        "--auto-resume",
+        help="Continue from the latest good checkpoint if the job has one, else start it (cluster jobs, retries).",
+    ),
 ) -> None:
     """Meta-train a job (embedded local Ray by default; cluster.address joins a cluster)."""
     from metascale.config import load_spec
@@ -68,8 +72,10 @@ def run(
     if resume and auto_resume:
         from metascale.errors import CheckpointError
 
-        raise CheckpointError("pass either --resume (a checkpoint must exist) or --auto-resume (continue if one "
-                              "exists, else start), not both")
+        raise CheckpointError(
+            "pass either --resume (a checkpoint must exist) or --auto-resume (continue if one "
+            "exists, else start), not both"
+        )
     job = load_spec(spec, set_)  # before importing torch: a bad spec fails fast
     from metascale.train import train
 
@@ -92,11 +98,18 @@ def eval_(
 
 @app.command()
 def export(
-    source: str = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", show_default=False,
-                                 help="A job spec (its latest good checkpoint), a checkpoint directory, or one "
-                                      "checkpoint (a step-NNNNNNNN folder or .ckpt file); local or a URL."),
-    to: str = typer.Option(..., "--to", help="The file to write (local path or URL): safetensors, or .npz for a "
-                                              "distill job's synthetic set."),
+    source: str = typer.Argument(
+        ...,
+        metavar="RUN_OR_CHECKPOINT",
+        show_default=False,
+        help="A job spec (its latest good checkpoint), a checkpoint directory, or one "
+        "checkpoint (a step-NNNNNNNN folder or .ckpt file); local or a URL.",
+    ),
+    to: str = typer.Option(
+        ...,
+        "--to",
+        help="The file to write (local path or URL): safetensors, or .npz for a distill job's synthetic set.",
+    ),
 ) -> None:
     """Write a checkpoint's model weights as one safetensors file, named as the model's state_dict() keys (a distill
     job: its synthetic images, labels and inner lr as .npz; a darts job: also the derived architecture as JSON)."""

@@ -71,4 +71,4 @@ def from_loader_worker(e: BaseException) -> BaseException:
         return e
     head = f"{type(e).__module__}.{type(e).__name__}: "
     at = text.rfind(head)
-    return type(e)(text[at + len(head):].strip() if at >= 0 else text.splitlines()[-1])
+    return type(e)(text[at + len(head) :].strip() if at >= 0 else text.splitlines()[-1])

@@ -76,8 +76,12 @@ def export_model(source: str, to: str) -> dict[str, Any]:
     if spec.algorithm.name == "distill":  # no model weights: the distilled set itself
         return export_distilled(spec, step, state, to)
     weights, buffers = model_weights(spec, state, f"export of {source}")
-    metadata = {"format": "pt", "metascale.job": spec.name, "metascale.step": str(step),
-                "metascale.model": json.dumps(spec.model.model_dump(mode="json"), sort_keys=True)}
+    metadata = {
+        "format": "pt",
+        "metascale.job": spec.name,
+        "metascale.step": str(step),
+        "metascale.model": json.dumps(spec.model.model_dump(mode="json"), sort_keys=True),
+    }
     architecture = _architecture(spec, weights)
     if architecture is not None:
         metadata["metascale.architecture"] = json.dumps(architecture, sort_keys=True)

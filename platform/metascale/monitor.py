@@ -81,8 +81,11 @@ class Monitor:
             directory = spec.path(wb.dir)
             os.makedirs(directory, exist_ok=True)
             config = spec.model_dump(mode="json")
-            config["metascale"] = {"version": version(), "job_id": os.environ.get(JOB_ID_ENV) or None,
-                                   "cluster_address": cluster_address(spec)}
+            config["metascale"] = {
+                "version": version(),
+                "job_id": os.environ.get(JOB_ID_ENV) or None,
+                "cluster_address": cluster_address(spec),
+            }
             self.run = wandb.init(
                 project=wb.project,
                 entity=wb.entity,
@@ -115,7 +118,9 @@ class Monitor:
         found = score(metrics, "eval")
         if found:
             self.scores[step] = found
-        shown = {k: v for k, v in metrics.items() if k in ("train/loss", "train/accuracy", "eval/accuracy", "episodes_per_s")}
+        shown = {
+            k: v for k, v in metrics.items() if k in ("train/loss", "train/accuracy", "eval/accuracy", "episodes_per_s")
+        }
         if not self.bar.disable:
             self.bar.set_postfix({k.replace("train/", ""): f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self.bar.update(step - self.bar.n)
@@ -184,5 +189,4 @@ class Monitor:
             self.run.finish()
             if self.mode == "offline":
                 where = self.run.settings.sync_dir
-                print(f"wandb: offline run in {where}; upload it with: wandb sync {where}", file=sys.stderr,
-                      flush=True)
+                print(f"wandb: offline run in {where}; upload it with: wandb sync {where}", file=sys.stderr, flush=True)

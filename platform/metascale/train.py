@@ -52,8 +52,9 @@ def train(spec: JobSpec, resume: bool | str = False) -> dict[str, Any]:
             pool.shutdown()
 
 
-def _loop(spec: JobSpec, coord: Coordinator, pool: Any, monitor: Monitor, lease: Lease, ckpt_dir: str
-          ) -> dict[str, Any]:
+def _loop(
+    spec: JobSpec, coord: Coordinator, pool: Any, monitor: Monitor, lease: Lease, ckpt_dir: str
+) -> dict[str, Any]:
     estimate = pick_estimator(spec, coord)
     stop = StopRequest()
     saved: list[int] = checkpoint.list_steps(ckpt_dir)[-1:]
@@ -71,7 +72,8 @@ def _loop(spec: JobSpec, coord: Coordinator, pool: Any, monitor: Monitor, lease:
                     raise CheckpointWriteError(
                         f"could not write the checkpoint of step {coord.step} to {ckpt_dir} after {attempt} tries "
                         f"({type(e).__name__}: {str(e)[:200]}); the last saved checkpoint is {last}: fix the "
-                        "storage, then --resume") from None
+                        "storage, then --resume"
+                    ) from None
                 log.warning("checkpoint of step %d: write failed (%s); trying again", coord.step, e)
                 time.sleep(attempt)
         saved.append(coord.step)
@@ -98,19 +100,32 @@ def _loop(spec: JobSpec, coord: Coordinator, pool: Any, monitor: Monitor, lease:
                 raise NonFiniteError(
                     f"the last {skipped_in_a_row} meta-steps (to step {coord.step}) were all skipped: the "
                     f"meta-gradient was not finite (executor.nonfinite={spec.executor.nonfinite}); the run has "
-                    "diverged: lower outer.lr or algorithm.inner.lr, or set outer.grad_clip, then --resume")
+                    "diverged: lower outer.lr or algorithm.inner.lr, or set outer.grad_clip, then --resume"
+                )
             if spec.checkpoint.every and coord.step % spec.checkpoint.every == 0:
                 save()
         if not saved or saved[-1] != coord.step:
             save()  # the last step's, unless the schedule has just written it
         if stop.requested:
             monitor.summary({"stopped_at_step": coord.step, "checkpoint": ckpt_dir})
-            return {"status": "stopped", "signal": stop.requested, "step": coord.step, "checkpoint_dir": ckpt_dir,
-                    "worker_failures": pool.failures}
+            return {
+                "status": "stopped",
+                "signal": stop.requested,
+                "step": coord.step,
+                "checkpoint_dir": ckpt_dir,
+                "worker_failures": pool.failures,
+            }
         final = evaluate(pool, pool.put(coord.published()), spec, spec.eval.final_episodes, "final")
         monitor.summary(final)
-        return {"status": "finished", "step": coord.step, "skipped_steps": coord.skipped_steps,
-                "worker_failures": pool.failures, "checkpoint_dir": ckpt_dir, "wandb_run_id": monitor.run_id, **final}
+        return {
+            "status": "finished",
+            "step": coord.step,
+            "skipped_steps": coord.skipped_steps,
+            "worker_failures": pool.failures,
+            "checkpoint_dir": ckpt_dir,
+            "wandb_run_id": monitor.run_id,
+            **final,
+        }
     except MetascaleError:
         # Between steps the coordinator's state is whole (a failed step never reaches apply, and apply refuses
         # before it changes anything): keep what the run has done before the error is reported.
@@ -129,8 +144,10 @@ def _restore(coord: Coordinator, ckpt_dir: str, resume: bool | str) -> str | Non
     never a fresh start over a run's history), and starts fresh when it holds none: from `model.init_from` if set."""
     if resume == "auto":
         resume = bool(checkpoint.list_steps(ckpt_dir))
-        log.info("--auto-resume: %s", f"continuing from {ckpt_dir}" if resume else f"no checkpoint in {ckpt_dir}, "
-                 "starting a new run")
+        log.info(
+            "--auto-resume: %s",
+            f"continuing from {ckpt_dir}" if resume else f"no checkpoint in {ckpt_dir}, starting a new run",
+        )
     if not resume:
         if checkpoint.list_steps(ckpt_dir):
             raise CheckpointError(

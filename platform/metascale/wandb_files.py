@@ -57,8 +57,11 @@ def find_run_files(where: str | Path) -> list[str]:
     where = Path(where)
     if where.is_file():
         return [str(where)]
-    found = [Path(p) for pattern in ("run-*.wandb", "*run-*/run-*.wandb", "wandb/*run-*/run-*.wandb")
-             for p in glob.glob(str(where / pattern))]
+    found = [
+        Path(p)
+        for pattern in ("run-*.wandb", "*run-*/run-*.wandb", "wandb/*run-*/run-*.wandb")
+        for p in glob.glob(str(where / pattern))
+    ]
     if not found:
         return []
     found.sort(key=lambda p: (p.parent.name.split("run-", 1)[-1], os.path.getmtime(p)))  # YYYYmmdd_HHMMSS-id
@@ -70,7 +73,9 @@ def history(path: str | Path) -> list[dict]:
     rows = []
     for rec in records(path):
         if rec.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            )
     return rows
 
 
@@ -79,10 +84,18 @@ def run_info(path: str | Path) -> dict[str, Any]:
     for rec in records(path):
         if rec.WhichOneof("record_type") == "run":
             r = rec.run
-            return {"id": r.run_id, "project": r.project, "name": r.display_name, "group": r.run_group,
-                    "job_type": r.job_type, "tags": list(r.tags), "notes": r.notes,
-                    "config": {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                               for item in r.config.update}}
+            return {
+                "id": r.run_id,
+                "project": r.project,
+                "name": r.display_name,
+                "group": r.run_group,
+                "job_type": r.job_type,
+                "tags": list(r.tags),
+                "notes": r.notes,
+                "config": {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.config.update
+                },
+            }
     raise ValueError(f"{path}: no run record")
 
 
@@ -92,9 +105,15 @@ def artifacts(path: str | Path) -> list[dict[str, Any]]:
     for rec in records(path):
         if rec.WhichOneof("record_type") == "artifact":
             a = rec.artifact
-            out.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
-                        "metadata": json.loads(a.metadata) if a.metadata else {},
-                        "files": [entry.path for entry in a.manifest.contents]})
+            out.append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": list(a.aliases),
+                    "metadata": json.loads(a.metadata) if a.metadata else {},
+                    "files": [entry.path for entry in a.manifest.contents],
+                }
+            )
     return out
 
 

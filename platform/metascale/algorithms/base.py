@@ -79,6 +79,7 @@ class MetaAlgorithm:
     name: ClassVar[str]
     # True when the meta-gradient comes from autograd through `task_objective`; False for direct updates (Reptile).
     differentiable: ClassVar[bool] = True
+
     def __init__(self, spec: AlgorithmSpec, model: nn.Module, data: Any = None):
         self.spec = spec
         # The job's data section: read by algorithms that act in the tasks themselves (maml_rl's environment).
@@ -108,4 +109,3 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {}
 def register(cls: type[MetaAlgorithm]) -> type[MetaAlgorithm]:
     ALGORITHMS[cls.name] = cls
     return cls
-

@@ -57,7 +57,13 @@ def meta_gradient(
     (a TaskList: `auto` on a GPU gets here; an explicit `vmap` with them is refused by the spec)."""
     slots = list(range(len(batch))) if slots is None else list(slots)
     inner = alg.spec.inner
-    if strategy == "vmap" and isinstance(batch, TaskBatch) and alg.differentiable and inner.checkpoint == "none" and inner.query_chunk is None:
+    if (
+        strategy == "vmap"
+        and isinstance(batch, TaskBatch)
+        and alg.differentiable
+        and inner.checkpoint == "none"
+        and inner.query_chunk is None
+    ):
         result = _vmapped(alg, meta_params, batch)
         if result is not None:
             return result  # else: something was not finite; the per-task path finds which task
@@ -110,4 +116,3 @@ def _vmapped(alg: MetaAlgorithm, meta_params: Params, batch: TaskBatch) -> MetaG
         return None
     summed = {k: float(v.sum()) for k, v in metrics.items()}
     return MetaGradient(total, len(batch), summed, [], "vmap")
-

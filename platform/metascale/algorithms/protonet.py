@@ -32,5 +32,3 @@ class ProtoNet(MetaAlgorithm):
         logits = prototype_logits(support, task.support_y, query, ways)
         loss = task_loss(logits, task.query_y)
         return TaskOutput(loss, task_metrics(logits, task.query_y, loss))
-
-

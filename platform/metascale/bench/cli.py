@@ -54,8 +54,12 @@ def data(
     classes: int = typer.Option(1623, min=20, help="Glyph classes (the set the README's job uses)."),
     repeats: int = typer.Option(3, min=1, help="Rounds (loader, in-process, baseline in turn); best of each."),
     layout_episodes: int = typer.Option(1280, min=64, help="Episodes per per-class vs per-sample shard measurement."),
-    rgb: bool = typer.Option(False, "--rgb", help="Augmented 5-way 5-shot 15-query RGB 84x84 episodes instead "
-                             "(a packed set of --classes classes is made in a temporary folder; --root unused)."),
+    rgb: bool = typer.Option(
+        False,
+        "--rgb",
+        help="Augmented 5-way 5-shot 15-query RGB 84x84 episodes instead "
+        "(a packed set of --classes classes is made in a temporary folder; --root unused).",
+    ),
 ) -> None:
     """Episodes/s from task shards vs a per-image in-memory sampler (5-way 1-shot 15-query, 28x28), and the same
     episodes from per-class vs per-sample (standard WebDataset) shards of the same images; with --rgb, augmented RGB
@@ -106,8 +110,12 @@ def scaling(
     sizes: str = typer.Option("0.1M,10M,100M", help="Model sizes to measure (comma-separated: 0.1M, 10M, 100M)."),
     tasks_per_worker: int = typer.Option(8, min=1, help="Tasks each worker runs per meta-step (weak scaling)."),
     steps: int = typer.Option(2, min=1, help="Measured steps per configuration (best of; after one warm-up step)."),
-    sharded: bool = typer.Option(False, "--sharded", help="Rank groups of DeepSpeed ranks on a 2-node local cluster: "
-                                 "agreement with the un-sharded path, the coordinator's share, a rank lost mid-run."),
+    sharded: bool = typer.Option(
+        False,
+        "--sharded",
+        help="Rank groups of DeepSpeed ranks on a 2-node local cluster: "
+        "agreement with the un-sharded path, the coordinator's share, a rank lost mid-run.",
+    ),
     groups: int = typer.Option(2, min=1, help="--sharded: rank groups (one node each)."),
     ranks: int = typer.Option(2, min=1, help="--sharded: ranks per group."),
 ) -> None:
@@ -123,18 +131,27 @@ def scaling(
     chosen = [s.strip() for s in sizes.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SIZES]
     if unknown or not chosen:
-        raise typer.BadParameter(f"unknown size(s) {unknown}; expected some of {', '.join(SIZES)}", param_hint="--sizes")
+        raise typer.BadParameter(
+            f"unknown size(s) {unknown}; expected some of {', '.join(SIZES)}", param_hint="--sizes"
+        )
     emit(run(chosen, tasks_per_worker, steps))
 
 
 @bench_app.command(name="memory")
 def memory(
     budget_mib: float = typer.Option(1024.0, min=64, help="Per-process memory budget for the largest ViT (CPU)."),
-    coordinator_params: int = typer.Option(1_000_000_000, min=0, help="Model size for the coordinator's memory "
-                                           "(~16 bytes a parameter: needs ~17 GB at the default; 0 skips it)."),
+    coordinator_params: int = typer.Option(
+        1_000_000_000,
+        min=0,
+        help="Model size for the coordinator's memory "
+        "(~16 bytes a parameter: needs ~17 GB at the default; 0 skips it).",
+    ),
     device: Device = typer.Option(Device.cpu, help="cuda: the largest ViT meta-trainable on this one GPU."),
-    mixed_mode_84: bool = typer.Option(True, "--mixed-mode-84/--no-mixed-mode-84", help="Mixed vs reverse mode on "
-                                       "5-way 5-shot 84x84 episodes too (the headline ratios; the longest part)."),
+    mixed_mode_84: bool = typer.Option(
+        True,
+        "--mixed-mode-84/--no-mixed-mode-84",
+        help="Mixed vs reverse mode on 5-way 5-shot 84x84 episodes too (the headline ratios; the longest part).",
+    ),
 ) -> None:
     """ZeRO-3 per-rank memory (2 ranks / 1), the largest ViT meta-trainable under a budget, the coordinator's bytes."""
     if device is Device.cuda:

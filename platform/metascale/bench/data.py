@@ -50,7 +50,9 @@ def tune_malloc() -> bool:
         return False
     libc = ctypes.CDLL(name)
     m_trim, m_top_pad, m_mmap = -1, -2, -3
-    return all(libc.mallopt(opt, val) == 1 for opt, val in ((m_mmap, 32 << 20), (m_trim, 1 << 30), (m_top_pad, 256 << 20)))
+    return all(
+        libc.mallopt(opt, val) == 1 for opt, val in ((m_mmap, 32 << 20), (m_trim, 1 << 30), (m_top_pad, 256 << 20))
+    )
 
 
 def maml_step_seconds(batch, model_spec=None, inner_lr: float = 0.4) -> float:
@@ -125,14 +127,25 @@ def run(root: str, episodes: int, meta_batch: int, workers: int, classes: int, r
     step_s = maml_step_seconds(source.batch(0, range(32)))
     consumed = 32 / step_s
     return {
-        "bench": "data", "episodes_per_s": round(ours, 1), "episodes_per_s_cold": round(ours_cold, 1), "baseline_episodes_per_s": round(base, 1),
-        "ratio_vs_baseline": round(ours / base, 2), "loader_workers": workers,
+        "bench": "data",
+        "episodes_per_s": round(ours, 1),
+        "episodes_per_s_cold": round(ours_cold, 1),
+        "baseline_episodes_per_s": round(base, 1),
+        "ratio_vs_baseline": round(ours / base, 2),
+        "loader_workers": workers,
         "episodes_per_s_in_process_warm": round(ours_in_process, 1),
         "ratio_in_process_warm_vs_baseline": round(ours_in_process / base, 2),
-        "maml_meta_step_s": round(step_s, 3), "meta_step_consumes_episodes_per_s": round(consumed, 1),
-        "ratio_vs_meta_step": round(ours / consumed, 1), "rounds": repeats,
+        "maml_meta_step_s": round(step_s, 3),
+        "meta_step_consumes_episodes_per_s": round(consumed, 1),
+        "ratio_vs_meta_step": round(ours / consumed, 1),
+        "rounds": repeats,
         "all_rounds_episodes_per_s": [[round(r[0][0]), round(r[1]), round(r[2])] for r in rounds],
-        "episodes": n, "cache_load_s": round(load_s, 3), "workers_ready_s": round(warm_workers_s, 2), "prepare_glyphs_s": round(prepare_s, 2),
-        "train_classes": len(store.offsets), "train_images": int(store.images.shape[0]),
-        "episode": "5-way 1-shot 15-query 28x28", "malloc_tuned": tuned,
+        "episodes": n,
+        "cache_load_s": round(load_s, 3),
+        "workers_ready_s": round(warm_workers_s, 2),
+        "prepare_glyphs_s": round(prepare_s, 2),
+        "train_classes": len(store.offsets),
+        "train_images": int(store.images.shape[0]),
+        "episode": "5-way 1-shot 15-query 28x28",
+        "malloc_tuned": tuned,
     }

@@ -29,8 +29,12 @@ def _bytes(pairs_per_worker: int) -> dict[str, Any]:
     from metascale.config import parse_spec
     from metascale.models import build_model, count_params
 
-    raw = {"model": {"name": "mlp", "hidden": [3163, 3163]}, "algorithm": {"name": "maml", "inner": {"lr": 0.01}},
-           "outer": {"estimator": "es", "es": {"tasks": 1}}, "cluster": {"address": "inline"}}
+    raw = {
+        "model": {"name": "mlp", "hidden": [3163, 3163]},
+        "algorithm": {"name": "maml", "inner": {"lr": 0.01}},
+        "outer": {"estimator": "es", "es": {"tasks": 1}},
+        "cluster": {"address": "inline"},
+    }
     spec = parse_spec(raw)
     params = Coordinator(spec).published()
     worker = Replica(spec)

@@ -32,11 +32,16 @@ FIT_DEPTHS = {"plain": (2, 4, 8), "checkpointing_bf16": (4, 8, 16)}
 
 
 def job(depth: int, lean: bool) -> JobSpec:
-    return JobSpec.model_validate(dict(
-        model={**VIT, "depth": depth}, data=EPISODE,
-        algorithm=dict(name="fomaml", inner=dict(steps=1, lr=0.01, autocast="bf16" if lean else "none")),
-        outer=dict(meta_batch=1), cluster=dict(address="inline"), logging=dict(wandb=dict(mode="disabled")),
-    ))
+    return JobSpec.model_validate(
+        dict(
+            model={**VIT, "depth": depth},
+            data=EPISODE,
+            algorithm=dict(name="fomaml", inner=dict(steps=1, lr=0.01, autocast="bf16" if lean else "none")),
+            outer=dict(meta_batch=1),
+            cluster=dict(address="inline"),
+            logging=dict(wandb=dict(mode="disabled")),
+        )
+    )
 
 
 def _free() -> None:
@@ -72,8 +77,13 @@ def measure(depth: int, lean: bool) -> dict[str, Any] | None:
     finally:
         model = alg = meta = batch = grads = None  # noqa: F841  (drop the references before freeing)
         _free()
-    return {"depth": depth, "params": params, "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30,
-            "step_s": times[-1], "grads_finite": finite}
+    return {
+        "depth": depth,
+        "params": params,
+        "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30,
+        "step_s": times[-1],
+        "grads_finite": finite,
+    }
 
 
 def largest(lean: bool, capacity_gib: float) -> dict[str, Any]:
@@ -88,17 +98,29 @@ def largest(lean: bool, capacity_gib: float) -> dict[str, Any]:
         if found is not None:
             break
         depth = int(depth * 0.95)
-    return {"fit_points": points, "fit_gib_per_block": round(b, 4), "fit_intercept_gib": round(a, 3),
-            "fit_worst_residual_gib": round(resid, 4), "predicted_depth": predicted, "largest": found}
+    return {
+        "fit_points": points,
+        "fit_gib_per_block": round(b, 4),
+        "fit_intercept_gib": round(a, 3),
+        "fit_worst_residual_gib": round(resid, 4),
+        "predicted_depth": predicted,
+        "largest": found,
+    }
 
 
 def run() -> dict[str, Any]:
     _, total = torch.cuda.mem_get_info()
     capacity = total / 2**30 * 0.97  # a margin for the allocator's fragmentation and the CUDA context
-    out: dict[str, Any] = {"bench": "memory", "device": torch.cuda.get_device_name(), "capacity_gib": round(capacity, 2),
-                           "vit": VIT, "episode": "5-way 5-shot 15-query, 224x224x3", "algorithm": "fomaml, 1 inner step",
-                           "without": "fp32, no activation checkpointing",
-                           "with": "per-block activation checkpointing + bf16 autocast"}
+    out: dict[str, Any] = {
+        "bench": "memory",
+        "device": torch.cuda.get_device_name(),
+        "capacity_gib": round(capacity, 2),
+        "vit": VIT,
+        "episode": "5-way 5-shot 15-query, 224x224x3",
+        "algorithm": "fomaml, 1 inner step",
+        "without": "fp32, no activation checkpointing",
+        "with": "per-block activation checkpointing + bf16 autocast",
+    }
     plain, lean = largest(False, capacity), largest(True, capacity)
     out["plain"], out["checkpointing_bf16"] = plain, lean
     p, q = plain["largest"] or {}, lean["largest"] or {}

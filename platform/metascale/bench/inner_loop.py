@@ -84,8 +84,13 @@ def _best_interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict[str, f
     return best
 
 
-def _maml(steps: int, checkpoint: str = "none", device: str = "cpu", dtype: torch.dtype = torch.float32,
-          query_chunk: int | None = None):
+def _maml(
+    steps: int,
+    checkpoint: str = "none",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    query_chunk: int | None = None,
+):
     model = build_model(Conv4Spec(), 5).to(device, dtype)
     inner = InnerLoopSpec(steps=steps, lr=0.4, checkpoint=checkpoint, query_chunk=query_chunk)
     alg = build_algorithm(AlgorithmSpec(name="maml", inner=inner), model)
@@ -98,16 +103,23 @@ def single_thread(meta_batch: int, steps: int, repeats: int) -> dict:
     torch.manual_seed(0)
     batch = _tasks(5, 1, 15, meta_batch)
     model, alg, meta = _maml(steps)
-    best = _best_interleaved({
-        "ours": lambda: meta_gradient(alg, meta, batch, "per_task"),
-        "base": lambda: baseline_step(model, batch, steps, 0.4),
-    }, repeats)
+    best = _best_interleaved(
+        {
+            "ours": lambda: meta_gradient(alg, meta, batch, "per_task"),
+            "base": lambda: baseline_step(model, batch, steps, 0.4),
+        },
+        repeats,
+    )
     # The same numbers: a benchmark of a different computation would be worthless.
     mg = meta_gradient(alg, meta, batch, "per_task")
     baseline_step(model, batch, steps, 0.4)
     err = max(float((mg.grads[k] / meta_batch - p.grad).abs().max()) for k, p in model.named_parameters())
-    return {"s_per_step_1_thread": best["ours"], "baseline_s_per_step_1_thread": best["base"],
-            "ratio_1_thread": best["base"] / best["ours"], "max_abs_grad_diff": err}
+    return {
+        "s_per_step_1_thread": best["ours"],
+        "baseline_s_per_step_1_thread": best["base"],
+        "ratio_1_thread": best["base"] / best["ours"],
+        "max_abs_grad_diff": err,
+    }
 
 
 def thread_budget(meta_batch: int, steps: int, repeats: int, threads: int) -> dict:
@@ -118,27 +130,37 @@ def thread_budget(meta_batch: int, steps: int, repeats: int, threads: int) -> di
     from metascale.cluster.pool import RayPool
     from metascale.config import parse_spec
 
-    spec = parse_spec({
-        "name": "bench-inner-loop", "model": {"name": "conv4"},
-        "data": {"source": "synthetic", "ways": 5, "shots": 1, "queries": 15},
-        "algorithm": {"name": "maml", "inner": {"steps": steps, "lr": 0.4}},
-        "outer": {"meta_batch": meta_batch}, "cluster": {"workers": threads},
-    })
+    spec = parse_spec(
+        {
+            "name": "bench-inner-loop",
+            "model": {"name": "conv4"},
+            "data": {"source": "synthetic", "ways": 5, "shots": 1, "queries": 15},
+            "algorithm": {"name": "maml", "inner": {"steps": steps, "lr": 0.4}},
+            "outer": {"meta_batch": meta_batch},
+            "cluster": {"workers": threads},
+        }
+    )
     coord = Coordinator(spec)
     pool = RayPool(spec)
     torch.set_num_threads(threads)
     model, _, _ = _maml(steps)
     batch = _tasks(5, 1, 15, meta_batch)
     try:
-        best = _best_interleaved({
-            "ours": lambda: backprop(spec, pool, 0, pool.put(coord.published())),
-            "base": lambda: baseline_step(model, batch, steps, 0.4),
-        }, repeats)
+        best = _best_interleaved(
+            {
+                "ours": lambda: backprop(spec, pool, 0, pool.put(coord.published())),
+                "base": lambda: baseline_step(model, batch, steps, 0.4),
+            },
+            repeats,
+        )
     finally:
         pool.shutdown()
         torch.set_num_threads(1)
-    return {"s_per_step": best["ours"], "baseline_s_per_step": best["base"],
-            "throughput_ratio_vs_baseline": best["base"] / best["ours"]}
+    return {
+        "s_per_step": best["ours"],
+        "baseline_s_per_step": best["base"],
+        "throughput_ratio_vs_baseline": best["base"] / best["ours"],
+    }
 
 
 def task_peak_bytes(checkpoint: str, steps: int, shots: int, queries: int, query_chunk: int | None = None) -> int:
@@ -161,14 +183,29 @@ MEMORY_CONFIGS = {"plain": ("none", None), "blocks": ("all", None), "chunked": (
 
 def _memory_row(peak: dict[str, int]) -> dict:
     """Peaks per MEMORY_CONFIGS entry, and the two ratios to plain."""
-    return {**{f"peak_bytes_{k}": v for k, v in peak.items()},
-            "ratio": peak["chunked"] / peak["plain"], "ratio_blocks": peak["blocks"] / peak["plain"]}
+    return {
+        **{f"peak_bytes_{k}": v for k, v in peak.items()},
+        "ratio": peak["chunked"] / peak["plain"],
+        "ratio_blocks": peak["blocks"] / peak["plain"],
+    }
 
 
 def checkpoint_memory(steps: int, shots: int, queries: int) -> dict:
-    return _memory_row({name: int(in_fresh_process(f"{__name__}:task_peak_bytes", checkpoint=c, steps=steps,
-                                                   shots=shots, queries=queries, query_chunk=qc))
-                        for name, (c, qc) in MEMORY_CONFIGS.items()})
+    return _memory_row(
+        {
+            name: int(
+                in_fresh_process(
+                    f"{__name__}:task_peak_bytes",
+                    checkpoint=c,
+                    steps=steps,
+                    shots=shots,
+                    queries=queries,
+                    query_chunk=qc,
+                )
+            )
+            for name, (c, qc) in MEMORY_CONFIGS.items()
+        }
+    )
 
 
 def checkpoint_time(steps: int, tasks: int, repeats: int) -> dict:
@@ -176,8 +213,9 @@ def checkpoint_time(steps: int, tasks: int, repeats: int) -> dict:
     torch.set_num_threads(1)
     batch = _tasks(5, 1, 15, tasks)
     algs = {name: _maml(steps, c, query_chunk=qc)[1:] for name, (c, qc) in MEMORY_CONFIGS.items()}
-    best = _best_interleaved({k: lambda a=a, m=m: meta_gradient(a, m, batch, "per_task") for k, (a, m) in algs.items()},
-                             repeats)
+    best = _best_interleaved(
+        {k: lambda a=a, m=m: meta_gradient(a, m, batch, "per_task") for k, (a, m) in algs.items()}, repeats
+    )
     return {f"s_per_task_{k}": v / tasks for k, v in best.items()}
 
 
@@ -188,11 +226,15 @@ def on_gpu(meta_batch: int, steps: int, repeats: int, memory_steps: int) -> dict
     torch.manual_seed(0)
     batch = _tasks(5, 1, 15, meta_batch).to(dev)
     model, alg, meta = _maml(steps, device=dev)
-    best = _best_interleaved({
-        "vmap": lambda: meta_gradient(alg, meta, batch, "vmap"),
-        "per_task": lambda: meta_gradient(alg, meta, batch, "per_task"),
-        "base": lambda: baseline_step(model, batch, steps, 0.4),
-    }, repeats, torch.cuda.synchronize)
+    best = _best_interleaved(
+        {
+            "vmap": lambda: meta_gradient(alg, meta, batch, "vmap"),
+            "per_task": lambda: meta_gradient(alg, meta, batch, "per_task"),
+            "base": lambda: baseline_step(model, batch, steps, 0.4),
+        },
+        repeats,
+        torch.cuda.synchronize,
+    )
     # The same numbers, checked in float64 (float32 convolutions on a GPU may use TF32 and differ by ~1e-3).
     model, alg, meta = _maml(steps, device=dev, dtype=torch.float64)
     mg = meta_gradient(alg, meta, batch.to(dev, torch.float64), "vmap")
@@ -212,14 +254,17 @@ def on_gpu(meta_batch: int, steps: int, repeats: int, memory_steps: int) -> dict
 
     memory = {}
     for shots, q in ((1, 15), (1, 1), (5, 5)):
-        memory[f"{shots}shot_{q}query"] = _memory_row({name: peak(c, qc, shots, q)
-                                                       for name, (c, qc) in MEMORY_CONFIGS.items()})
+        memory[f"{shots}shot_{q}query"] = _memory_row(
+            {name: peak(c, qc, shots, q) for name, (c, qc) in MEMORY_CONFIGS.items()}
+        )
     return {
-        "benchmark": "inner-loop", "device": torch.cuda.get_device_name(),
+        "benchmark": "inner-loop",
+        "device": torch.cuda.get_device_name(),
         "setup": f"Conv-4 28x28x1, 5-way 1-shot 15 queries, meta-batch {meta_batch}, {steps} inner step(s), second "
         f"order, float32, one GPU; memory: one 5-way task, {memory_steps} inner steps; plain = checkpoint 'none', "
         f"blocks = 'all', chunked = 'all' + query_chunk {QUERY_CHUNK}",
-        "s_per_step_vmap": best["vmap"], "s_per_step_per_task": best["per_task"],
+        "s_per_step_vmap": best["vmap"],
+        "s_per_step_per_task": best["per_task"],
         "baseline_s_per_step": best["base"],
         "throughput_ratio_vs_baseline": best["base"] / best["vmap"],
         "per_task_ratio_vs_baseline": best["base"] / best["per_task"],
@@ -235,7 +280,9 @@ def run(meta_batch: int = 32, steps: int = 1, memory_steps: int = 10, repeats: i
     budget = thread_budget(meta_batch, steps, repeats, threads)
     # A per-task loop keeps one task's graph alive at a time, so one task's peak is the figure that matters. The
     # query pass is recomputed, not avoided, so the more queries per task, the less checkpointing can save.
-    memory = {f"{shots}shot_{q}query": checkpoint_memory(memory_steps, shots, q) for shots, q in ((1, 15), (1, 1), (5, 5))}
+    memory = {
+        f"{shots}shot_{q}query": checkpoint_memory(memory_steps, shots, q) for shots, q in ((1, 15), (1, 1), (5, 5))
+    }
     memory["time"] = checkpoint_time(memory_steps, 4, repeats)
     return {
         "benchmark": "inner-loop",

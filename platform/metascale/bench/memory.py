@@ -41,14 +41,16 @@ MEASURING_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0
 
 def job(depth: int, sharded: bool, ranks: int = 2, checkpointing: bool = True) -> JobSpec:
     sharding = dict(engine="deepspeed", zero_stage=3, ranks=ranks, activation_checkpointing=checkpointing)
-    return JobSpec.model_validate(dict(
-        model={**VIT, "depth": depth},
-        data=dict(source="synthetic", ways=5, shots=5, queries=15, image_size=32),
-        algorithm=dict(name="fomaml", inner=dict(steps=1, lr=0.1)),
-        outer=dict(meta_batch=1),
-        logging=dict(wandb=dict(mode="disabled")),
-        **({"sharding": sharding} if sharded else {}),
-    ))
+    return JobSpec.model_validate(
+        dict(
+            model={**VIT, "depth": depth},
+            data=dict(source="synthetic", ways=5, shots=5, queries=15, image_size=32),
+            algorithm=dict(name="fomaml", inner=dict(steps=1, lr=0.1)),
+            outer=dict(meta_batch=1),
+            logging=dict(wandb=dict(mode="disabled")),
+            **({"sharding": sharding} if sharded else {}),
+        )
+    )
 
 
 class Probe:
@@ -157,9 +159,16 @@ def run(
 
     from metascale.bench.peak import in_fresh_process
 
-    out: dict[str, Any] = {"bench": "memory", "budget_mib_per_process": budget_mib, "vit": VIT,
-                           "depths": list(DEPTHS), "episode": "5-way 5-shot 15-query, 32x32",
-                           "algorithm": "fomaml, 1 inner step", "machine": "CPU, gloo", "threads_per_process": 1}
+    out: dict[str, Any] = {
+        "bench": "memory",
+        "budget_mib_per_process": budget_mib,
+        "vit": VIT,
+        "depths": list(DEPTHS),
+        "episode": "5-way 5-shot 15-query, 32x32",
+        "algorithm": "fomaml, 1 inner step",
+        "machine": "CPU, gloo",
+        "threads_per_process": 1,
+    }
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, logging_level="ERROR")
     try:
@@ -171,20 +180,27 @@ def run(
         ray.shutdown()
     whole = single["state_bytes"]
     out["zero3_param_memory_ratio"] = round(sharded[-1]["state_bytes"] / whole, 3)
-    out["param_state_bytes"] = {"ranks_1": whole, "zero3_ranks_2_per_rank": sharded[-1]["state_bytes"],
-                                "depth": DEPTHS[-1]}
+    out["param_state_bytes"] = {
+        "ranks_1": whole,
+        "zero3_ranks_2_per_rank": sharded[-1]["state_bytes"],
+        "depth": DEPTHS[-1],
+    }
     a0, b0, r0 = _fit(list(DEPTHS), [m["peak_mib"] for m in plain])
     a1, b1, r1 = _fit(list(DEPTHS), [m["peak_mib"] for m in sharded])
     without, with_ = _largest(a0, b0, budget_mib), _largest(a1, b1, budget_mib)
     out["largest_backbone_params"] = {"without": without["params"], "with_zero3_2ranks_checkpointing": with_["params"]}
     out["largest_backbone_depth"] = {"without": without["depth"], "with_zero3_2ranks_checkpointing": with_["depth"]}
     out["largest_backbone_ratio"] = round(with_["params"] / max(without["params"], 1), 2)
-    out["peak_mib"] = {"without": [round(m["peak_mib"], 1) for m in plain],
-                       "with_zero3_2ranks_checkpointing": [round(m["peak_mib"], 1) for m in sharded]}
+    out["peak_mib"] = {
+        "without": [round(m["peak_mib"], 1) for m in plain],
+        "with_zero3_2ranks_checkpointing": [round(m["peak_mib"], 1) for m in sharded],
+    }
     out["fit_mib_per_block"] = {"without": round(b0, 2), "with_zero3_2ranks_checkpointing": round(b1, 2)}
     out["fit_worst_residual_mib"] = {"without": round(r0, 2), "with_zero3_2ranks_checkpointing": round(r1, 2)}
-    out["step_s"] = {"without": [round(m["step_s"], 2) for m in plain],
-                     "with_zero3_2ranks_checkpointing": [round(m["step_s"], 2) for m in sharded]}
+    out["step_s"] = {
+        "without": [round(m["step_s"], 2) for m in plain],
+        "with_zero3_2ranks_checkpointing": [round(m["step_s"], 2) for m in sharded],
+    }
     from metascale.bench.mixed_mode import run as mixed_mode
 
     out.update(mixed_mode(skip_mini=not mixed_mode_84))  # mixed_mode_memory_ratio, mixed_mode_time_ratio, rows
@@ -193,6 +209,10 @@ def run(
         from metascale.bench.scaling import job as mlp_job
 
         n = count_params(build_model(mlp_job(coordinator_params, 1, 1, "coordinator").model, 1))
-        out["coordinator"] = {"params": n, "peak_bytes": int(peak), "bytes_per_param": round(peak / n, 2),
-                              "what": "parameters, Adam state, the applied meta-gradient, published numpy views"}
+        out["coordinator"] = {
+            "params": n,
+            "peak_bytes": int(peak),
+            "bytes_per_param": round(peak / n, 2),
+            "what": "parameters, Adam state, the applied meta-gradient, published numpy views",
+        }
     return out

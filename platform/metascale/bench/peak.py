@@ -52,6 +52,12 @@ def fresh_process_json(target: str, **kwargs) -> Any:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run([sys.executable, "-c", code, target, json.dumps(kwargs)], env=env, check=True,
-                         capture_output=True, text=True, timeout=1800).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, target, json.dumps(kwargs)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])

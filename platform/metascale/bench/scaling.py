@@ -36,15 +36,17 @@ def job(params: int, workers: int, tasks_per_worker: int, aggregation: str) -> A
     from metascale.config import parse_spec
 
     w = mlp_width(params)
-    return parse_spec({
-        "name": f"bench-scaling-{workers}w-{aggregation}",  # pools of one process need distinct actor names
-        "model": {"name": "mlp", "hidden": [w, w, w]},
-        "algorithm": {"name": "maml", "inner": {"steps": 1, "lr": 0.01}},
-        "outer": {"meta_batch": workers * tasks_per_worker},
-        "executor": {"threads": 1, "dtype": "float32"},
-        "cluster": {"workers": workers, "aggregation": aggregation},
-        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
-    })
+    return parse_spec(
+        {
+            "name": f"bench-scaling-{workers}w-{aggregation}",  # pools of one process need distinct actor names
+            "model": {"name": "mlp", "hidden": [w, w, w]},
+            "algorithm": {"name": "maml", "inner": {"steps": 1, "lr": 0.01}},
+            "outer": {"meta_batch": workers * tasks_per_worker},
+            "executor": {"threads": 1, "dtype": "float32"},
+            "cluster": {"workers": workers, "aggregation": aggregation},
+            "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+        }
+    )
 
 
 class Setup:
@@ -81,8 +83,10 @@ class Setup:
         ref = self.pool.put(self.coord.published())
         t1 = time.perf_counter()
         actors = [w.actor for w in self.pool.workers]
-        refs = [(a.run_reduced if self.reduced else a.run).remote(item, ref)
-                for a, item in zip(actors, self.items(self.coord.step))]
+        refs = [
+            (a.run_reduced if self.reduced else a.run).remote(item, ref)
+            for a, item in zip(actors, self.items(self.coord.step))
+        ]
         ray.wait(refs, num_returns=len(refs))
         t2 = time.perf_counter()
         results = ray.get(refs)
@@ -95,8 +99,16 @@ class Setup:
         self.coord.apply(result)
         t5 = time.perf_counter()
         del ref, refs, results
-        timing = {"put": t1 - t0, "wait": t2 - t1, "gather": t3 - t2, "aggregate": t4 - t3, "optimizer": t5 - t4,
-                  "step": t5 - t0, "worker": worker_s, "allreduce": reduce_s}
+        timing = {
+            "put": t1 - t0,
+            "wait": t2 - t1,
+            "gather": t3 - t2,
+            "aggregate": t4 - t3,
+            "optimizer": t5 - t4,
+            "step": t5 - t0,
+            "worker": worker_s,
+            "allreduce": reduce_s,
+        }
         if record and (self.best is None or timing["step"] < self.best["step"]):
             self.best = timing
 
@@ -110,7 +122,11 @@ class Setup:
             "coordinator_fraction": round(coordinator / b["step"], 4),
             "overhead_fraction": round(max(0.0, 1 - b["worker"] / b["step"]), 4),
             **{f"{k}_s": round(b[k], 4) for k in ("put", "wait", "gather", "aggregate", "optimizer", "worker")},
-            **({"allreduce_s": round(b["allreduce"], 4), "form_group_s": round(self.form_s, 3)} if b["allreduce"] else {}),
+            **(
+                {"allreduce_s": round(b["allreduce"], 4), "form_group_s": round(self.form_s, 3)}
+                if b["allreduce"]
+                else {}
+            ),
         }
 
     def close(self) -> None:
@@ -125,8 +141,13 @@ def run(sizes: list[str], tasks_per_worker: int = 8, steps: int = 3) -> dict[str
 
     load_before = os.getloadavg()[0]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 5), include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {**ALLOCATOR_ENV, "OMP_NUM_THREADS": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, 5),
+        include_dashboard=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {**ALLOCATOR_ENV, "OMP_NUM_THREADS": "1"}},
+    )
     out: dict[str, Any] = {"bench": "scaling", "tasks_per_worker": tasks_per_worker, "measured_steps": steps}
     try:
         for name in sizes:
@@ -155,13 +176,15 @@ def run(sizes: list[str], tasks_per_worker: int = 8, steps: int = 3) -> dict[str
     finally:
         ray.shutdown()
     headline = out.get("10M") or out[sizes[0]]
-    out.update({
-        "weak_scaling_efficiency": headline["weak_scaling_efficiency"],
-        "coordinator_fraction": headline["coordinator_fraction"],
-        "headline_size": "10M" if "10M" in out else sizes[0],
-        "load_avg_1m_before": round(load_before, 2),
-        "load_avg_1m_after": round(os.getloadavg()[0], 2),
-        "cpus": os.cpu_count(),
-        "workload": "MAML (2nd order, 1 inner step) sinusoid 10-shot 10-query, MLP 1-W-W-W-1, float32, 1 thread/worker",
-    })
+    out.update(
+        {
+            "weak_scaling_efficiency": headline["weak_scaling_efficiency"],
+            "coordinator_fraction": headline["coordinator_fraction"],
+            "headline_size": "10M" if "10M" in out else sizes[0],
+            "load_avg_1m_before": round(load_before, 2),
+            "load_avg_1m_after": round(os.getloadavg()[0], 2),
+            "cpus": os.cpu_count(),
+            "workload": "MAML (2nd order, 1 inner step) sinusoid 10-shot 10-query, MLP 1-W-W-W-1, float32, 1 thread/worker",
+        }
+    )
     return out

@@ -30,18 +30,20 @@ VIT = {"name": "vit", "dim": 64, "depth": 4, "heads": 4}
 def job(name: str, groups: int, ranks: int, root: str, steps: int = 4) -> Any:
     from metascale.config import parse_spec
 
-    return parse_spec({
-        "name": name,
-        "model": VIT,
-        "data": {"source": "synthetic", "ways": 5, "shots": 1, "queries": 5},
-        "algorithm": {"name": "fomaml", "inner": {"steps": 1, "lr": 0.1}},
-        "outer": {"meta_batch": 2 * groups, "steps": steps},
-        "eval": {"every": 0, "final_episodes": 2},
-        "checkpoint": {"dir": f"{root}/{name}", "every": 0},
-        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
-        "cluster": {"workers": groups, "cpus_per_process": 1},
-        "sharding": {"engine": "deepspeed", "zero_stage": 3, "ranks": ranks},
-    })
+    return parse_spec(
+        {
+            "name": name,
+            "model": VIT,
+            "data": {"source": "synthetic", "ways": 5, "shots": 1, "queries": 5},
+            "algorithm": {"name": "fomaml", "inner": {"steps": 1, "lr": 0.1}},
+            "outer": {"meta_batch": 2 * groups, "steps": steps},
+            "eval": {"every": 0, "final_episodes": 2},
+            "checkpoint": {"dir": f"{root}/{name}", "every": 0},
+            "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+            "cluster": {"workers": groups, "cpus_per_process": 1},
+            "sharding": {"engine": "deepspeed", "zero_stage": 3, "ranks": ranks},
+        }
+    )
 
 
 def _unsharded(spec: Any, params: dict[str, Any], step: int) -> dict[str, Any]:
@@ -84,21 +86,33 @@ def _timed_steps(spec: Any, steps: int) -> dict[str, Any]:
             t4 = time.perf_counter()
             if i == 1:  # the first measured step: against the un-sharded executor at the same parameters
                 expected = _unsharded(spec, published, coord.step)
-                diff = max(float((result.grads[k].double() - g.double()).norm() / g.double().norm().clamp_min(1e-30))
-                           for k, g in expected.items())
+                diff = max(
+                    float((result.grads[k].double() - g.double()).norm() / g.double().norm().clamp_min(1e-30))
+                    for k, g in expected.items()
+                )
             coord.apply(result)
             t5 = time.perf_counter()
-            timing = {"put": t1 - t0, "wait": t2 - t1, "gather": t3 - t2, "aggregate": t4 - t3,
-                      "optimizer": t5 - t4, "step": t5 - t0, "worker": max(r.data_s + r.compute_s for r in results)}
+            timing = {
+                "put": t1 - t0,
+                "wait": t2 - t1,
+                "gather": t3 - t2,
+                "aggregate": t4 - t3,
+                "optimizer": t5 - t4,
+                "step": t5 - t0,
+                "worker": max(r.data_s + r.compute_s for r in results),
+            }
             if i and (best is None or timing["step"] < best["step"]):
                 best = timing
     finally:
         pool.shutdown()
     assert best is not None and diff is not None
     coordinator = best["put"] + best["gather"] + best["aggregate"] + best["optimizer"]
-    return {"nodes": len(nodes), "max_rel_diff_vs_unsharded": diff,
-            "coordinator_fraction": round(coordinator / best["step"], 4),
-            **{f"{k}_s": round(v, 4) for k, v in best.items()}}
+    return {
+        "nodes": len(nodes),
+        "max_rel_diff_vs_unsharded": diff,
+        "coordinator_fraction": round(coordinator / best["step"], 4),
+        **{f"{k}_s": round(v, 4) for k, v in best.items()},
+    }
 
 
 def _recovery(groups: int, ranks: int, root: str) -> dict[str, Any]:
@@ -123,9 +137,11 @@ def _recovery(groups: int, ranks: int, root: str) -> dict[str, Any]:
         runs[name] = {"params": state["params"], "s": time.perf_counter() - t0, "failures": out["worker_failures"]}
     clean, lost = runs["clean"], runs["rank-lost"]
     same = all(torch.equal(clean["params"][k], lost["params"][k]) for k in clean["params"])
-    return {"recovered_from_rank_loss": bool(same and lost["failures"] >= 1 and os.path.exists(f"{root}/fault-fired")),
-            "worker_failures_in_faulty_run": lost["failures"], "run_s": {"clean": round(clean["s"], 1),
-                                                                     "rank_lost": round(lost["s"], 1)}}
+    return {
+        "recovered_from_rank_loss": bool(same and lost["failures"] >= 1 and os.path.exists(f"{root}/fault-fired")),
+        "worker_failures_in_faulty_run": lost["failures"],
+        "run_s": {"clean": round(clean["s"], 1), "rank_lost": round(lost["s"], 1)},
+    }
 
 
 def run(groups: int = 2, ranks: int = 2, steps: int = 3) -> dict[str, Any]:
@@ -147,6 +163,15 @@ def run(groups: int = 2, ranks: int = 2, steps: int = 3) -> dict[str, Any]:
         finally:
             ray.shutdown()
             cluster.shutdown()  # ends the processes it started, by pid
-    return {"bench": "scaling-sharded", "rank_groups": groups, "ranks_per_group": ranks, "measured_steps": steps,
-            "model": VIT, "algorithm": "fomaml, ZeRO-3, 1 inner step", "tasks_per_group": 2, "cpus": os.cpu_count(),
-            **timed, **recovery}
+    return {
+        "bench": "scaling-sharded",
+        "rank_groups": groups,
+        "ranks_per_group": ranks,
+        "measured_steps": steps,
+        "model": VIT,
+        "algorithm": "fomaml, ZeRO-3, 1 inner step",
+        "tasks_per_group": 2,
+        "cpus": os.cpu_count(),
+        **timed,
+        **recovery,
+    }

@@ -61,8 +61,16 @@ def join(address: str, port: int, rank: int, world: int, device: torch.device) -
     if rank == 0:
         listening, _listening = _listening, None  # the store owns the socket from here on
     backend = "nccl" if device.type == "cuda" else "gloo"
-    rendezvous.join(address, port, rank, world, listening, backend, COLLECTIVE_TIMEOUT,
-                    device=device if device.type == "cuda" else None)
+    rendezvous.join(
+        address,
+        port,
+        rank,
+        world,
+        listening,
+        backend,
+        COLLECTIVE_TIMEOUT,
+        device=device if device.type == "cuda" else None,
+    )
 
 
 def reduced(out: WorkResult, grads: dict[str, torch.Tensor]) -> WorkResult:
@@ -77,8 +85,9 @@ def reduced(out: WorkResult, grads: dict[str, torch.Tensor]) -> WorkResult:
     try:
         dist.all_reduce(flat)
     except Exception as e:  # gloo/NCCL raise RuntimeError subclasses whose types vary by version and backend
-        log.warning("worker %d: the all-reduce failed (%s); sending the local sum", out.worker,
-                    str(e).splitlines()[0][:300])
+        log.warning(
+            "worker %d: the all-reduce failed (%s); sending the local sum", out.worker, str(e).splitlines()[0][:300]
+        )
         out.grads = {k: v.detach().cpu().numpy() for k, v in grads.items()}
         return out
     out.reduce_s = time.perf_counter() - t0
@@ -126,8 +135,12 @@ class AllReduce:
             return outcomes  # type: ignore[return-value]
         lost = sum(o is None for o in outcomes)
         pool.failures += lost
-        log.warning("step %s: the all-reduce failed (%d worker(s) lost); the coordinator aggregates this step and "
-                    "the group is formed again at the next", items[0].step, lost)
+        log.warning(
+            "step %s: the all-reduce failed (%d worker(s) lost); the coordinator aggregates this step and "
+            "the group is formed again at the next",
+            items[0].step,
+            lost,
+        )
         return self._fallback(pool, items, params, outcomes)
 
     def _form(self, pool: Any, world: int) -> bool:
@@ -140,16 +153,21 @@ class AllReduce:
             address, port = ray.get(actors[0].group_endpoint.remote(len(nodes) == 1), timeout=limit)
             ray.get([a.group_join.remote(address, port, rank, world) for rank, a in enumerate(actors)], timeout=limit)
         except _lost_errors() + (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError) as e:
-            log.warning("could not form the all-reduce group of %d workers (%s); the coordinator aggregates this "
-                        "step and the group is formed again at the next", world, str(e).splitlines()[0][:200])
+            log.warning(
+                "could not form the all-reduce group of %d workers (%s); the coordinator aggregates this "
+                "step and the group is formed again at the next",
+                world,
+                str(e).splitlines()[0][:200],
+            )
             self.world = 0
             return False
         self.world, self.formed = world, self.formed + 1
         log.info("all-reduce group of %d workers formed on %s:%d", world, address, port)
         return True
 
-    def _fallback(self, pool: Any, items: Sequence[WorkItem], params: Any,
-                  outcomes: list[WorkResult | None]) -> list[WorkResult]:
+    def _fallback(
+        self, pool: Any, items: Sequence[WorkItem], params: Any, outcomes: list[WorkResult | None]
+    ) -> list[WorkResult]:
         """Coordinator aggregation for this step: keep the local sums of ranks whose collective failed, recompute the
         rest (lost workers' items, and ranks that finished a collective others did not) through the pool."""
         self.world, self.fallbacks = 0, self.fallbacks + 1

@@ -111,9 +111,14 @@ def encode(step: int, state: dict[str, Any]) -> dict[str, bytes]:
         buf = io.BytesIO()
         torch.save(rest, buf)
         files[STATE] = buf.getvalue()
-    manifest = {"format": FORMAT, "version": VERSION, "step": step, **scalars,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()}}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        **scalars,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
+    }
     manifest["manifest_sha256"] = _manifest_sha256(manifest)
     files[MANIFEST] = json.dumps(manifest, indent=1).encode() + b"\n"
     return files
@@ -276,7 +281,8 @@ def _read_folder(fs: Any, p: str, path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(
             f"{path}: is a directory without a {MANIFEST}: not a checkpoint, or one whose write did not finish "
-            "(pass a step-NNNNNNNN folder of a checkpoint directory)") from None
+            "(pass a step-NNNNNNNN folder of a checkpoint directory)"
+        ) from None
     manifest = _manifest(raw, path)
     blobs: dict[str, bytes] = {}
     for name, meta in manifest["files"].items():
@@ -285,8 +291,10 @@ def _read_folder(fs: Any, p: str, path: str) -> dict[str, Any]:
         except FileNotFoundError:
             raise CheckpointError(f"{path}: {name} is missing (a torn or partly deleted checkpoint)") from None
         if len(blob) != meta["bytes"]:
-            raise CheckpointError(f"{path}: {name} has {len(blob)} bytes, its manifest says {meta['bytes']} (torn, "
-                                  "truncated or corrupt write)")
+            raise CheckpointError(
+                f"{path}: {name} has {len(blob)} bytes, its manifest says {meta['bytes']} (torn, "
+                "truncated or corrupt write)"
+            )
         if _sha256(blob) != meta["sha256"]:
             raise CheckpointError(f"{path}: {name}: checksum mismatch (torn or corrupt write)")
         blobs[name] = blob
@@ -313,9 +321,19 @@ def _manifest(raw: bytes, path: str) -> dict[str, Any]:
     if manifest.get("manifest_sha256") != _manifest_sha256(manifest):
         raise CheckpointError(f"{what}: checksum mismatch (corrupt or edited)")
     files = manifest.get("files")
-    valid = isinstance(manifest.get("step"), int) and isinstance(files, dict) and all(
-        isinstance(n, str) and FILE_NAME.match(n) and n != MANIFEST and isinstance(m, dict)
-        and isinstance(m.get("sha256"), str) and isinstance(m.get("bytes"), int) for n, m in files.items())
+    valid = (
+        isinstance(manifest.get("step"), int)
+        and isinstance(files, dict)
+        and all(
+            isinstance(n, str)
+            and FILE_NAME.match(n)
+            and n != MANIFEST
+            and isinstance(m, dict)
+            and isinstance(m.get("sha256"), str)
+            and isinstance(m.get("bytes"), int)
+            for n, m in files.items()
+        )
+    )
     if not valid:
         raise CheckpointError(f"{what}: malformed (step, or the files' names, sizes and checksums)")
     return manifest
@@ -356,7 +374,7 @@ def _read_legacy(fs: Any, p: str, path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a metascale checkpoint (bad header)")
     if not sep:
         raise CheckpointError(f"{path}: truncated before its checksum (torn write)")
-    if _sha256(payload).encode() != header[len(MAGIC):]:
+    if _sha256(payload).encode() != header[len(MAGIC) :]:
         raise CheckpointError(f"{path}: checksum mismatch (torn or corrupt write)")
     return _load_torch(payload, f"{path}: payload")
 
@@ -379,8 +397,7 @@ def resolve(path: str) -> tuple[int | None, dict[str, Any]]:
     a checkpoint directory, whose newest good checkpoint is used. (step, state)."""
     fs, p = url_to_fs(path)
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
-        if (fs.info(p)["type"] == "directory" and not fs.exists(f"{p}/{MANIFEST}")
-                and _scan(fs, p)[0]):
+        if fs.info(p)["type"] == "directory" and not fs.exists(f"{p}/{MANIFEST}") and _scan(fs, p)[0]:
             found = load_latest(path)
             if found is None:
                 raise CheckpointError(f"{path}: none of its checkpoints is readable (see the warnings above)")

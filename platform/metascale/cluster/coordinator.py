@@ -44,14 +44,18 @@ def check_compatible(coord: "Coordinator", state: dict[str, Any], what: str) -> 
     if ours == theirs:
         return
     recorded = _flat(yaml.safe_load(state["spec"]) if isinstance(state.get("spec"), str) else {})
-    fields = [f"{k} ({recorded.get(k)!r} in the checkpoint, {v!r} here)"
-              for k, v in _flat(coord.spec.model_dump(mode="json")).items()
-              if k.startswith(SHAPE_FIELDS) and recorded.get(k) != v]
+    fields = [
+        f"{k} ({recorded.get(k)!r} in the checkpoint, {v!r} here)"
+        for k, v in _flat(coord.spec.model_dump(mode="json")).items()
+        if k.startswith(SHAPE_FIELDS) and recorded.get(k) != v
+    ]
     if not fields:
         diff = sorted(set(ours) ^ set(theirs)) or sorted(k for k in ours if ours[k] != theirs[k])
         fields = [f"parameters {', '.join(diff[:3])}"]
-    raise CheckpointError(f"{what}: the checkpoint does not fit this job's model: {'; '.join(fields[:4])}; use the "
-                          "spec the checkpoint was trained with (it is recorded in the checkpoint)")
+    raise CheckpointError(
+        f"{what}: the checkpoint does not fit this job's model: {'; '.join(fields[:4])}; use the "
+        "spec the checkpoint was trained with (it is recorded in the checkpoint)"
+    )
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -185,14 +189,19 @@ class Coordinator:
             "optimizer": self.optimizer.state_dict(),
             # Tasks are pure in (seed, step, slot), so the data position is `step`; torch's RNG is all else there is.
             "rng": {"torch": torch.get_rng_state()},
-            **({"history": {str(s): {k: torch.from_numpy(v) for k, v in p.items()} for s, p in self.history.items()}}
-               if self.keep_history else {}),
+            **(
+                {"history": {str(s): {k: torch.from_numpy(v) for k, v in p.items()} for s, p in self.history.items()}}
+                if self.keep_history
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.params) ^ set(state["params"])
         if missing:
-            raise MetascaleError(f"checkpoint does not match the job's model (parameters differ: {sorted(missing)[:5]})")
+            raise MetascaleError(
+                f"checkpoint does not match the job's model (parameters differ: {sorted(missing)[:5]})"
+            )
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state["params"][k])

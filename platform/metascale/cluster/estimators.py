@@ -109,8 +109,10 @@ def ftml(spec: JobSpec, pool: Any, step: int, params: Any) -> StepResult:
     batch = spec.outer.meta_batch
     earlier = rng.choice(arriving, size=min(batch - 1, arriving), replace=False).tolist() if arriving else []
     chosen = sorted([arriving, *earlier])
-    groups = [WorkItem("meta_gradient", arriving, tuple(chosen[i] for i in g), online=True)
-              for g in split_slots(len(chosen), pool.size)]
+    groups = [
+        WorkItem("meta_gradient", arriving, tuple(chosen[i] for i in g), online=True)
+        for g in split_slots(len(chosen), pool.size)
+    ]
     result = aggregate(pool.run(groups, params))
     result.metrics.update({f"online_{k}": v for k, v in scored.episodes[0].items()})
     return result

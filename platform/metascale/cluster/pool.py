@@ -80,15 +80,19 @@ class RemoteReplica:
 
         c = spec.cluster
         self.ray, self.index, self.generation = ray, index, 1
-        self.actor = ray.remote(Replica).options(
-            num_cpus=c.cpus_per_process,
-            num_gpus=c.gpus_per_process,
-            max_restarts=-1,
-            max_task_retries=0,  # re-dispatch is the pool's: it may go to another worker
-            runtime_env={"env_vars": env},
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
-            name=f"{actor_prefix(spec)}-worker-{index}",  # findable by operators (and fault tests)
-        ).remote(spec.model_dump(mode="json"), index)
+        self.actor = (
+            ray.remote(Replica)
+            .options(
+                num_cpus=c.cpus_per_process,
+                num_gpus=c.gpus_per_process,
+                max_restarts=-1,
+                max_task_retries=0,  # re-dispatch is the pool's: it may go to another worker
+                runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+                name=f"{actor_prefix(spec)}-worker-{index}",  # findable by operators (and fault tests)
+            )
+            .remote(spec.model_dump(mode="json"), index)
+        )
         self.ready = [self.actor.ping.remote()]
 
     def submit(self, item: WorkItem, params: Any) -> list[Any]:
@@ -163,7 +167,8 @@ class RayPool:
         if not ready:
             raise ClusterError(
                 f"the cluster cannot place {c.workers} workers of {bundle} within {limit:.0f} s "
-                f"(available: {self.ray.available_resources()}); lower cluster.workers or the per-process resources")
+                f"(available: {self.ray.available_resources()}); lower cluster.workers or the per-process resources"
+            )
         return pg
 
     def _await_start(self) -> None:
@@ -175,7 +180,8 @@ class RayPool:
             raise ClusterError(
                 f"{len(refs) - len(ready)} of {len(refs)} worker processes did not start within {limit:.0f} s "
                 f"(available: {self.ray.available_resources()}); lower cluster.workers or sharding.ranks, or raise "
-                "cluster.timeout.startup_s")
+                "cluster.timeout.startup_s"
+            )
         try:
             self.ray.get(refs)
         except self.ray.exceptions.RayTaskError as e:
@@ -218,8 +224,13 @@ class RayPool:
                     f.worker.restart(hung=outcome.startswith("no answer"))
                 turn = [self.workers[(f.worker.index + attempts[f.index] + k) % self.size] for k in range(self.size)]
                 retry = next((w for w in turn if self._up(w)), turn[0])  # the next worker that is up, if any
-                log.warning("worker %d was lost during %s (%s); recomputing it on worker %d",
-                            f.worker.index, _describe(f.item), outcome, retry.index)
+                log.warning(
+                    "worker %d was lost during %s (%s); recomputing it on worker %d",
+                    f.worker.index,
+                    _describe(f.item),
+                    outcome,
+                    retry.index,
+                )
                 flights.append(self._send(f.index, f.item, retry, params, flights))
         return results  # type: ignore[return-value]
 

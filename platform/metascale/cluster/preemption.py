@@ -19,8 +19,11 @@ class StopRequest:
             raise KeyboardInterrupt  # the second Ctrl-C: leave now
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:
-            print("stopping after this meta-step, with a checkpoint (Ctrl-C again to exit at once)",
-                  file=sys.stderr, flush=True)
+            print(
+                "stopping after this meta-step, with a checkpoint (Ctrl-C again to exit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def restore(self) -> None:
         for s, previous in self._previous.items():

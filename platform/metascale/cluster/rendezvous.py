@@ -24,9 +24,17 @@ def bind(loopback: bool) -> tuple[socket.socket, str, int]:
     return sock, address, sock.getsockname()[1]
 
 
-def join(address: str, port: int, rank: int, world: int, listening: socket.socket | None, backend: str,
-         timeout: datetime.timedelta, rendezvous: datetime.timedelta = datetime.timedelta(seconds=60),
-         device: Any = None) -> None:
+def join(
+    address: str,
+    port: int,
+    rank: int,
+    world: int,
+    listening: socket.socket | None,
+    backend: str,
+    timeout: datetime.timedelta,
+    rendezvous: datetime.timedelta = datetime.timedelta(seconds=60),
+    device: Any = None,
+) -> None:
     """Joins generation (address, port) as `rank` of `world`; rank 0 passes the socket from `bind`. `timeout`
     bounds every collective, so a member whose peer hangs raises instead of waiting for ever; `rendezvous` bounds
     the wait for the others to arrive. `device` (NCCL): this member's GPU, for an eager NCCL start."""
@@ -40,8 +48,14 @@ def join(address: str, port: int, rank: int, world: int, listening: socket.socke
         store = dist.TCPStore(address, port, world, True, rendezvous, master_listen_fd=listening.detach())
     else:
         store = dist.TCPStore(address, port, world, False, rendezvous)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
-                            **({"device_id": device} if device is not None else {}))
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
+        **({"device_id": device} if device is not None else {}),
+    )
 
 
 def node_address() -> str:

@@ -127,8 +127,9 @@ class Replica:
         meter.lap("data")
         for pair in item.slots:
             eps = es.noise(theta, self.spec.seed, item.step, pair)
-            plus, minus = (es.fitness(self.alg, es.perturb(theta, eps, sign * cfg.sigma), batch, cfg.objective)
-                           for sign in (1, -1))
+            plus, minus = (
+                es.fitness(self.alg, es.perturb(theta, eps, sign * cfg.sigma), batch, cfg.objective) for sign in (1, -1)
+            )
             out.fitness.append((pair, plus, minus))
         out.tasks = 2 * len(item.slots) * cfg.tasks
 

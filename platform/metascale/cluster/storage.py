@@ -83,7 +83,7 @@ class S3FileSystem(AbstractFileSystem):
         path = str(path)
         for prefix in S3_PREFIXES:
             if path.startswith(prefix):
-                path = path[len(prefix):]
+                path = path[len(prefix) :]
         return path.rstrip("/")
 
     def _store(self, bucket: str) -> Any:
@@ -202,8 +202,10 @@ class S3FileSystem(AbstractFileSystem):
         with _errors(name):
             found = obstore.list_with_delimiter(store, f"{key}/" if key else None)
         entries = [{"name": f"{bucket}/{p}", "size": 0, "type": "directory"} for p in found["common_prefixes"]]
-        entries += [{"name": f"{bucket}/{o['path']}", "size": o["size"], "type": "file", "mtime": o["last_modified"]}
-                    for o in found["objects"]]
+        entries += [
+            {"name": f"{bucket}/{o['path']}", "size": o["size"], "type": "file", "mtime": o["last_modified"]}
+            for o in found["objects"]
+        ]
         if not entries and key:
             with contextlib.suppress(FileNotFoundError):
                 entries = [self.info(path)] if self.info(path)["type"] == "file" else []

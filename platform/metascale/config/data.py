@@ -15,6 +15,7 @@ from metascale.config.rl import NavigationData
 from metascale.config.sections import PositiveFloat, PositiveInt, Spec
 from metascale.config.spurious import SpuriousData
 
+
 # ----------------------------------------------------------------------------------------------- data
 class SinusoidData(Spec):
     """Sinusoid regression as in the MAML paper (Finn et al. 2017, section 5.1)."""
@@ -113,10 +114,14 @@ class EpisodicData(Spec):
     def _shape_knobs(self) -> "EpisodicData":
         """ways/shots/queries belong to the fixed sampler; judged by value (a dumped spec holds every default)."""
         if self.sampler.name != "fixed":
-            moved = [f for f in ("ways", "shots", "queries") if getattr(self, f) != EpisodicData.model_fields[f].default]
+            moved = [
+                f for f in ("ways", "shots", "queries") if getattr(self, f) != EpisodicData.model_fields[f].default
+            ]
             if moved:
-                raise ValueError(f"{', '.join(moved)}: set by sampler 'fixed' only; sampler '{self.sampler.name}' "
-                                 "draws them (its min_ways, max_ways, max_queries, max_support)")
+                raise ValueError(
+                    f"{', '.join(moved)}: set by sampler 'fixed' only; sampler '{self.sampler.name}' "
+                    "draws them (its min_ways, max_ways, max_queries, max_support)"
+                )
             if getattr(self, "stream", None) is not None:
                 raise ValueError(f"sampler '{self.sampler.name}' reads the whole split (no stream)")
         return self
@@ -145,8 +150,10 @@ class SyntheticImagesData(EpisodicData):
         if self.augment.names():
             raise ValueError("augment applies to packed sets (source: shards or glyphs), not to synthetic images")
         if self.variable:
-            raise ValueError("sampler 'meta_dataset' samples packed sets' class sizes (source: shards, glyphs or "
-                             "multi), synthetic images have none")
+            raise ValueError(
+                "sampler 'meta_dataset' samples packed sets' class sizes (source: shards, glyphs or "
+                "multi), synthetic images have none"
+            )
         return self
 
 
@@ -201,11 +208,15 @@ class ShardsData(EpisodicData):
             if self.stream is not None:
                 raise ValueError("stream: only for layout 'classes' (layout 'samples' reads single members already)")
             if self.on_bad_sample != "error":
-                raise ValueError("on_bad_sample 'skip': only for layout 'classes' (episodes must not depend on "
-                                 "which members failed to decode)")
+                raise ValueError(
+                    "on_bad_sample 'skip': only for layout 'classes' (episodes must not depend on "
+                    "which members failed to decode)"
+                )
             if self.url.startswith("pipe:"):
-                raise ValueError("layout 'samples' reads byte ranges: a pipe: url cannot do that (use a path, "
-                                 "file://, s3:// or http(s)://)")
+                raise ValueError(
+                    "layout 'samples' reads byte ranges: a pipe: url cannot do that (use a path, "
+                    "file://, s3:// or http(s)://)"
+                )
         return self
 
 
@@ -262,8 +273,9 @@ class MultiData(EpisodicData):
         """Source i as a one-set spec with this mix's episode knobs (what its reader takes)."""
         src = self.sources[i]
         keep = {k: getattr(self, k) for k in EpisodicData.model_fields}
-        return ShardsData(url=src.url, layout=src.layout, splits=src.splits, index=src.index,
-                          on_bad_sample=src.on_bad_sample, **keep)
+        return ShardsData(
+            url=src.url, layout=src.layout, splits=src.splits, index=src.index, on_bad_sample=src.on_bad_sample, **keep
+        )
 
     def serving(self, split: str) -> list[int]:
         return [i for i, s in enumerate(self.sources) if split in s.serves]
@@ -295,16 +307,30 @@ class DomainsData(Spec):
         if self.target not in self.domains:
             raise ValueError(f"target '{self.target}' is not one of domains {self.domains}")
         if len(self.domains) - 1 < self.meta_test_domains + 1:
-            raise ValueError(f"{len(self.domains) - 1} source domains cannot be split into meta-train and "
-                             f"{self.meta_test_domains} meta-test domain(s): add domains or lower meta_test_domains")
+            raise ValueError(
+                f"{len(self.domains) - 1} source domains cannot be split into meta-train and "
+                f"{self.meta_test_domains} meta-test domain(s): add domains or lower meta_test_domains"
+            )
         if self.batch > self.ways * self.per_class:
-            raise ValueError(f"batch ({self.batch}) exceeds a domain's training images (ways x per_class = "
-                             f"{self.ways * self.per_class})")
+            raise ValueError(
+                f"batch ({self.batch}) exceeds a domain's training images (ways x per_class = "
+                f"{self.ways * self.per_class})"
+            )
         return self
 
 
 DataSpec = Annotated[
-    Union[SinusoidData, SyntheticImagesData, GlyphsData, ShardsData, MultiData, NoisyLabelsData, DomainsData,
-          NavigationData, HalfCheetahDirData, SpuriousData],
+    Union[
+        SinusoidData,
+        SyntheticImagesData,
+        GlyphsData,
+        ShardsData,
+        MultiData,
+        NoisyLabelsData,
+        DomainsData,
+        NavigationData,
+        HalfCheetahDirData,
+        SpuriousData,
+    ],
     Field(discriminator="source"),
 ]

@@ -142,8 +142,10 @@ def _template_problems(spec: JobSpec) -> list[str]:
         try:
             spec.path(value(spec))
         except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-            problems.append(f"{field}: {{name}} is the only placeholder, and a literal brace is written {{{{ or }}}} "
-                            f"({type(e).__name__}: {_first_line(e)}; got {_shown(value(spec))})")
+            problems.append(
+                f"{field}: {{name}} is the only placeholder, and a literal brace is written {{{{ or }}}} "
+                f"({type(e).__name__}: {_first_line(e)}; got {_shown(value(spec))})"
+            )
     return problems
 
 

@@ -14,7 +14,6 @@ from metascale.config.rl import MAMLRLSpec
 from metascale.config.survey import ABMLSpec, BlackBoxSpec, DartsAlgorithmSpec, DistillSpec, MLDGSpec
 
 
-
 # --------------------------------------------------------------------------------------------- models
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 
@@ -123,8 +122,9 @@ class DartsSpec(ModelInit):
         if not set(self.ops) - {"none"}:
             raise ValueError("ops needs an op besides 'none' (the derived architecture picks one per edge)")
         if ((self.image_size + 1) // 2) >> self.cells == 0:
-            raise ValueError(f"image_size {self.image_size} is too small for the stem and {self.cells} cells "
-                             "(each halves it)")
+            raise ValueError(
+                f"image_size {self.image_size} is too small for the stem and {self.cells} cells (each halves it)"
+            )
         edges = self.nodes * (self.nodes + 1) // 2
         if self.genotype is not None and len(self.genotype) != edges:
             raise ValueError(f"genotype lists {len(self.genotype)} ops; a cell of {self.nodes} nodes has {edges} edges")
@@ -201,9 +201,24 @@ class MWNSpec(Spec):
 
 class AlgorithmSpec(Spec):
     name: Literal[
-        "maml", "fomaml", "reptile", "anil", "metasgd", "protonet",
-        "imaml", "learned_hparams", "learned_loss", "mwn", "erm",
-        "mldg", "erm_pooled", "distill", "darts", "lopt", "blackbox", "abml",
+        "maml",
+        "fomaml",
+        "reptile",
+        "anil",
+        "metasgd",
+        "protonet",
+        "imaml",
+        "learned_hparams",
+        "learned_loss",
+        "mwn",
+        "erm",
+        "mldg",
+        "erm_pooled",
+        "distill",
+        "darts",
+        "lopt",
+        "blackbox",
+        "abml",
         "maml_rl",
     ] = "maml"
     inner: InnerLoopSpec = InnerLoopSpec()
@@ -262,8 +277,10 @@ class OuterLoopSpec(Spec):
         if s.decay == "none" and s.decay_steps is not None:
             raise ValueError(f"schedule.decay_steps ({s.decay_steps}) needs schedule.decay 'cosine' or 'linear'")
         if s.warmup_steps + (s.decay_steps or 0) > self.steps:
-            raise ValueError(f"schedule.warmup_steps ({s.warmup_steps}) + schedule.decay_steps ({s.decay_steps}) "
-                             f"must fit in outer.steps ({self.steps})")
+            raise ValueError(
+                f"schedule.warmup_steps ({s.warmup_steps}) + schedule.decay_steps ({s.decay_steps}) "
+                f"must fit in outer.steps ({self.steps})"
+            )
         return self
 
 
@@ -345,7 +362,9 @@ class ShardingSpec(Spec):
     engine: Literal["none", "deepspeed"] = "none"
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
     offload: Literal["none", "cpu"] = "none"  # ZeRO-Offload of the optimiser state (stage >= 1)
-    activation_checkpointing: bool = False  # recompute each transformer half-block (attention, MLP) / residual stage in the backward pass
+    activation_checkpointing: bool = (
+        False  # recompute each transformer half-block (attention, MLP) / residual stage in the backward pass
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ranks: PositiveInt = 1  # processes in the group (one per GPU; gloo on CPU)
     # A group's ranks share one node (STRICT_PACK placement) unless a group is bigger than a node: then PACK, which
@@ -357,8 +376,15 @@ class ShardingSpec(Spec):
     @model_validator(mode="after")
     def _engine(self) -> "ShardingSpec":
         if self.engine == "none":
-            knobs = {"zero_stage": 0, "offload": "none", "activation_checkpointing": False, "precision": "fp32",
-                     "ranks": 1, "span_nodes": False, "support_backprop_subset": None}
+            knobs = {
+                "zero_stage": 0,
+                "offload": "none",
+                "activation_checkpointing": False,
+                "precision": "fp32",
+                "ranks": 1,
+                "span_nodes": False,
+                "support_backprop_subset": None,
+            }
             for key, default in knobs.items():
                 if getattr(self, key) != default:
                     raise ValueError(f"{key} needs engine: deepspeed (engine is 'none')")
@@ -368,6 +394,7 @@ class ShardingSpec(Spec):
                 "gradients would be unscaled and an overflow would silently skip an inner step; use precision: bf16"
             )
         if self.offload == "cpu" and self.zero_stage == 0:
-            raise ValueError("offload cpu needs zero_stage >= 1 (ZeRO-Offload moves ZeRO's "
-                             "partitioned optimiser state)")
+            raise ValueError(
+                "offload cpu needs zero_stage >= 1 (ZeRO-Offload moves ZeRO's partitioned optimiser state)"
+            )
         return self

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from metascale.config import (DataSpec, DomainsData, GlyphsData, HalfCheetahDirData, JobSpec, MultiData, NavigationData,
-                              NoisyLabelsData, ShardsData, SinusoidData, SyntheticImagesData)
+from metascale.config import (
+    DataSpec,
+    DomainsData,
+    GlyphsData,
+    HalfCheetahDirData,
+    JobSpec,
+    MultiData,
+    NavigationData,
+    NoisyLabelsData,
+    ShardsData,
+    SinusoidData,
+    SyntheticImagesData,
+)
 from metascale.config.halfcheetah import ACTION_DIM
 from metascale.config.spurious import SpuriousData
 from metascale.data.tasks import Split, Task, TaskBatch, TaskSource
@@ -80,8 +91,10 @@ def check_episodes(spec: JobSpec) -> None:
         for split in splits:
             n = len(split_classes(data.classes, split))
             if n < data.ways:
-                raise DataError(f"data: split '{split}' has {n} classes (of data.classes={data.classes}), fewer than "
-                                f"ways ({data.ways})")
+                raise DataError(
+                    f"data: split '{split}' has {n} classes (of data.classes={data.classes}), fewer than "
+                    f"ways ({data.ways})"
+                )
     elif isinstance(data, MultiData):
         from metascale.data.multi import shape_mismatch
 
@@ -139,11 +152,16 @@ def _check_images(spec: JobSpec, root: str, index) -> None:
     has no normalisation stats (packed before they existed): its images stay in [0, 1]."""
     channels, want = index.shape[0], getattr(spec.model, "in_channels", None)
     if want is not None and want != channels:
-        raise DataError(f"data: {root} holds {'RGB' if channels == 3 else f'{channels}-channel'} images, "
-                        f"model.in_channels is {want}")
+        raise DataError(
+            f"data: {root} holds {'RGB' if channels == 3 else f'{channels}-channel'} images, "
+            f"model.in_channels is {want}"
+        )
     if spec.data.normalize and index.stats is None:
-        log.warning("data: %s carries no normalisation stats (packed before metascale stored them): images are read "
-                    "in [0, 1], not normalised; re-pack it to normalise", root)
+        log.warning(
+            "data: %s carries no normalisation stats (packed before metascale stored them): images are read "
+            "in [0, 1], not normalised; re-pack it to normalise",
+            root,
+        )
 
 
 def _shard_tasks(spec: GlyphsData | ShardsData, split: Split, seed: int, root: str, on_bad: str) -> TaskSource:

@@ -12,8 +12,9 @@ import typer
 
 from metascale.errors import SpecError
 
-data_app = typer.Typer(help="Task data: pack datasets into WebDataset task shards, render the glyph set.",
-                       no_args_is_help=True)
+data_app = typer.Typer(
+    help="Task data: pack datasets into WebDataset task shards, render the glyph set.", no_args_is_help=True
+)
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -28,9 +29,15 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 @data_app.command()
 def pack(
-    src: Path = typer.Argument(..., help="Dataset on disk (a folder, or an .npz for --format numpy; ignored by digits)."),
+    src: Path = typer.Argument(
+        ..., help="Dataset on disk (a folder, or an .npz for --format numpy; ignored by digits)."
+    ),
     out: Path = typer.Argument(..., help="Output folder: shards + index.json (written atomically)."),
-    format: str = typer.Option(..., "--format", help="omniglot | imagefolder | numpy | digits | miniimagenet | tieredimagenet | cub | cifarfs | fc100"),
+    format: str = typer.Option(
+        ...,
+        "--format",
+        help="omniglot | imagefolder | numpy | digits | miniimagenet | tieredimagenet | cub | cifarfs | fc100",
+    ),
     size: Optional[int] = typer.Option(None, min=1, help="Resize every image to SIZE x SIZE."),
     split: str = typer.Option("0.64,0.16,0.2", help="TRAIN,VAL,TEST class fractions where the source has no splits."),
     val_fraction: float = typer.Option(0.2, min=0, max=1, help="Omniglot: share of background alphabets for val."),
@@ -46,8 +53,14 @@ def pack(
     opts = ReadOptions(size=size, fractions=_fractions(split), val_fraction=val_fraction, seed=seed, invert=invert)
     source = read_source(format, src, opts)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    index = pack_classes(source.classes, out, source=source.info, max_classes_per_shard=classes_per_shard,
-                         overwrite=overwrite, total=source.total)
+    index = pack_classes(
+        source.classes,
+        out,
+        source=source.info,
+        max_classes_per_shard=classes_per_shard,
+        overwrite=overwrite,
+        total=source.total,
+    )
     typer.echo(json.dumps(_summary(index, out) | {"seconds": round(time.perf_counter() - t0, 2)}))
 
 
@@ -86,5 +99,11 @@ def _summary(index, out) -> dict:
     for c in index.classes:
         images[c.split] += c.count
         alphabets.setdefault(c.split, set()).add(c.alphabet)
-    return {"out": str(out), "shards": len(index.shards), "image": index.image, "classes": dict(per),
-            "alphabets": {k: len(v) for k, v in alphabets.items()}, "images": dict(images)}
+    return {
+        "out": str(out),
+        "shards": len(index.shards),
+        "image": index.image,
+        "classes": dict(per),
+        "alphabets": {k: len(v) for k, v in alphabets.items()},
+        "images": dict(images),
+    }

@@ -42,17 +42,28 @@ def examples_needed(spec: EpisodicData) -> int:
 class EpisodePlanner:
     """The classes of a split usable for episodes needing `need` instances each, times their rotations."""
 
-    def __init__(self, index: ShardIndex, split: Split, counts: dict[int, int], need: int, augment: AugmentSpec,
-                 seed: int, on_bad: OnBad = "error", classes: Sequence[int] | None = None):
+    def __init__(
+        self,
+        index: ShardIndex,
+        split: Split,
+        counts: dict[int, int],
+        need: int,
+        augment: AugmentSpec,
+        seed: int,
+        on_bad: OnBad = "error",
+        classes: Sequence[int] | None = None,
+    ):
         """`classes`: plan among these (a stream window's, data/stream.py) instead of the whole split's."""
         self.split, self.seed, self.need = split, seed, need
         ids = index.split_classes(split) if classes is None else sorted(classes)
         short = [i for i in ids if counts.get(i, 0) < need]
         if short and on_bad == "error":
             i = short[0]
-            raise DataError(f"split '{split}': class {i} '{index.classes[i].name}' (shard "
-                            f"{index.shards[index.classes[i].shard].name}) has {counts.get(i, 0)} examples, fewer "
-                            f"than shots+queries={need} ({len(short)} such classes; on_bad_sample: skip leaves them out)")
+            raise DataError(
+                f"split '{split}': class {i} '{index.classes[i].name}' (shard "
+                f"{index.shards[index.classes[i].shard].name}) has {counts.get(i, 0)} examples, fewer "
+                f"than shots+queries={need} ({len(short)} such classes; on_bad_sample: skip leaves them out)"
+            )
         self.skipped_classes = len(short)
         usable = [i for i in ids if counts.get(i, 0) >= need]
         turns = ROT90_TURNS if augment.rot90 else (0,)
@@ -120,8 +131,9 @@ class ShardTasks(Uint8Episodes):
     """The TaskSource of task shards: N-way K-shot Q-query episodes of one split. The index and the decoded cache
     load on first use (so the source pickles small, e.g. to Ray workers) and once per process."""
 
-    def __init__(self, spec: EpisodicData, split: Split, seed: int, root: str, on_bad: OnBad = "error",
-                 load_workers: int = 0):
+    def __init__(
+        self, spec: EpisodicData, split: Split, seed: int, root: str, on_bad: OnBad = "error", load_workers: int = 0
+    ):
         self.spec, self.split, self.seed, self.root = spec, split, seed, root
         self.on_bad, self.load_workers = on_bad, load_workers
         self._state: tuple[ClassStore, EpisodePlanner] | None = None
@@ -156,14 +168,17 @@ class ShardTasks(Uint8Episodes):
         if s.variable:
             from metascale.data.sampler import variable_uint8
 
-            return variable_uint8(planner, step, slots, s.sampler,
-                                  lambda cid, instances: store.images[store.offsets[cid] + instances])
+            return variable_uint8(
+                planner, step, slots, s.sampler, lambda cid, instances: store.images[store.offsets[cid] + instances]
+            )
         plans = [planner.plan(step, slot, s.ways, s.shots + s.queries) for slot in slots]
         offsets = np.array([[store.offsets[p.class_id] for p in plan] for plan in plans])[:, :, None]  # [T, ways, 1]
         return assemble(s, plans, lambda instances: store.images[offsets + instances])
 
 
-def assemble(spec: EpisodicData, plans: list[list[PlannedClass]], take: Callable[[np.ndarray], np.ndarray]) -> TaskBatch:
+def assemble(
+    spec: EpisodicData, plans: list[list[PlannedClass]], take: Callable[[np.ndarray], np.ndarray]
+) -> TaskBatch:
     """uint8 episodes from their plans: `take(instances [T, ways, k])` returns the images [T, ways, k, C, H, W] as a
     new array. One gather for the support and one for the query set, and one rotation per quarter-turn count
     (per-image, per-task or per-class numpy calls dominated the cost)."""

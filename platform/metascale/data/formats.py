@@ -18,7 +18,9 @@ from metascale.data.pack import SourceClass, iter_split_by_group
 from metascale.data.tasks import SPLITS, Split
 from metascale.errors import DataError
 
-Format = Literal["omniglot", "imagefolder", "numpy", "digits", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100"]
+Format = Literal[
+    "omniglot", "imagefolder", "numpy", "digits", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100"
+]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -44,9 +46,15 @@ def read_source(fmt: Format, src: str | Path, opts: ReadOptions) -> Source:
     from metascale.data import releases  # the benchmarks' own release layouts (it imports this module)
 
     readers: dict[str, Callable[[Path, ReadOptions], Source]] = {
-        "omniglot": read_omniglot, "imagefolder": read_imagefolder, "numpy": read_numpy, "digits": read_digits,
-        "miniimagenet": releases.read_miniimagenet, "tieredimagenet": releases.read_tieredimagenet,
-        "cub": releases.read_cub, "cifarfs": releases.read_cifarfs, "fc100": releases.read_fc100,
+        "omniglot": read_omniglot,
+        "imagefolder": read_imagefolder,
+        "numpy": read_numpy,
+        "digits": read_digits,
+        "miniimagenet": releases.read_miniimagenet,
+        "tieredimagenet": releases.read_tieredimagenet,
+        "cub": releases.read_cub,
+        "cifarfs": releases.read_cifarfs,
+        "fc100": releases.read_fc100,
     }
     if fmt not in readers:
         raise DataError(f"unknown format '{fmt}' (expected one of {sorted(readers)})")
@@ -193,7 +201,9 @@ def read_digits(src: Path, opts: ReadOptions) -> Source:
 
     def classes() -> Iterator[SourceClass]:
         for i in range(10):
-            yield SourceClass(f"digit-{i}", "digits", splits[str(i)], [_resize(im, size) for im in images[d.target == i]])
+            yield SourceClass(
+                f"digit-{i}", "digits", splits[str(i)], [_resize(im, size) for im in images[d.target == i]]
+            )
 
     return Source(classes(), 10, {"format": "digits", "src": "sklearn.datasets.load_digits"})
 

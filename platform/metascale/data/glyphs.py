@@ -179,9 +179,15 @@ def glyph_classes(spec: GlyphSetSpec, glyphs: list[Glyph] | None = None) -> Iter
 
 def write_glyph_set(spec: GlyphSetSpec, out: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
     glyphs = catalog(spec.classes)
-    info = {"format": "glyphs", "render_version": RENDER_VERSION, "image_size": spec.image_size,
-            "classes": len(glyphs), "instances": spec.instances, "seed": spec.seed,
-            "licences": {"kanjivg": "CC BY-SA 3.0 (Ulrich Apel, kanjivg.tagaini.net)", "Hershey-Fonts": "MIT"}}
+    info = {
+        "format": "glyphs",
+        "render_version": RENDER_VERSION,
+        "image_size": spec.image_size,
+        "classes": len(glyphs),
+        "instances": spec.instances,
+        "seed": spec.seed,
+        "licences": {"kanjivg": "CC BY-SA 3.0 (Ulrich Apel, kanjivg.tagaini.net)", "Hershey-Fonts": "MIT"},
+    }
     pack(glyph_classes(spec, glyphs), out, source=info, overwrite=overwrite, progress=progress, total=len(glyphs))
     return Path(out)
 

@@ -63,8 +63,14 @@ class ShardIndex:
         return self.image["channels"], self.image["height"], self.image["width"]
 
     def to_json(self) -> str:
-        doc = {"format": FORMAT, "version": VERSION, "image": self.image, "source": self.source,
-               "classes": [asdict(c) for c in self.classes], "shards": [asdict(s) for s in self.shards]}
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "image": self.image,
+            "source": self.source,
+            "classes": [asdict(c) for c in self.classes],
+            "shards": [asdict(s) for s in self.shards],
+        }
         if self.stats is not None:  # an optional field: readers before it ignore it, so the version stays
             doc["stats"] = self.stats
         return json.dumps(doc, indent=1, ensure_ascii=False)
@@ -97,8 +103,10 @@ class ShardIndex:
         add up."""
         for i, s in enumerate(self.shards):
             if not isinstance(s.name, str) or not SHARD_NAME.fullmatch(s.name):
-                raise DataError(f"{where}: shard {i} is named {s.name!r}, not a plain file name (letters, digits, "
-                                f"'.', '_' and '-', starting with a letter or digit)")
+                raise DataError(
+                    f"{where}: shard {i} is named {s.name!r}, not a plain file name (letters, digits, "
+                    f"'.', '_' and '-', starting with a letter or digit)"
+                )
         per_shard = [0] * len(self.shards)
         for i, c in enumerate(self.classes):
             if c.split not in SPLITS:
@@ -106,7 +114,9 @@ class ShardIndex:
             if not 0 <= c.shard < len(self.shards):
                 raise DataError(f"{where}: class {i} '{c.name}' names shard {c.shard}, index has {len(self.shards)}")
             if self.shards[c.shard].split != c.split:
-                raise DataError(f"{where}: class {i} '{c.name}' ({c.split}) lies in a {self.shards[c.shard].split} shard")
+                raise DataError(
+                    f"{where}: class {i} '{c.name}' ({c.split}) lies in a {self.shards[c.shard].split} shard"
+                )
             per_shard[c.shard] += c.count
         for s, n in zip(self.shards, per_shard):
             if s.samples != n:
@@ -115,7 +125,9 @@ class ShardIndex:
             st, c = self.stats, self.image["channels"]
             ok = isinstance(st, dict) and all(isinstance(st.get(k), list) and len(st[k]) == c for k in ("mean", "std"))
             if not ok or not all(isinstance(v, (int, float)) and v >= 0 for v in st["mean"] + st["std"]):
-                raise DataError(f"{where}: stats must hold 'mean' and 'std', {c} non-negative numbers each (got {st!r})")
+                raise DataError(
+                    f"{where}: stats must hold 'mean' and 'std', {c} non-negative numbers each (got {st!r})"
+                )
 
 
 def sample_key(class_id: int) -> str:

@@ -68,7 +68,9 @@ class MetaBatches(torch.utils.data.IterableDataset):
             yield step, self.ring.put(w, seq, _build(self.source, step, self.slots)), seq
 
 
-def meta_batches(source: TaskSource, steps: range, slots: Sequence[int], workers: int = 2) -> Iterator[tuple[int, TaskBatch]]:
+def meta_batches(
+    source: TaskSource, steps: range, slots: Sequence[int], workers: int = 2
+) -> Iterator[tuple[int, TaskBatch]]:
     """(step, TaskBatch) for every step in order, built by `workers` processes (0: in this process)."""
     if workers == 0 or len(steps) == 0:
         for step in steps:
@@ -76,8 +78,9 @@ def meta_batches(source: TaskSource, steps: range, slots: Sequence[int], workers
         return
     # The DataLoader keeps at most PREFETCH * workers items outstanding in all, so a worker's ring must be deeper.
     ring = Ring(_build(source, steps[0], slots), workers, PREFETCH * workers + 2)
-    loader = torch.utils.data.DataLoader(MetaBatches(source, steps, slots, ring), batch_size=None,
-                                         num_workers=workers, prefetch_factor=PREFETCH)
+    loader = torch.utils.data.DataLoader(
+        MetaBatches(source, steps, slots, ring), batch_size=None, num_workers=workers, prefetch_factor=PREFETCH
+    )
     convert = source.to_float if hasattr(source, "episodes_uint8") else None
     try:
         for step, slot, seq in loader:

@@ -68,8 +68,13 @@ class _ShardWriter:
         if self.writer is None:
             self._open()
         meta = {"class": class_id, "count": len(images)}
-        self.writer.write({"__key__": sample_key(class_id), "png": encode_png(np.concatenate(images, axis=0)),
-                           "json": json.dumps(meta).encode()})
+        self.writer.write(
+            {
+                "__key__": sample_key(class_id),
+                "png": encode_png(np.concatenate(images, axis=0)),
+                "json": json.dumps(meta).encode(),
+            }
+        )
         self.classes += 1
         self.samples += len(images)
         position = self.shard_no
@@ -146,7 +151,9 @@ def _write_shards(classes, tmp, source, max_classes, max_bytes, progress, total)
             if shape is None:
                 shape = s
             elif s != shape:
-                raise DataError(f"class '{c.name}': image shape {s} differs from the set's {shape} (resize with --size)")
+                raise DataError(
+                    f"class '{c.name}': image shape {s} differs from the set's {shape} (resize with --size)"
+                )
             if c.split == "train":
                 stats.add(img)
         position, done = writers[c.split].write_class(cid, c.images)
@@ -192,7 +199,9 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def iter_split_by_group(groups: dict[str, list[str]], fractions: tuple[float, float, float], seed: int) -> Iterator[tuple[str, Split]]:
+def iter_split_by_group(
+    groups: dict[str, list[str]], fractions: tuple[float, float, float], seed: int
+) -> Iterator[tuple[str, Split]]:
     """Assigns whole groups (alphabets, or single classes) to splits by a seeded shuffle, filling train, val and
     test to the given fractions of the class count; yields (group, split)."""
     names = sorted(groups)

@@ -85,7 +85,9 @@ def shard_stream(
     import webdataset as wds
 
     urls = [join(root, n) for n in names]
-    return iter(wds.DataPipeline(wds.SimpleShardList(urls), node_splitter(rank, world), worker_splitter(worker, workers)))
+    return iter(
+        wds.DataPipeline(wds.SimpleShardList(urls), node_splitter(rank, world), worker_splitter(worker, workers))
+    )
 
 
 class _HashingReader(io.RawIOBase):
@@ -166,21 +168,27 @@ def _read_shard(index: ShardIndex, shard_no: int, url: str, on_bad: OnBad, stats
         while buffered.read(1 << 20):  # tarfile stops at the end marker; hash the padding too
             pass
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise _ShardBad(f"shard {url}: truncated or corrupt tar after sample {last} ({type(e).__name__}: {e})") from None
+        raise _ShardBad(
+            f"shard {url}: truncated or corrupt tar after sample {last} ({type(e).__name__}: {e})"
+        ) from None
     finally:
         reader.close()
     if reader.sha.hexdigest() != entry.sha256:
         also = f"; first bad sample: {first_bad.split(': ', 1)[1]}" if first_bad else ""
-        raise _ShardBad(f"shard {url}: sha256 {reader.sha.hexdigest()[:12]}... does not match the index's "
-                        f"{entry.sha256[:12]}... ({reader.n} bytes read, index says {entry.bytes}: truncated, corrupt "
-                        f"or replaced{also})")
+        raise _ShardBad(
+            f"shard {url}: sha256 {reader.sha.hexdigest()[:12]}... does not match the index's "
+            f"{entry.sha256[:12]}... ({reader.n} bytes read, index says {entry.bytes}: truncated, corrupt "
+            f"or replaced{also})"
+        )
     if first_bad:
         raise DataError(first_bad)
     missing = [i for i in expected if i not in found]
     if missing and on_bad == "error":
         i = missing[0]
-        raise DataError(f"shard {url}: class {i} '{index.classes[i].name}' is in the index but not in the shard "
-                        f"({len(missing)} such classes)")
+        raise DataError(
+            f"shard {url}: class {i} '{index.classes[i].name}' is in the index but not in the shard "
+            f"({len(missing)} such classes)"
+        )
     return [ClassRecord(cid, imgs, entry.name) for cid, imgs in sorted(found.items())]
 
 
@@ -218,8 +226,10 @@ def _decode(index: ShardIndex, key: str, fields: dict[str, bytes], expected: dic
     try:
         meta = json.loads(fields["json"])
         if meta["class"] != cid or meta["count"] != expected[cid]:
-            raise _SampleBad(f"json says class {meta['class']} with {meta['count']} instances, the key and index say "
-                             f"class {cid} with {expected[cid]}")
+            raise _SampleBad(
+                f"json says class {meta['class']} with {meta['count']} instances, the key and index say "
+                f"class {cid} with {expected[cid]}"
+            )
     except (ValueError, KeyError, TypeError) as e:
         raise _SampleBad(f"json field is malformed ({e})") from None
     c, h, w = index.shape

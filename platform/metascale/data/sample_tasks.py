@@ -51,9 +51,7 @@ class SampleTasks(Uint8Episodes):
             s = self.spec
             index = load_sample_index(s.url, s.splits, s.index)
             counts = {i: len(m) for i, m in enumerate(index.members)}
-            planner = EpisodePlanner(
-                index.planner_view(), self.split, counts, examples_needed(s), s.augment, self.seed
-            )
+            planner = EpisodePlanner(index.planner_view(), self.split, counts, examples_needed(s), s.augment, self.seed)
             self._state = (index, planner)
         return self._state
 
@@ -66,8 +64,13 @@ class SampleTasks(Uint8Episodes):
         if s.variable:
             from metascale.data.sampler import variable_uint8
 
-            return variable_uint8(planner, step, slots, s.sampler,
-                                  lambda cid, instances: self.read(np.array([[cid]]), instances[None, None])[0, 0])
+            return variable_uint8(
+                planner,
+                step,
+                slots,
+                s.sampler,
+                lambda cid, instances: self.read(np.array([[cid]]), instances[None, None])[0, 0],
+            )
         plans = [planner.plan(step, slot, s.ways, s.shots + s.queries) for slot in slots]
         cids = np.array([[p.class_id for p in plan] for plan in plans])[:, :, None]  # [T, ways, 1]
         return assemble(s, plans, lambda instances: self.read(cids, instances))

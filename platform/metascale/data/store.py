@@ -48,8 +48,12 @@ def load_store(index: ShardIndex, root: str, split: Split, on_bad: OnBad = "erro
         records = list(read_records(index, root, shard_stream(root, names, worker=0, workers=1), on_bad, stats))
         return ClassStore.from_records(records, index.shape, stats)
     ds = _ShardRecords(index, root, names, on_bad)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(names)),
-                                         multiprocessing_context="fork" if _can_fork() else None)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=min(workers, len(names)),
+        multiprocessing_context="fork" if _can_fork() else None,
+    )
     records = []
     try:
         for item in loader:

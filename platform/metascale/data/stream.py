@@ -55,8 +55,11 @@ class ShardCache:
             self.stores.popitem(last=False)
         name = self.index.shards[shard].name
         stats = ReadStats()
-        records = list(read_records(self.index, self.root, shard_stream(self.root, [name], worker=0, workers=1),
-                                    self.on_bad, stats))
+        records = list(
+            read_records(
+                self.index, self.root, shard_stream(self.root, [name], worker=0, workers=1), self.on_bad, stats
+            )
+        )
         self.stats.setdefault(shard, stats)
         self.decodes += 1
         self.stores[shard] = ClassStore.from_records(records, self.index.shape, stats)
@@ -76,8 +79,9 @@ class StreamTasks(Uint8Episodes):
     """The TaskSource of `source: shards|glyphs` with `stream` set: ShardTasks' batch, batch_uint8 and task, with
     memory bounded by the window. State loads on first use (the source pickles small, e.g. to Ray workers)."""
 
-    def __init__(self, spec: EpisodicData, stream: StreamSpec, split: Split, seed: int, root: str,
-                 on_bad: OnBad = "error"):
+    def __init__(
+        self, spec: EpisodicData, stream: StreamSpec, split: Split, seed: int, root: str, on_bad: OnBad = "error"
+    ):
         self.spec, self.stream, self.split, self.seed, self.root, self.on_bad = spec, stream, split, seed, root, on_bad
         self._state: tuple[ShardIndex, list[int], ShardCache] | None = None  # index, the split's shards, cache
         self._window: _Window | None = None
@@ -122,9 +126,11 @@ class StreamTasks(Uint8Episodes):
         poorest = sorted(shards, key=lambda s: (per_shard[s], s))[:size]
         if sum(per_shard[s] for s in poorest) < self.spec.ways:
             names = ", ".join(index.shards[s].name for s in poorest)
-            raise DataError(f"data.stream: a window of {size} shard(s) of split '{self.split}' can hold as few as "
-                            f"{sum(per_shard[s] for s in poorest)} usable classes ({names}), fewer than "
-                            f"ways={self.spec.ways}; raise data.stream.window_shards")
+            raise DataError(
+                f"data.stream: a window of {size} shard(s) of split '{self.split}' can hold as few as "
+                f"{sum(per_shard[s] for s in poorest)} usable classes ({names}), fewer than "
+                f"ways={self.spec.ways}; raise data.stream.window_shards"
+            )
         return shards
 
     def window(self, step: int) -> _Window:
@@ -138,13 +144,23 @@ class StreamTasks(Uint8Episodes):
         stores = [cache.get(s) for s in shards]
         where = {c: j for j, store in enumerate(stores) for c in store.offsets}
         counts = {c: n for store in stores for c, n in store.counts.items()}
-        planner = EpisodePlanner(index, self.split, counts, self.spec.shots + self.spec.queries,
-                                 self.spec.augment, self.seed, self.on_bad, classes=list(where))
+        planner = EpisodePlanner(
+            index,
+            self.split,
+            counts,
+            self.spec.shots + self.spec.queries,
+            self.spec.augment,
+            self.seed,
+            self.on_bad,
+            classes=list(where),
+        )
         if len(planner.virtual) < self.spec.ways:
             names = ", ".join(index.shards[s].name for s in shards)
-            raise DataError(f"data.stream: window {number} of split '{self.split}' (meta-steps from "
-                            f"{number * self.stream.window_steps}; shards {names}) has {len(planner.virtual)} usable "
-                            f"classes, fewer than ways={self.spec.ways} (on_bad_sample: skip left some out)")
+            raise DataError(
+                f"data.stream: window {number} of split '{self.split}' (meta-steps from "
+                f"{number * self.stream.window_steps}; shards {names}) has {len(planner.virtual)} usable "
+                f"classes, fewer than ways={self.spec.ways} (on_bad_sample: skip left some out)"
+            )
         self._window = _Window(number, shards, stores, where, planner)
         return self._window
 

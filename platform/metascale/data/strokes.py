@@ -28,8 +28,24 @@ class Glyph:
 
 
 # Fonts whose glyphs look like distinct scripts (the Latin look-alikes 'rowman*', 'times*', 'futuram' are left out).
-HERSHEY_ALPHABETS = ("futural", "scripts", "cursive", "gothiceng", "gothicger", "gothicita", "greek", "cyrillic",
-                     "japanese", "astrology", "meteorology", "music", "symbolic", "mathupp", "mathlow", "markers")
+HERSHEY_ALPHABETS = (
+    "futural",
+    "scripts",
+    "cursive",
+    "gothiceng",
+    "gothicger",
+    "gothicita",
+    "greek",
+    "cyrillic",
+    "japanese",
+    "astrology",
+    "meteorology",
+    "music",
+    "symbolic",
+    "mathupp",
+    "mathlow",
+    "markers",
+)
 MAX_KANJI_STROKES = 12  # denser kanji turn into blobs at 28x28
 _NUM = re.compile(r"[MmCcSsLlHhVvZz]|-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _RADICAL = re.compile(r'kvg:element="([^"]+)"(?:[^>]*?kvg:original="([^"]+)")?[^>]*kvg:radical="general"')
@@ -80,8 +96,9 @@ def kanjivg_glyphs(max_per_alphabet: int, max_total: int, max_strokes: int = MAX
         if paths and len(paths) <= max_strokes:
             groups.setdefault(alphabet, []).append((len(paths), code, paths))
     kana = [a for a in ("hiragana", "katakana") if a in groups]
-    radicals = sorted((a for a in groups if a.startswith("kanji-") and a != "kanji-other"),
-                      key=lambda a: (-len(groups[a]), a))
+    radicals = sorted(
+        (a for a in groups if a.startswith("kanji-") and a != "kanji-other"), key=lambda a: (-len(groups[a]), a)
+    )
     out: list[Glyph] = []
     for alphabet in kana + radicals:
         for _, code, paths in sorted(groups[alphabet])[:max_per_alphabet]:
@@ -121,7 +138,11 @@ def parse_path(d: str, per_curve: int = 6) -> Stroke:
             pts.append(tuple(cur))
             cmd = "l" if rel else "L"  # further pairs after M are line-tos
         elif c in "LHV":
-            cur = base + v if c == "L" else (np.array([base[0] + v[0], cur[1]]) if c == "H" else np.array([cur[0], base[1] + v[0]]))
+            cur = (
+                base + v
+                if c == "L"
+                else (np.array([base[0] + v[0], cur[1]]) if c == "H" else np.array([cur[0], base[1] + v[0]]))
+            )
             pts.append(tuple(cur))
         else:
             if c == "C":

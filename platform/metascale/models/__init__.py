@@ -16,8 +16,14 @@ from metascale.models.mlp import MLP
 from metascale.models.resnet12 import ResNet12
 from metascale.models.vit import ViT
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "conv4": Conv4, "resnet12": ResNet12, "vit": ViT, "custom": Custom,
-                                           "darts": DartsNet}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "conv4": Conv4,
+    "resnet12": ResNet12,
+    "vit": ViT,
+    "custom": Custom,
+    "darts": DartsNet,
+}
 
 
 def build_model(spec: ModelSpec, out_features: int) -> nn.Module:

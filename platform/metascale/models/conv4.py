@@ -22,7 +22,11 @@ class Conv4(nn.Module):
         blocks: list[nn.Module] = []
         channels, size = spec.in_channels, spec.image_size
         for _ in range(4):
-            blocks += [nn.Conv2d(channels, spec.hidden, 3, stride=stride, padding=1), TaskBatchNorm(spec.hidden), nn.ReLU()]
+            blocks += [
+                nn.Conv2d(channels, spec.hidden, 3, stride=stride, padding=1),
+                TaskBatchNorm(spec.hidden),
+                nn.ReLU(),
+            ]
             if self.pool:
                 blocks.append(nn.MaxPool2d(2))
             size = size // 2 if self.pool else (size + 1) // 2

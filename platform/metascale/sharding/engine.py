@@ -56,7 +56,9 @@ def ds_config(s: ShardingSpec, zero_extra: dict[str, Any] | None = None) -> dict
     }
 
 
-def build_engine(make_model: Any, s: ShardingSpec, make_optimizer: Any, zero_extra: dict[str, Any] | None = None) -> Any:
+def build_engine(
+    make_model: Any, s: ShardingSpec, make_optimizer: Any, zero_extra: dict[str, Any] | None = None
+) -> Any:
     """`make_model()` under `zero.Init` at stage 3 (each rank materialises only its partitions, never the whole
     model), then `deepspeed.initialize` with `make_optimizer(model)` as the client optimiser."""
     deepspeed = require("deepspeed")
@@ -159,8 +161,13 @@ def param_bytes(engine: Any, extra: list[Tensor] = ()) -> int:
     for p in engine.module.parameters():
         tensors.append(p.ds_tensor if is_partitioned(p) else p.data)
     opt = engine.optimizer
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp16_partitioned_groups_flat",
-                 "bit16_groups_flat", "fp32_groups_flat_partition"):
+    for attr in (
+        "fp32_partitioned_groups_flat",
+        "single_partition_of_fp32_groups",
+        "fp16_partitioned_groups_flat",
+        "bit16_groups_flat",
+        "fp32_groups_flat_partition",
+    ):
         tensors += [t for t in getattr(opt, attr, []) or [] if isinstance(t, Tensor)]
     inner = getattr(opt, "optimizer", opt)
     for state in getattr(inner, "state", {}).values():

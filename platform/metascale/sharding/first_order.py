@@ -25,7 +25,13 @@ from metascale.cluster.messages import NumpyParams
 from metascale.config import JobSpec
 from metascale.data.tasks import Task
 from metascale.sharding.engine import (
-    Params, build_engine, is_partitioned, local_grads, local_params, partition_of, set_local_params,
+    Params,
+    build_engine,
+    is_partitioned,
+    local_grads,
+    local_params,
+    partition_of,
+    set_local_params,
 )
 from metascale.sharding.lite import lite_outputs, lite_subset
 
@@ -126,8 +132,9 @@ class FirstOrderLearner:
         return direction, self._query_metrics(task, stats)
 
     # ------------------------------------------------------------------------------------ work items
-    def meta_gradient(self, tasks: list[Task], generators: list[torch.Generator | None],
-                      slots: list[int]) -> MetaGradient:
+    def meta_gradient(
+        self, tasks: list[Task], generators: list[torch.Generator | None], slots: list[int]
+    ) -> MetaGradient:
         """The summed direction of the finite tasks, in this rank's layout. A task's finiteness is all-reduced, so
         every rank leaves out the same tasks."""
         total = {k: torch.zeros_like(v) for k, v in self.meta.items()}

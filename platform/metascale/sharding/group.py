@@ -46,11 +46,11 @@ class RankGroup:
         self.generation += 1
         name = f"{actor_prefix(self.spec)}-group-{self.index}-g{self.generation}"  # a rebuild never reuses a name
         bundle = {"CPU": c.cpus_per_process, **({"GPU": c.gpus_per_process} if c.gpus_per_process else {})}
-        self.pg = placement_group([bundle] * self.ranks, strategy="PACK" if s.span_nodes else "STRICT_PACK",
-                                  name=name)
+        self.pg = placement_group([bundle] * self.ranks, strategy="PACK" if s.span_nodes else "STRICT_PACK", name=name)
         spec_json = self.spec.model_dump(mode="json")
         self.actors = [
-            self.ray.remote(Rank).options(
+            self.ray.remote(Rank)
+            .options(
                 num_cpus=c.cpus_per_process,
                 num_gpus=c.gpus_per_process,
                 max_restarts=0,  # a lone restarted rank cannot rejoin its group's collectives: the group is rebuilt
@@ -58,7 +58,8 @@ class RankGroup:
                 runtime_env={"env_vars": self.env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                 name=f"{name}-rank-{r}",  # findable by operators (and fault tests)
-            ).remote(spec_json, self.index, r, self.ranks)
+            )
+            .remote(spec_json, self.index, r, self.ranks)
             for r in range(self.ranks)
         ]
         described = [a.describe.remote() for a in self.actors]

@@ -154,8 +154,9 @@ class SecondOrderLearner:
 
     def _blank_objective(self, task: Task) -> Tensor:
         """Zero times the objective of `task` with zeroed inputs: the same graph, every gradient exactly zero."""
-        blank = dataclasses.replace(task, support_x=torch.zeros_like(task.support_x),
-                                    query_x=torch.zeros_like(task.query_x))
+        blank = dataclasses.replace(
+            task, support_x=torch.zeros_like(task.support_x), query_x=torch.zeros_like(task.query_x)
+        )
         with recomputed_blocks(self.spec):
             return self.alg.task_objective(self.params(), cast_task(blank, self.dtype)).objective.float() * 0.0
 
@@ -176,8 +177,13 @@ def recomputed_blocks(spec: JobSpec) -> contextlib.AbstractContextManager[None]:
     return checkpointed_blocks(spec.sharding.activation_checkpointing)
 
 
-def evaluate_dealt(alg: Any, params: contextlib.AbstractContextManager[dict[str, Tensor]], tasks: list[Task],
-                   steps: int | None, dtype: torch.dtype) -> list[dict[str, float]]:
+def evaluate_dealt(
+    alg: Any,
+    params: contextlib.AbstractContextManager[dict[str, Tensor]],
+    tasks: list[Task],
+    steps: int | None,
+    dtype: torch.dtype,
+) -> list[dict[str, float]]:
     """Every task's metrics after adaptation, in task order on every rank. The tasks are dealt to the ranks (rank r
     scores tasks r, r + world, ...) on the meta-parameters `params` gives (ZeRO-3: gathered whole for the scoring
     only, released before the all-gather of the scores)."""

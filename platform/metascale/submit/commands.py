@@ -31,15 +31,20 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate everything (server-side on k8s), create nothing."),
     image: Optional[str] = typer.Option(None, help="k8s: the container image (same as --set kubernetes.image=...)."),
     wandb_secret: Optional[str] = typer.Option(
-        None, help="k8s: Secret holding the W&B key under `api-key` (same as --set kubernetes.wandb_secret=...)."),
+        None, help="k8s: Secret holding the W&B key under `api-key` (same as --set kubernetes.wandb_secret=...)."
+    ),
     queue: Optional[str] = typer.Option(None, help="k8s: a Kueue LocalQueue; the RayJob waits there until admitted."),
     cluster: Optional[str] = typer.Option(
-        None, help="k8s: run on this existing RayCluster (e.g. the Helm chart's) instead of a new one."),
-    allow_pipe: bool = typer.Option(False, "--allow-pipe",
-                                    help="Send a spec whose data.url is a pipe: command (it runs on the cluster)."),
+        None, help="k8s: run on this existing RayCluster (e.g. the Helm chart's) instead of a new one."
+    ),
+    allow_pipe: bool = typer.Option(
+        False, "--allow-pipe", help="Send a spec whose data.url is a pipe: command (it runs on the cluster)."
+    ),
     allow_ephemeral: bool = typer.Option(
-        False, "--allow-ephemeral",
-        help="k8s: submit although checkpoints or offline W&B files would live only inside the job's pods."),
+        False,
+        "--allow-ephemeral",
+        help="k8s: submit although checkpoints or offline W&B files would live only inside the job's pods.",
+    ),
 ) -> None:
     """Validate a job spec, then send it to a Ray cluster or a KubeRay namespace; prints the job ID."""
     from metascale.submit.package import prepare
@@ -55,8 +60,10 @@ def submit(
         if value is not None and not _DNS_LABEL.match(value):
             raise TargetError(f"{flag} {value!r}: expected a Kubernetes name (lowercase letters, digits and '-')")
     if queue and cluster:
-        raise TargetError("--queue and --cluster exclude each other: Kueue admits RayJobs that bring up their own "
-                          "RayCluster (KubeRay cannot suspend a job on an existing one)")
+        raise TargetError(
+            "--queue and --cluster exclude each other: Kueue admits RayJobs that bring up their own "
+            "RayCluster (KubeRay cannot suspend a job on an existing one)"
+        )
     job = prepare(spec, overrides, allow_pipe=allow_pipe)  # validated before anything is sent
     if isinstance(target, K8sTarget):
         from metascale.submit.ephemeral import check_persistent

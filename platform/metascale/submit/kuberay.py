@@ -25,7 +25,15 @@ from metascale.submit import state
 from metascale.submit.backend import TERMINAL, JobInfo, http_timeout
 from metascale.submit.package import PreparedJob
 from metascale.submit.rayjob import (
-    CLUSTER_KEY, GROUP, JOB_NAME_ANNOTATION, MANAGED_BY, PLURAL, QUEUE_LABEL, VERSION, rayjob, spec_configmap,
+    CLUSTER_KEY,
+    GROUP,
+    JOB_NAME_ANNOTATION,
+    MANAGED_BY,
+    PLURAL,
+    QUEUE_LABEL,
+    VERSION,
+    rayjob,
+    spec_configmap,
 )
 from metascale.submit.targets import K8sTarget, check_job_id
 
@@ -63,8 +71,14 @@ class KubeRayJobs:
 
         with self._errors(job.job_id, creating=True):
             created = custom.create_namespaced_custom_object(
-                GROUP, VERSION, ns, PLURAL, rayjob(job, ns, self.queue, self.cluster),
-                field_validation="Strict", _request_timeout=http_timeout(), **opts,
+                GROUP,
+                VERSION,
+                ns,
+                PLURAL,
+                rayjob(job, ns, self.queue, self.cluster),
+                field_validation="Strict",
+                _request_timeout=http_timeout(),
+                **opts,
             )
         owner = None if dry_run else created["metadata"]["uid"]
         try:
@@ -87,8 +101,12 @@ class KubeRayJobs:
             record = state.cancelled(job_id)
             if record is None or not str(e).startswith("no RayJob"):
                 raise
-            return JobInfo(job_id, record["name"], "STOPPED",
-                           f"cancelled; the RayJob is gone, this is the local record: {record['message']}")
+            return JobInfo(
+                job_id,
+                record["name"],
+                "STOPPED",
+                f"cancelled; the RayJob is gone, this is the local record: {record['message']}",
+            )
 
     def _get(self, job_id: str) -> dict[str, Any]:
         custom, _ = self._client()
@@ -127,8 +145,12 @@ class KubeRayJobs:
         while True:
             with self._errors(job_id):
                 resp = core.read_namespaced_pod_log(
-                    pod, self.target.namespace, follow=True, _preload_content=False,
-                    _request_timeout=http_timeout(), **({} if since is None else {"since_seconds": since}),
+                    pod,
+                    self.target.namespace,
+                    follow=True,
+                    _preload_content=False,
+                    _request_timeout=http_timeout(),
+                    **({} if since is None else {"since_seconds": since}),
                 )
                 try:
                     for chunk in resp.stream(4096):
@@ -153,18 +175,24 @@ class KubeRayJobs:
         try:
             pod = self._submitter_pod(job_id, wait=False)
             with self._errors(job_id, kind="Pod"):
-                state.save_log(job_id, core.read_namespaced_pod_log(pod, self.target.namespace,
-                                                                    _request_timeout=http_timeout()))
+                state.save_log(
+                    job_id, core.read_namespaced_pod_log(pod, self.target.namespace, _request_timeout=http_timeout())
+                )
         except ClusterError:
             pass  # no submitter yet (queued, starting): no log to keep
         spec, labels = obj.get("spec") or {}, obj["metadata"].get("labels") or {}
         if spec.get("clusterSelector") or QUEUE_LABEL in labels:
-            why = (f"on RayCluster {spec['clusterSelector'].get(CLUSTER_KEY)}" if spec.get("clusterSelector")
-                   else f"queued in Kueue LocalQueue {labels[QUEUE_LABEL]}")
+            why = (
+                f"on RayCluster {spec['clusterSelector'].get(CLUSTER_KEY)}"
+                if spec.get("clusterSelector")
+                else f"queued in Kueue LocalQueue {labels[QUEUE_LABEL]}"
+            )
             state.mark_cancelled(job_id, self.target.url, info.name, f"was {info.status} ({info.message}); {why}")
             self._delete(job_id)
-            return f"stopped {job_id}: deleted its RayJob ({why}: it cannot be suspended); status and logs keep " \
-                   f"a local record"
+            return (
+                f"stopped {job_id}: deleted its RayJob ({why}: it cannot be suspended); status and logs keep "
+                f"a local record"
+            )
         custom, _ = self._client()
         patch = {"metadata": {"annotations": {CANCELLED: "true"}}, "spec": {"suspend": True}}
         with self._errors(job_id):
@@ -189,8 +217,13 @@ class KubeRayJobs:
         try:
             with self._errors(job_id):
                 custom.delete_namespaced_custom_object(
-                    GROUP, VERSION, self.target.namespace, PLURAL, job_id,
-                    propagation_policy="Background", _request_timeout=http_timeout(),
+                    GROUP,
+                    VERSION,
+                    self.target.namespace,
+                    PLURAL,
+                    job_id,
+                    propagation_policy="Background",
+                    _request_timeout=http_timeout(),
                 )
         except ClusterError:
             if not missing_ok:
@@ -224,8 +257,9 @@ class KubeRayJobs:
             raise ClusterError(_api_message(e.status, _status_message(e.body), kind, name, ns, creating)) from None
         except Urllib3Error as e:
             if isinstance(e, ReadTimeoutError) or isinstance(getattr(e, "reason", None), ReadTimeoutError):
-                raise ClusterError(f"the Kubernetes API server for {url} did not answer within "
-                                   f"{http_timeout()[1]:g} s") from None
+                raise ClusterError(
+                    f"the Kubernetes API server for {url} did not answer within {http_timeout()[1]:g} s"
+                ) from None
             raise ClusterError(f"cannot reach the Kubernetes API server for {url} ({type(e).__name__})") from None
 
 

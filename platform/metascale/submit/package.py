@@ -47,8 +47,10 @@ def prepare(spec_path: str | Path, overrides: list[str] = (), allow_pipe: bool =
     """Validates the spec and makes it cluster-ready: 'local' Ray becomes 'auto' (join the cluster it runs on)."""
     spec = load_spec(spec_path, list(overrides))
     if isinstance(spec.data, ShardsData) and spec.data.url.startswith("pipe:") and not allow_pipe:
-        raise OptInError(f"{spec_path}: data.url is a pipe: command, which every worker of the cluster would run; "
-                         f"pass --allow-pipe to submit it anyway")
+        raise OptInError(
+            f"{spec_path}: data.url is a pipe: command, which every worker of the cluster would run; "
+            f"pass --allow-pipe to submit it anyway"
+        )
     if spec.cluster.address == "local":
         spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"address": "auto"})})
     text = dump_spec(spec)

@@ -149,8 +149,10 @@ class RayJobs:
         try:
             yield
         except requests.ReadTimeout:
-            raise ClusterError(f"{where} did not answer within {http_timeout()[1]:g} s (is --to its "
-                               "dashboard port, and is the head overloaded?)") from None
+            raise ClusterError(
+                f"{where} did not answer within {http_timeout()[1]:g} s (is --to its "
+                "dashboard port, and is the head overloaded?)"
+            ) from None
         except (ConnectionError, requests.ConnectionError, requests.Timeout):
             raise ClusterError(f"cannot reach {where} (is the head running and its dashboard port open?)") from None
         except aiohttp.ClientError as e:

@@ -19,8 +19,6 @@ _JOB_ID = re.compile(r"^[a-z]([-a-z0-9]{0,45}[a-z0-9])?$")
 MAX_JOB_ID = 47
 
 
-
-
 class TargetError(MetascaleError):
     """A `--to` URL or job ID that cannot be right, rejected before any request is sent."""
 
