@@ -127,7 +127,7 @@ def test_meta_gradient_through_chunked_query_equals_plain(float64, name):
                 "data": {"source": "synthetic"},
                 "sharding": {"engine": "deepspeed", "ranks": 2},
             },
-            "algorithm.inner.checkpoint/query_chunk/autocast are the un-sharded knobs",
+            "sharded 'fomaml' splits each task's examples over the ranks instead: drop query_chunk",
         ),
     ],
 )
