@@ -53,7 +53,31 @@ def render_style(style: str, glyphs: list[Glyph], per_class: int, size: int, see
     return np.stack(out).astype(np.float32) / 255.0
 
 
-class DomainTasks:
+class DomainEpisodes:
+    """The MLDG task draw shared by domain sources: a subclass sets `spec` (batch, meta_test_domains, eval_batch),
+    `split`, `seed`, `sources` (the keys of `train`), `train` (a source's training examples, (x, y)) and
+    `eval_x`/`eval_y` (the held-out examples a val or test task's query slices)."""
+
+    def task(self, step: int, slot: int) -> Task:
+        s = self.spec
+        rng = episode_rng(self.seed, self.split, step, slot)
+        order = [self.sources[i] for i in rng.permutation(len(self.sources))]
+        meta_test, meta_train = order[: s.meta_test_domains], order[s.meta_test_domains :]
+        sx, sy = self._draw(rng, meta_train)
+        if self.split != "train":
+            rows = (slot * s.eval_batch + np.arange(s.eval_batch)) % len(self.eval_y)
+            return _task(sx, sy, self.eval_x[rows], self.eval_y[rows])
+        return _task(sx, sy, *self._draw(rng, meta_test))
+
+    def _draw(self, rng: np.random.Generator, domains: list) -> tuple[np.ndarray, np.ndarray]:
+        picks = [(self.train[d], rng.choice(len(self.train[d][1]), self.spec.batch, replace=False)) for d in domains]
+        return np.concatenate([x[i] for (x, _), i in picks]), np.concatenate([y[i] for (_, y), i in picks])
+
+    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
+        return TaskBatch.stack([self.task(step, slot) for slot in slots])
+
+
+class DomainTasks(DomainEpisodes):
     def __init__(self, spec: DomainsData, split: Split, seed: int):
         self.spec, self.split, self.seed = spec, split, seed
         self.sources = [d for d in spec.domains if d != spec.target]
@@ -69,24 +93,6 @@ class DomainTasks:
         y = np.concatenate([labels(held)] * len(held_out))
         order = np.random.default_rng(np.random.SeedSequence([seed, 0x444D])).permutation(len(y))  # mixed slices
         self.eval_x, self.eval_y = x[order], y[order]
-
-    def task(self, step: int, slot: int) -> Task:
-        s = self.spec
-        rng = episode_rng(self.seed, self.split, step, slot)
-        order = [self.sources[i] for i in rng.permutation(len(self.sources))]
-        meta_test, meta_train = order[: s.meta_test_domains], order[s.meta_test_domains :]
-        sx, sy = self._draw(rng, meta_train)
-        if self.split != "train":
-            rows = (slot * s.eval_batch + np.arange(s.eval_batch)) % len(self.eval_y)
-            return _task(sx, sy, self.eval_x[rows], self.eval_y[rows])
-        return _task(sx, sy, *self._draw(rng, meta_test))
-
-    def _draw(self, rng: np.random.Generator, domains: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        picks = [(self.train[d], rng.choice(len(self.train[d][1]), self.spec.batch, replace=False)) for d in domains]
-        return np.concatenate([x[i] for (x, _), i in picks]), np.concatenate([y[i] for (_, y), i in picks])
-
-    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
-        return TaskBatch.stack([self.task(step, slot) for slot in slots])
 
 
 def _task(sx: np.ndarray, sy: np.ndarray, qx: np.ndarray, qy: np.ndarray) -> Task:

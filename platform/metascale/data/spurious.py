@@ -18,13 +18,11 @@ slice of the sources' held-out examples (model selection without the target). Ev
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
-import torch
 
 from metascale.config import SpuriousData
-from metascale.data.tasks import Split, Task, TaskBatch, episode_rng
+from metascale.data.domains import DomainEpisodes
+from metascale.data.tasks import Split
 
 _TAG = 0x5350  # keys this source's generators apart from other sources' under the same seed
 
@@ -39,10 +37,11 @@ def draw_domain(spec: SpuriousData, a: float, n: int, rng: np.random.Generator) 
     return x.astype(np.float32), y
 
 
-class SpuriousTasks:
+class SpuriousTasks(DomainEpisodes):
     def __init__(self, spec: SpuriousData, split: Split, seed: int):
         self.spec, self.split, self.seed = spec, split, seed
         n, held = spec.per_domain, spec.test_per_domain
+        self.sources = list(range(len(spec.domains)))  # train's indices
         self.train, val = [], []
         for i, a in enumerate(spec.domains):  # source i: its training examples, then its held-out ones
             x, y = draw_domain(spec, a, n + held, np.random.default_rng(np.random.SeedSequence([seed, _TAG, 0, i])))
@@ -57,26 +56,3 @@ class SpuriousTasks:
         x, y = np.concatenate([x for x, _ in held_out]), np.concatenate([y for _, y in held_out])
         order = np.random.default_rng(np.random.SeedSequence([seed, _TAG, 2])).permutation(len(y))  # mixed slices
         self.eval_x, self.eval_y = x[order], y[order]
-
-    def task(self, step: int, slot: int) -> Task:
-        s = self.spec
-        rng = episode_rng(self.seed, self.split, step, slot)
-        order = rng.permutation(len(self.train))
-        meta_test, meta_train = order[: s.meta_test_domains], order[s.meta_test_domains :]
-        sx, sy = self._draw(rng, meta_train)
-        if self.split != "train":
-            rows = (slot * s.eval_batch + np.arange(s.eval_batch)) % len(self.eval_y)
-            return _task(sx, sy, self.eval_x[rows], self.eval_y[rows])
-        return _task(sx, sy, *self._draw(rng, meta_test))
-
-    def _draw(self, rng: np.random.Generator, domains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        picks = [(self.train[d], rng.choice(self.spec.per_domain, self.spec.batch, replace=False)) for d in domains]
-        return np.concatenate([x[i] for (x, _), i in picks]), np.concatenate([y[i] for (_, y), i in picks])
-
-    def batch(self, step: int, slots: Sequence[int]) -> TaskBatch:
-        return TaskBatch.stack([self.task(step, slot) for slot in slots])
-
-
-def _task(sx: np.ndarray, sy: np.ndarray, qx: np.ndarray, qy: np.ndarray) -> Task:
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return Task(t(sx), t(sy).long(), t(qx), t(qy).long())
