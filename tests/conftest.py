@@ -137,6 +137,69 @@ def final_params():
     return _final_params
 
 
+def _same_final_params(reference_spec, spec) -> None:
+    reference, got = _final_params(reference_spec), _final_params(spec)
+    assert reference.keys() == got.keys()
+    for k in reference:
+        assert torch.equal(reference[k], got[k]), k
+
+
+@pytest.fixture
+def same_final_params():
+    """Asserts that two finished runs' last checkpoints hold the same meta-parameters, bit for bit:
+    same_final_params(reference_spec, spec)."""
+    return _same_final_params
+
+
+@pytest.fixture
+def ends_fault_free():
+    """The fault drills' verdict on a run that lost a worker: ends_fault_free(out, faulty_spec, clean_spec,
+    fired=None) asserts that the fault fired (`fired`: the drill's marker file), that the run finished and counted
+    the loss, and that it ended with the fault-free run's meta-parameters, bit for bit."""
+
+    def check(out, faulty, clean, fired=None) -> None:
+        assert fired is None or fired.exists(), "the fault never fired"
+        assert out["status"] == "finished" and out["worker_failures"] >= 1, out
+        _same_final_params(clean, faulty)
+
+    return check
+
+
+class LinearPolicy:
+    """MAML-RL with a linear Gaussian policy a = W s + b + exp(log_std) eps on 2-D navigation, float64, at fixed
+    meta-parameters `theta`: small enough for a test to write its log-probs and rollouts out by hand."""
+
+    def __init__(self):
+        from metascale.algorithms.maml_rl import LOG_STD
+
+        self.theta = {
+            "head.weight": torch.tensor([[-0.5, 0.3], [0.2, -0.4]], dtype=torch.float64),
+            "head.bias": torch.tensor([0.1, -0.05], dtype=torch.float64),
+            LOG_STD: torch.tensor([-0.7, -0.7], dtype=torch.float64),
+        }
+
+    def algorithm(self, data, lr: float, **maml_rl):
+        """The maml_rl algorithm over this policy: one inner step of `lr`, `maml_rl` its MAMLRLSpec fields."""
+        from metascale.algorithms import build_algorithm
+        from metascale.config import AlgorithmSpec, InnerLoopSpec, MAMLRLSpec, MLPSpec
+        from metascale.models import build_model
+
+        model = build_model(MLPSpec(in_features=2, hidden=[]), 2).double()
+        spec = AlgorithmSpec(name="maml_rl", inner=InnerLoopSpec(lr=lr, steps=1), maml_rl=MAMLRLSpec(**maml_rl))
+        alg = build_algorithm(spec, model, data)
+        assert set(alg.init(dict(model.named_parameters()))) == set(self.theta)
+        return alg
+
+    def flat(self, grads: dict) -> torch.Tensor:
+        """A gradient over `theta`'s names as one vector, in `theta`'s order."""
+        return torch.cat([grads[k].reshape(-1) for k in self.theta])
+
+
+@pytest.fixture
+def linear_policy() -> LinearPolicy:
+    return LinearPolicy()
+
+
 RAY_HEAD_PORTS = (
     "port",
     "dashboard-port",

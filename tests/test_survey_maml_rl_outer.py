@@ -9,48 +9,29 @@ import math
 import pytest
 import torch
 
-from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
-from metascale.algorithms.maml_rl import LOG_STD, clipped_surrogate, generator, rollout
-from metascale.config import AlgorithmSpec, InnerLoopSpec, MAMLRLSpec, MLPSpec, NavigationData, parse_spec
+from metascale.algorithms.maml_rl import clipped_surrogate, generator, rollout
+from metascale.config import NavigationData, parse_spec
 from metascale.data.navigation import NavigationTasks
 from metascale.data.tasks import Task, TaskBatch
 from metascale.errors import SpecError
-from metascale.models import build_model
 
 GOAL = torch.tensor([0.6, -0.4], dtype=torch.float64)
-# A linear Gaussian policy a = W s + b + exp(log_std) eps, so that the pathwise estimate can write it out.
-THETA = {
-    "head.weight": torch.tensor([[-0.5, 0.3], [0.2, -0.4]], dtype=torch.float64),
-    "head.bias": torch.tensor([0.1, -0.05], dtype=torch.float64),
-    LOG_STD: torch.tensor([-0.7, -0.7], dtype=torch.float64),
-}
 
 
-def _linear(data: NavigationData, lr: float, **rl):
-    model = build_model(MLPSpec(in_features=2, hidden=[]), 2).double()
-    spec = AlgorithmSpec(name="maml_rl", inner=InnerLoopSpec(lr=lr, steps=1), maml_rl=MAMLRLSpec(**rl))
-    alg = build_algorithm(spec, model, data)
-    assert set(alg.init(dict(model.named_parameters()))) == set(THETA)
-    return alg
-
-
-def _flat(grads: dict) -> torch.Tensor:
-    return torch.cat([grads[k].reshape(-1) for k in THETA])
-
-
-def test_the_ppo_outer_objective_has_the_plain_policy_gradient_at_the_sampling_policy():
+def test_the_ppo_outer_objective_has_the_plain_policy_gradient_at_the_sampling_policy(linear_policy):
     """One meta-gradient per step, at the parameters that sampled the post-adaptation rollouts: every ratio is 1, so
     the clipped surrogate's meta-gradient (second order, through the inner step, with the linear baseline) is the
     REINFORCE surrogate's, on the same rollouts."""
     data = NavigationData(horizon=6, rollouts=5)
     tasks = NavigationTasks(data, "train", 2).batch(0, range(3))
     tasks = TaskBatch(tasks.support_x.double(), tasks.support_y, tasks.query_x.double(), tasks.query_y)
-    pg = meta_gradient(_linear(data, 0.5), THETA, tasks)
-    ppo = meta_gradient(_linear(data, 0.5, outer_objective="ppo", clip=0.1), THETA, tasks)
+    policy, theta = linear_policy, linear_policy.theta
+    pg = meta_gradient(policy.algorithm(data, 0.5), theta, tasks)
+    ppo = meta_gradient(policy.algorithm(data, 0.5, outer_objective="ppo", clip=0.1), theta, tasks)
     assert pg.metrics == ppo.metrics
-    torch.testing.assert_close(_flat(ppo.grads), _flat(pg.grads), rtol=1e-9, atol=1e-12)
-    assert float(_flat(pg.grads).abs().max()) > 1e-2
+    torch.testing.assert_close(policy.flat(ppo.grads), policy.flat(pg.grads), rtol=1e-9, atol=1e-12)
+    assert float(policy.flat(pg.grads).abs().max()) > 1e-2
 
 
 def test_clipping_zeroes_the_gradient_of_samples_whose_ratio_left_the_range_in_the_advantage_direction():
@@ -74,13 +55,13 @@ def test_bad_outer_objective_settings_are_refused(maml_rl, reason):
         parse_spec({"algorithm": {"name": "maml_rl", "maml_rl": maml_rl}})
 
 
-def _pathwise(data: NavigationData, lr: float, n: int, gen: torch.Generator, inner_path: bool):
-    """(d/dtheta of the mean of R(post-adaptation rollouts) / horizon over n draws, that mean), every action
+def _pathwise(theta0: dict, data: NavigationData, lr: float, n: int, gen: torch.Generator, inner_path: bool):
+    """(d/dtheta at `theta0` of the mean of R(post-adaptation rollouts) / horizon over n draws, that mean), every action
     reparameterised as W s + b + exp(log_std) eps, through the clipped dynamics. theta' = theta + lr * g with g the
     REINFORCE surrogate's gradient in the policy's own argument (the copies `Wp, bp, sp`) at data sampled from theta
     (K rollouts); `inner_path=False` holds that data fixed, dropping its dependence on theta."""
     k, h, c = data.rollouts, data.horizon, data.action_clip
-    theta = {key: v.clone().requires_grad_(True) for key, v in THETA.items()}
+    theta = {key: v.clone().requires_grad_(True) for key, v in theta0.items()}
     w, b, s = theta.values()
     pos, obs, acts, rews = torch.zeros(n, k, 2, dtype=torch.float64), [], [], []
     eps = torch.randn(n, k, h, 2, generator=gen, dtype=torch.float64)
@@ -108,9 +89,9 @@ def _pathwise(data: NavigationData, lr: float, n: int, gen: torch.Generator, inn
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(theta.values()))]), float(value.detach())
 
 
-def _pre_update_score(data: NavigationData, task: Task) -> torch.Tensor:
+def _pre_update_score(theta: dict, data: NavigationData, task: Task) -> torch.Tensor:
     """grad_theta log p_theta(the task's pre-update rollouts), written out for the linear Gaussian policy: zero mean."""
-    w, b, s = THETA.values()
+    w, b, s = theta.values()
     ro = rollout(lambda x: x @ w.T + b, s, GOAL, data, generator(task.support_y[0], 0))
     e = (ro.actions - ro.obs @ w.T - b) / s.exp()
     grad_w = torch.einsum("khi,khj->ij", e / s.exp(), ro.obs)
@@ -121,7 +102,7 @@ def _mean_se(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0) / math.sqrt(len(x))
 
 
-def test_the_full_meta_gradient_matches_an_independent_pathwise_estimate(float64):
+def test_the_full_meta_gradient_matches_an_independent_pathwise_estimate(float64, linear_policy):
     """J(theta) = E_{inner rollouts ~ pi_theta}[E_{rollouts ~ pi_theta'}[R / horizon]], theta' one sampled REINFORCE
     step (horizon 2, 8 rollouts, gamma 1, no baseline, linear policy). The platform estimates dJ/dtheta by the score
     function (outer surrogate through the inner step, plus `pre_score`'s E-MAML term); `_pathwise` differentiates the
@@ -132,17 +113,19 @@ def test_the_full_meta_gradient_matches_an_independent_pathwise_estimate(float64
     the full gradient's alone has less power, z = 3.9)."""
     data, lr = NavigationData(horizon=2, rollouts=8, gamma=1.0, action_clip=0.5), 1.0
     gen = torch.Generator().manual_seed(1)
-    full = [_pathwise(data, lr, 1000, gen, True) for _ in range(8)]
-    fixed = torch.stack([_pathwise(data, lr, 1000, gen, False)[0] for _ in range(8)])
+    policy, theta = linear_policy, linear_policy.theta
+    full = [_pathwise(theta, data, lr, 1000, gen, True) for _ in range(8)]
+    fixed = torch.stack([_pathwise(theta, data, lr, 1000, gen, False)[0] for _ in range(8)])
     c = sum(v for _, v in full) / len(full)
     pw_full, pw_fixed = _mean_se(torch.stack([g for g, _ in full])), _mean_se(fixed)
-    plain, emaml = _linear(data, lr, baseline="none"), _linear(data, lr, baseline="none", pre_score=True)
+    plain = policy.algorithm(data, lr, baseline="none")
+    emaml = policy.algorithm(data, lr, baseline="none", pre_score=True)
     g0, g1, score = [], [], []
     for i in range(400):
         task = Task(GOAL[None], torch.tensor([2 * i + 1]), GOAL[None], torch.tensor([2 * i + 2]))
-        g0.append(-_flat(meta_gradient(plain, THETA, TaskBatch.stack([task])).grads))
-        g1.append(-_flat(meta_gradient(emaml, THETA, TaskBatch.stack([task])).grads))
-        score.append(_pre_update_score(data, task))
+        g0.append(-policy.flat(meta_gradient(plain, theta, TaskBatch.stack([task])).grads))
+        g1.append(-policy.flat(meta_gradient(emaml, theta, TaskBatch.stack([task])).grads))
+        score.append(_pre_update_score(theta, data, task))
     g0, g1, score = torch.stack(g0), torch.stack(g1), torch.stack(score)
 
     def z(estimates, reference):

@@ -12,7 +12,7 @@ import torch
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
-from metascale.algorithms.maml_rl import LOG_STD, generator, rollout
+from metascale.algorithms.maml_rl import generator, rollout
 from metascale.cluster.coordinator import Coordinator
 from metascale.cluster.estimators import pick
 from metascale.cluster.pool import InlinePool
@@ -23,29 +23,13 @@ from metascale.errors import SpecError
 from metascale.models import build_model
 from metascale.train import train
 
-THETA_OLD = {  # a linear Gaussian policy a = W s + b + exp(log_std) eps, written out by the reference below
-    "head.weight": torch.tensor([[-0.5, 0.3], [0.2, -0.4]], dtype=torch.float64),
-    "head.bias": torch.tensor([0.1, -0.05], dtype=torch.float64),
-    LOG_STD: torch.tensor([-0.7, -0.7], dtype=torch.float64),
-}
-
-
-def _linear(data: NavigationData, lr: float, **rl):
-    model = build_model(MLPSpec(in_features=2, hidden=[]), 2).double()
-    spec = AlgorithmSpec(name="maml_rl", inner=InnerLoopSpec(lr=lr, steps=1), maml_rl=MAMLRLSpec(**rl))
-    return build_algorithm(spec, model, data)
-
 
 def _tasks(data: NavigationData, n: int = 3) -> TaskBatch:
     t = NavigationTasks(data, "train", 2).batch(0, range(n))
     return TaskBatch(t.support_x.double(), t.support_y, t.query_x.double(), t.query_y)
 
 
-def _flat(grads: dict) -> torch.Tensor:
-    return torch.cat([grads[k].reshape(-1) for k in THETA_OLD])
-
-
-def _reference(theta: dict, data: NavigationData, tasks: TaskBatch, lr: float, eps: float):
+def _reference(theta_old: dict, theta: dict, data: NavigationData, tasks: TaskBatch, lr: float, eps: float):
     """Sum over tasks of d/dtheta of -mean min(r A, clip(r, 1-eps, 1+eps) A), r = pi_theta'(a|s) / pi_old'(a|s) on
     the post-update rollouts of old' (theta_old after one REINFORCE step on its pre-update rollouts), theta' = theta
     after the plain REINFORCE step on the same pre-update rollouts; gamma 1, no baseline (A = return-to-go). Also the
@@ -64,7 +48,7 @@ def _reference(theta: dict, data: NavigationData, tasks: TaskBatch, lr: float, e
     total, clipped, count = torch.zeros(8, dtype=torch.float64), 0, 0
     for task in tasks.tasks():
         goal = task.support_x[0]
-        w0, b0, s0 = (v.clone().requires_grad_(True) for v in THETA_OLD.values())
+        w0, b0, s0 = (v.clone().requires_grad_(True) for v in theta_old.values())
         pre = rollout(lambda x: x @ w0.T + b0, s0, goal, data, generator(task.support_y[0], 0))
         w1, b1, s1 = (x.detach() for x in adapt([w0, b0, s0], pre, False))
         post = rollout(lambda x: x @ w1.T + b1, s1, goal, data, generator(task.query_y[0], 0))
@@ -98,22 +82,23 @@ def test_a_later_epoch_at_theta_old_regenerates_the_first_epochs_rollouts_bit_fo
         assert torch.equal(later.grads[k], first.grads[k]), k
 
 
-def test_a_later_epochs_meta_gradient_matches_a_plain_torch_reimplementation(float64):
+def test_a_later_epochs_meta_gradient_matches_a_plain_torch_reimplementation(float64, linear_policy):
     """At theta != theta_old, where some ratios have left [1 - eps, 1 + eps], the platform's epoch gradient (summed
     over 3 tasks) equals the reference's to 1e-10."""
     data, lr, eps = NavigationData(horizon=4, rollouts=6, gamma=1.0), 0.5, 0.2
-    alg = _linear(data, lr, baseline="none", outer_objective="ppo", clip=eps, epochs=2)
+    policy, theta_old = linear_policy, linear_policy.theta
+    alg = policy.algorithm(data, lr, baseline="none", outer_objective="ppo", clip=eps, epochs=2)
     gen = torch.Generator().manual_seed(0)
-    theta = {k: v + 0.02 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in THETA_OLD.items()}
+    theta = {k: v + 0.02 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in theta_old.items()}
     tasks = _tasks(data)
-    expected, fraction = _reference(theta, data, tasks, lr, eps)
+    expected, fraction = _reference(theta_old, theta, data, tasks, lr, eps)
     assert 0.2 < fraction < 0.8, fraction  # clipping acts on some samples, not all (measured: 0.35)
-    with alg.sampled_by(THETA_OLD):
+    with alg.sampled_by(theta_old):
         got = meta_gradient(alg, theta, tasks)
     assert got.metrics["clip_fraction"] / got.tasks == pytest.approx(fraction, abs=1e-12)  # metrics are sums
-    torch.testing.assert_close(_flat(got.grads), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(policy.flat(got.grads), expected, rtol=1e-10, atol=1e-12)
     without = meta_gradient(alg, theta, tasks)  # the same theta sampling its own rollouts: another gradient
-    assert float((_flat(without.grads) - expected).abs().max()) > 1e-3
+    assert float((policy.flat(without.grads) - expected).abs().max()) > 1e-3
 
 
 def _nav(tmp_path, epochs: int, clip: float = 0.2, steps: int = 2, cluster=None, lr: float = 0.05):
@@ -188,7 +173,7 @@ def test_a_failed_epoch_restores_the_step_start(tmp_path, monkeypatch):
     assert coord.optimizer.state_dict()["state"] == opt_start["state"] == {}
 
 
-def test_a_resumed_epoch_run_ends_where_an_uninterrupted_one_ends(tmp_path, final_params):
+def test_a_resumed_epoch_run_ends_where_an_uninterrupted_one_ends(tmp_path, same_final_params):
     """Steps are whole (E optimiser steps each), so stopping after step 2 and resuming to step 3 gives the bits of
     three steps in one run: the optimiser state in the checkpoint carries the epochs' moments and counts."""
     straight = _nav(tmp_path / "straight", 3, steps=3)
@@ -196,25 +181,27 @@ def test_a_resumed_epoch_run_ends_where_an_uninterrupted_one_ends(tmp_path, fina
     train(_nav(tmp_path / "resumed", 3, steps=2))
     resumed = _nav(tmp_path / "resumed", 3, steps=3)
     train(resumed, resume=True)
-    reference, got = final_params(straight), final_params(resumed)
-    for k in reference:
-        assert torch.equal(reference[k], got[k]), k
+    same_final_params(straight, resumed)
 
 
-def test_a_worker_lost_during_an_epoch_step_ends_bit_identical(local_ray, tmp_path, final_params, drill):
+RAY_WORKERS = {"address": "local", "workers": 2, "timeout": {"min_s": 2.0, "factor": 5.0}}
+
+
+@pytest.fixture(scope="module")
+def clean_epochs(local_ray, tmp_path_factory):
+    """A fault-free run of 3 steps of 3 epochs on 2 Ray workers, coordinator aggregation: the reference of the runs
+    below (trained once for the module)."""
+    spec = _nav(tmp_path_factory.mktemp("clean"), 3, steps=3, cluster=RAY_WORKERS)
+    train(spec)
+    return spec
+
+
+def test_a_worker_lost_during_an_epoch_step_ends_bit_identical(clean_epochs, tmp_path, drill, ends_fault_free):
     """Worker 1 exits as it starts meta-step 1 (3 epochs, 2 Ray workers); its slots are recomputed, the later
     rounds run on the rebuilt worker, which regenerates the rollouts from theta_old: the same final parameters."""
-    cluster = {"address": "local", "workers": 2, "timeout": {"min_s": 2.0, "factor": 5.0}}
-    clean = _nav(tmp_path / "clean", 3, steps=3, cluster=cluster)
-    train(clean)
     fired = drill("exit:1:1")
-    faulty = _nav(tmp_path / "faulty", 3, steps=3, cluster=cluster)
-    out = train(faulty)
-    assert fired.exists(), "the fault never fired"
-    assert out["status"] == "finished" and out["worker_failures"] >= 1, out
-    reference, got = final_params(clean), final_params(faulty)
-    for k in reference:
-        assert torch.equal(reference[k], got[k]), k
+    faulty = _nav(tmp_path, 3, steps=3, cluster=RAY_WORKERS)
+    ends_fault_free(train(faulty), faulty, clean_epochs, fired)
 
 
 @pytest.mark.parametrize(
