@@ -1,21 +1,25 @@
 """MAML-RL's PPO epochs (`algorithm.maml_rl.epochs`): each later round of a meta-step regenerates the step's rollouts
 from theta_old, re-adapts the current meta-parameters on them and scores the clipped outer surrogate against the
 log-probs of theta_old's adapted policy; checked against a plain-torch re-implementation, for clipping, for exact
-regeneration (also after a lost worker) and for the step's atomicity."""
+regeneration (also after a worker lost in the first epoch or a later one, and under all-reduce aggregation) and for
+the step's atomicity."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
+import ray
 import torch
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
 from metascale.algorithms.maml_rl import generator, rollout
+from metascale.cluster.allreduce import AllReduce
 from metascale.cluster.coordinator import Coordinator
 from metascale.cluster.estimators import pick
-from metascale.cluster.pool import InlinePool
+from metascale.cluster.pool import InlinePool, RemoteReplica
 from metascale.config import AlgorithmSpec, InnerLoopSpec, MAMLRLSpec, MLPSpec, NavigationData, parse_spec
 from metascale.data.navigation import NavigationTasks
 from metascale.data.tasks import TaskBatch
@@ -202,6 +206,54 @@ def test_a_worker_lost_during_an_epoch_step_ends_bit_identical(clean_epochs, tmp
     fired = drill("exit:1:1")
     faulty = _nav(tmp_path, 3, steps=3, cluster=RAY_WORKERS)
     ends_fault_free(train(faulty), faulty, clean_epochs, fired)
+
+
+def test_a_worker_lost_in_a_later_epoch_ends_bit_identical(clean_epochs, tmp_path, monkeypatch, ends_fault_free):
+    """Worker 1 is killed (ray.kill) as meta-step 1's second epoch is sent to it, after the coordinator took the
+    step's first update: its slots are recomputed on worker 0, which regenerates the step's rollouts from theta_old's
+    reference in the item, and the run ends with the fault-free parameters. (A recomputation that sampled with the
+    current parameters instead, e.g. a retry without `sampled_by`, ends elsewhere: checked by breaking the pool.)"""
+    sent, killed = [], []
+    submit = RemoteReplica.submit
+
+    def submit_then_kill(self, item, params):
+        refs = submit(self, item, params)
+        if self.index == 1 and item.step == 1:
+            sent.append(item.sampled_by is not None)
+            if sent == [False, True]:  # epoch 1's item, then epoch 2's: this one is lost
+                ray.kill(self.actor, no_restart=False)
+                killed.append(len(sent))
+        return refs
+
+    monkeypatch.setattr(RemoteReplica, "submit", submit_then_kill)
+    faulty = _nav(tmp_path, 3, steps=3, cluster=RAY_WORKERS)
+    out = train(faulty)
+    assert killed == [2], (killed, sent)
+    ends_fault_free(out, faulty, clean_epochs)
+
+
+def test_allreduce_aggregation_of_epochs_ends_where_the_coordinators_ends(
+    clean_epochs, tmp_path, monkeypatch, caplog, same_final_params
+):
+    """`cluster.aggregation: allreduce` with 3 epochs: every round of every step, the later ones with theta_old's
+    reference in their items, is summed by the workers' gloo group (no fallback); with 2 workers that sum is the
+    coordinator's bit for bit (a + b == b + a), so the run ends with the coordinator run's parameters."""
+    caplog.set_level(logging.INFO, logger="metascale.cluster.allreduce")
+    rounds = []
+    step = AllReduce.step
+
+    def counted(self, pool, items, params):
+        rounds.append((items[0].step, len(items), items[0].sampled_by is not None))
+        return step(self, pool, items, params)
+
+    monkeypatch.setattr(AllReduce, "step", counted)
+    spec = _nav(tmp_path, 3, steps=3, cluster={**RAY_WORKERS, "aggregation": "allreduce"})
+    out = train(spec)
+    assert out["status"] == "finished" and out["worker_failures"] == 0, out
+    assert rounds == [(s, 2, later) for s in range(3) for later in (False, True, True)], rounds
+    assert caplog.text.count("all-reduce group of 2 workers formed") == 1
+    assert "the coordinator aggregates" not in caplog.text
+    same_final_params(clean_epochs, spec)
 
 
 @pytest.mark.parametrize(
