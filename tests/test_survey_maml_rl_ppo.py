@@ -208,7 +208,9 @@ def test_a_worker_lost_during_an_epoch_step_ends_bit_identical(clean_epochs, tmp
     ends_fault_free(train(faulty), faulty, clean_epochs, fired)
 
 
-def test_a_worker_lost_in_a_later_epoch_ends_bit_identical(clean_epochs, tmp_path, monkeypatch, ends_fault_free):
+def test_a_worker_lost_in_a_later_epoch_ends_bit_identical(
+    clean_epochs, tmp_path, monkeypatch, caplog, ends_fault_free
+):
     """Worker 1 is killed (ray.kill) as meta-step 1's second epoch is sent to it, after the coordinator took the
     step's first update: its slots are recomputed on worker 0, which regenerates the step's rollouts from theta_old's
     reference in the item, and the run ends with the fault-free parameters. (A recomputation that sampled with the
@@ -229,6 +231,7 @@ def test_a_worker_lost_in_a_later_epoch_ends_bit_identical(clean_epochs, tmp_pat
     faulty = _nav(tmp_path, 3, steps=3, cluster=RAY_WORKERS)
     out = train(faulty)
     assert killed == [2], (killed, sent)
+    assert "worker 1 was lost during meta_gradient of step 1" in caplog.text
     ends_fault_free(out, faulty, clean_epochs)
 
 
