@@ -165,6 +165,9 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
         ("learned_loss", 2, "mixed", {"sharding": CKPT, "inner": {"steps": 3, "mixed_stride": 2}}),
         ("learned_hparams", 3, "mixed", {"sharding": CKPT, "inner": {"query_chunk": 4}}),
         ("maml", 2, "reverse", {"sharding": CKPT}),
+        # support chunks of 4 and 2 of the 6 examples, weighted 4/6 and 2/6 (algorithms/mixed_mode.py: _Support)
+        ("metasgd", 3, "mixed", {"sharding": CKPT, "inner": {"support_chunk": 4}}),
+        ("maml", 1, "mixed", {"sharding": BF16, "inner": {"support_chunk": 4}}),
     ],
     ids=[
         "maml-2-reverse",
@@ -179,6 +182,8 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
         "learned_loss-2-mixed-ckpt-stride2",
         "learned_hparams-3-mixed-ckpt-chunk4",
         "maml-2-reverse-ckpt",
+        "metasgd-3-mixed-ckpt-support4",
+        "maml-1-mixed-bf16-support4",
     ],
 )
 def test_second_order_equals_plain_torch(local_ray, algorithm, zero, mode, extra):
