@@ -46,3 +46,24 @@ def test_checkpointing_gives_the_same_gradients(make, size, second_order, monkey
     assert len(calls) >= 2  # every block (ViT) or stage (ResNet-12) went through the checkpoint
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("flag,context", [(False, None), (False, True), (False, False), (True, None)])
+def test_recomputes_says_what_a_pass_does(flag, context, monkeypatch):
+    """`recomputes` (what Rank.held reports) agrees with whether a pass went through the checkpoint: by the model's
+    own flag (first order) or inside checkpointed_blocks() (second order's functional_call)."""
+    import contextlib
+
+    import metascale.models.checkpointing as blocks
+
+    calls = []
+    real = blocks.checkpoint
+    monkeypatch.setattr(blocks, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = ViT(ViTSpec(dim=16, depth=1, heads=2), 3)
+    model.checkpoint_blocks = flag
+    with contextlib.nullcontext() if context is None else blocks.checkpointed_blocks(context):
+        said = blocks.recomputes(model)
+        params = dict(model.named_parameters())
+        torch.func.functional_call(model, params, (torch.randn(2, 1, 28, 28),)).sum().backward()
+    assert said == bool(calls) == (flag or bool(context))
+    assert not blocks.recomputes(torch.nn.Linear(2, 2))  # no blocks to recompute

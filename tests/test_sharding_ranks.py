@@ -165,6 +165,9 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
         ("learned_loss", 2, "mixed", {"sharding": CKPT, "inner": {"steps": 3, "mixed_stride": 2}}),
         ("learned_hparams", 3, "mixed", {"sharding": CKPT, "inner": {"query_chunk": 4}}),
         ("maml", 2, "reverse", {"sharding": CKPT}),
+        # support chunks of 4 and 2 of the 6 examples, weighted 4/6 and 2/6 (algorithms/mixed_mode.py: _Support)
+        ("metasgd", 3, "mixed", {"sharding": CKPT, "inner": {"support_chunk": 4}}),
+        ("maml", 1, "mixed", {"sharding": BF16, "inner": {"support_chunk": 4}}),
     ],
     ids=[
         "maml-2-reverse",
@@ -179,6 +182,8 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
         "learned_loss-2-mixed-ckpt-stride2",
         "learned_hparams-3-mixed-ckpt-chunk4",
         "maml-2-reverse-ckpt",
+        "metasgd-3-mixed-ckpt-support4",
+        "maml-1-mixed-bf16-support4",
     ],
 )
 def test_second_order_equals_plain_torch(local_ray, algorithm, zero, mode, extra):
@@ -195,6 +200,8 @@ def test_second_order_equals_plain_torch(local_ray, algorithm, zero, mode, extra
     episodes: list = []
     result, params, held = sharded_step(spec, 2, episodes=episodes)
     assert result.tasks == 3 and not result.nonfinite_slots
+    # the model the objectives run through recomputes its blocks inside checkpointed_blocks(), not by its own flag
+    assert [r["checkpointed_modules"] for r in held] == [int(spec.sharding.activation_checkpointing)] * 2
     if bf16:
         assert_within_bf16_bound(whole(result), spec, plain, params, 2, [0, 1, 2])
     else:

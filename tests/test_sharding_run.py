@@ -127,6 +127,43 @@ def test_validate_cli_prints_the_reason_without_a_traceback(tmp_path, algorithm,
     assert field in out.stderr + out.stdout and instead in out.stderr + out.stdout
 
 
+CUSTOM = "{name: custom, target: 'torch.nn:Flatten', feature_dim: 144}"
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["algorithm.name=anil"], "not 'anil'"),  # ANIL: reverse mode only, sharded or not
+        (["algorithm.inner.first_order=true"], "not 'maml' with inner.first_order true"),
+        (["algorithm.inner.checkpoint=steps"], "'mixed' keeps none"),
+        (["sharding.support_backprop_subset=2"], "use algorithm fomaml or reptile"),  # LITE is first order
+        (["algorithm.inner.differentiation=reverse", "algorithm.inner.support_chunk=2"], "needs inner.differentiation"),
+        (["model={name: resnet12}", "algorithm.inner.support_chunk=2"], "not 'resnet12' (its batch norm"),
+        ([f"model={CUSTOM}", "algorithm.inner.support_chunk=2"], "metascale cannot tell before building it"),
+    ],
+    ids=["anil", "first-order", "checkpoint-steps", "lite", "support-chunk-reverse", "support-chunk-bn", "custom"],
+)
+def test_run_refuses_sharded_mixed_mode_misfits_with_one_error(tmp_path, overrides, needle):
+    """`metascale run` of a valid sharded mixed-mode job, made impossible by `--set`: exit 2 with the one problem
+    under the error heading, before anything starts (no checkpoint directory)."""
+    spec = {
+        "model": VIT,
+        "data": DATA,
+        "algorithm": {"name": "maml", "inner": {"differentiation": "mixed", "steps": 1}},
+        "checkpoint": {"dir": str(tmp_path / "ckpt")},
+        "logging": {"wandb": {"mode": "disabled"}},
+        "sharding": {"engine": "deepspeed", "ranks": 2, "zero_stage": 3},
+    }
+    parse_spec(spec)  # the job itself is fine: each refusal is the override's
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = metascale("run", str(path), *(a for o in overrides for a in ("--set", o)))
+    lines = out.stderr.splitlines()
+    assert out.returncode == 2 and len(lines) == 2 and lines[0].startswith("error: "), out.stderr[-2000:]
+    assert lines[1].startswith("  ") and needle in lines[1], out.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
 def _spec_file(tmp_path: Path, **over) -> Path:
     spec = {
         "name": "vit-zero3",

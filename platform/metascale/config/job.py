@@ -235,10 +235,14 @@ class JobSpec(Spec):
                 "inner.differentiation 'mixed' (reverse mode's double backward keeps every chunk's graph)"
             )
         if alg.inner.support_chunk is not None and self.model.name not in PER_EXAMPLE_MODELS:
+            why = (  # a custom module may hold batch norm: metascale cannot tell before building it
+                "its batch norm couples a task's examples"
+                if self.model.name != "custom"
+                else "it may use batch norm, which couples a task's examples; metascale cannot tell before building it"
+            )
             raise ValueError(
                 f"inner.support_chunk sums per-chunk support gradients, exact only when examples are "
-                f"independent: models {', '.join(PER_EXAMPLE_MODELS)}, not '{self.model.name}' (its batch "
-                "norm couples a task's examples)"
+                f"independent: models {', '.join(PER_EXAMPLE_MODELS)}, not '{self.model.name}' ({why})"
             )
         if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
             raise ValueError(

@@ -50,12 +50,22 @@ def blocks_replaced(run: BlocksRun) -> Iterator[None]:
         _REPLACED.reset(token)
 
 
+def recomputes(model: nn.Module) -> bool:
+    """Whether a pass through `model` here recomputes its blocks (by its own flag or an enclosing
+    `checkpointed_blocks()`): the one rule `run_blocks` follows, for reports of what a runtime does."""
+    return hasattr(model, "checkpoint_blocks") and _recomputing(bool(model.checkpoint_blocks))
+
+
+def _recomputing(own_params: bool) -> bool:
+    return own_params or _ON.get()
+
+
 def run_blocks(blocks: Iterable[nn.Module], h: Tensor, own_params: bool = False) -> Tensor:
     """`h` through `blocks` in order, each checkpointed when asked (and only when a graph is being recorded)."""
     replaced = _REPLACED.get()
     if replaced is not None:
         return replaced(list(blocks), h)
-    if not torch.is_grad_enabled() or not (own_params or _ON.get()):
+    if not torch.is_grad_enabled() or not _recomputing(own_params):
         for block in blocks:
             h = block(h)
         return h

@@ -13,6 +13,7 @@ meta-optimiser; under ZeRO-3 no rank ever holds the whole model.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -55,9 +56,14 @@ class FirstOrderLearner:
         self.spec, self.rank, self.world = spec, rank, world
         self.reptile = spec.algorithm.name == "reptile"
         self.engine = build_engine(make_model, spec.sharding, self._inner_optimizer)
+        self.model = self.engine.module  # its passes are the engine's own; its flag recomputes the blocks
         self.dtype = next(iter(self.engine.module.parameters())).dtype
         self.partitioned = any(is_partitioned(p) for p in self.engine.module.parameters())
         self.meta: Params = {}
+
+    def recomputation(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing to add: the module's own `checkpoint_blocks` flag (engine.py) recomputes its blocks."""
+        return contextlib.nullcontext()
 
     def _inner_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """The inner loop's SGD. First-order ANIL adapts the head only: the body's group has learning rate 0, so it

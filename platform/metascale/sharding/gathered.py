@@ -62,8 +62,13 @@ class GatheredSecondOrderLearner:
             lambda module: None,
             {"memory_efficient_linear": False},
         )
-        self.alg = build_algorithm(spec.algorithm, hook_free_twin(make_model, self.engine.module.model))
+        self.model = hook_free_twin(make_model, self.engine.module.model)  # what the objectives run through
+        self.alg = build_algorithm(spec.algorithm, self.model)
         self.dtype = next(iter(self.engine.module.parameters())).dtype
+
+    def recomputation(self) -> contextlib.AbstractContextManager[None]:
+        """What every objective runs inside (and Rank.held reports from)."""
+        return recomputed_blocks(self.spec)
 
     def params(self) -> dict[str, Tensor]:
         """The engine's (partitioned) parameters by meta-parameter name."""
@@ -110,7 +115,7 @@ class GatheredSecondOrderLearner:
 
     def _add_task(self, whole: Params, task: Task, total: Params, metrics: dict[str, float]) -> bool:
         """Adds one task's meta-gradient (flat, float32) and metrics; False, adding nothing, if it is not finite."""
-        with recomputed_blocks(self.spec):
+        with self.recomputation():
             out = self.alg.task_objective(whole, cast_task(task, self.dtype))
         grads = torch.autograd.grad(out.objective.float(), list(whole.values()), allow_unused=True)
         grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, whole.values())]

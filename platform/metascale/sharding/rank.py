@@ -141,13 +141,18 @@ class Rank:
     def held(self) -> dict[str, int]:
         """Elements this rank holds of the backbone: its own partitions, the whole model's, and whole copies still
         gathered (0 after a step under ZeRO-3); the bytes of parameter and optimiser storage (sharding/engine.py:
-        param_bytes); how many modules recompute their blocks. For operators and tests: what sharding actually did."""
+        param_bytes); how many modules recompute their blocks in the learner's passes (first order by the model's own
+        flag, second order inside `checkpointed_blocks()`: the rule of models/checkpointing.py either way). For
+        operators and tests: what sharding actually did."""
+        from metascale.models.checkpointing import recomputes
         from metascale.sharding.engine import is_partitioned as partitioned, param_bytes
 
         module = self.learner.engine.module
         params = list(module.parameters())
+        with self.learner.recomputation():
+            checkpointed = sum(recomputes(m) for m in self.learner.model.modules())
         return {
-            "checkpointed_modules": sum(bool(getattr(m, "checkpoint_blocks", False)) for m in module.modules()),
+            "checkpointed_modules": checkpointed,
             "local_numel": sum(p.ds_tensor.numel() if partitioned(p) else p.numel() for p in params),
             "whole_numel": sum(p.ds_numel if partitioned(p) else p.numel() for p in params),
             "resident_numel": sum(p.numel() for p in params if partitioned(p)),

@@ -86,11 +86,16 @@ class SecondOrderLearner:
             functional_blocks(spec.sharding),
             lambda module: torch.optim.SGD(module.parameters(), lr=0.0),
         )
-        self.alg = build_algorithm(spec.algorithm, self.engine.module.model)
+        self.model = self.engine.module.model  # what the objectives run through (functional_call)
+        self.alg = build_algorithm(spec.algorithm, self.model)
         self.dtype = next(iter(self.engine.module.parameters())).dtype
 
     def params(self) -> dict[str, Tensor]:
         return self.engine.module.meta_params()
+
+    def recomputation(self) -> contextlib.AbstractContextManager[None]:
+        """What every objective runs inside (and Rank.held reports from)."""
+        return recomputed_blocks(self.spec)
 
     @torch.no_grad()
     def load(self, params: NumpyParams) -> None:
@@ -117,7 +122,7 @@ class SecondOrderLearner:
             mine = start + self.rank
             out = None
             if mine < len(tasks):
-                with recomputed_blocks(self.spec):
+                with self.recomputation():
                     out = self.alg.task_objective(self.params(), cast_task(tasks[mine], self.dtype))
             finite = out is not None and bool(torch.isfinite(out.objective).all())
             flags = [torch.zeros(2) for _ in range(self.world)]
@@ -157,7 +162,7 @@ class SecondOrderLearner:
         blank = dataclasses.replace(
             task, support_x=torch.zeros_like(task.support_x), query_x=torch.zeros_like(task.query_x)
         )
-        with recomputed_blocks(self.spec):
+        with self.recomputation():
             return self.alg.task_objective(self.params(), cast_task(blank, self.dtype)).objective.float() * 0.0
 
     def evaluate(self, tasks: list[Task], steps: int | None) -> list[dict[str, float]]:
