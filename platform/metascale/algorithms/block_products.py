@@ -126,9 +126,18 @@ def _add(into: Params, more: Params) -> None:
 
 
 def grad_and_product(
-    split: Split, loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: Tensor, u: Params | None
-) -> tuple[Params, Params, Params | None, Params | None]:
-    """(dL/dphi, dL/dh, H_phiphi u, H_hphi u) block by block; the last two None when `u` is None."""
+    split: Split,
+    loss_fn: SupportLoss,
+    phi: Params,
+    h: Params,
+    x: Tensor,
+    y: Tensor,
+    u: Params | None,
+    need_grad: bool = True,
+) -> tuple[Params | None, Params, Params | None, Params | None]:
+    """(dL/dphi, dL/dh, H_phiphi u, H_hphi u) block by block; the last two None when `u` is None, the first None
+    unless `need_grad` (a product computes the gradient anyway, but only tensor rates read it: not summing the
+    blocks' parts into it saves a sum per block)."""
     zh = {k: torch.zeros_like(t) for k, t in h.items()} if u is not None else None
     out = split.outside
 
@@ -168,7 +177,8 @@ def grad_and_product(
         keys = list(block.keys.values())
         tangents = None if u is None else (part(keys, u), xd, cd)
         (g_l, c), dots = _push(_pullback(f), (part(keys, phi), xl, c), tangents)
-        _add(g, g_l)
+        if need_grad:
+            _add(g, g_l)
         if dots is not None:
             _add(hu, dots[0])
             cd = dots[1]
@@ -176,9 +186,10 @@ def grad_and_product(
     if not split.stem_is_input:
         tangents = None if u is None else (part(out, u), zh, cd)
         (g_s, gh_s), dots = _push(_pullback(stem), (part(out, phi), h, c), tangents)
-        _add(g, g_s)
+        if need_grad:
+            _add(g, g_s)
         _add(gh, gh_s)
         if dots is not None:
             _add(hu, dots[0])
             _add(hhu, dots[1])
-    return g, gh, hu, hhu
+    return (g if need_grad else None), gh, hu, hhu

@@ -91,6 +91,7 @@ class _Support:
                 g = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))(phi, h)[0]
             else:
                 g = grad_and_product(self.split, loss_fn, phi, h, x, y, None)[0]
+                assert g is not None
             _accumulate(total, g)
         return total
 
@@ -105,9 +106,10 @@ class _Support:
                 whole = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))
                 (g, _), (hu, hhu) = torch.func.jvp(whole, (phi, h), (u, zeros))
             else:
-                g, _, hu, hhu = grad_and_product(self.split, loss_fn, phi, h, x, y, u)
+                g, _, hu, hhu = grad_and_product(self.split, loss_fn, phi, h, x, y, u, with_grad)
                 assert hu is not None and hhu is not None
             if with_grad:
+                assert g is not None
                 _accumulate(g_all, g)
             _accumulate(hu_all, hu)
             _accumulate(hhu_all, hhu)
