@@ -2,26 +2,25 @@
 task's exact MAML meta-gradient, 10 inner steps, float32, on ResNet-12 and the ViT (part of `metascale bench memory`),
 for a 5-way 1-shot 32x32 episode (weight copies dominate both modes' peaks there), on the ViT a 5-shot 32x32 one (25
 support examples, whose activations weigh more), and the standard 5-way 5-shot 15-query 84x84 episode (miniImageNet's
-size; the headline ratios; the ViT only by default), where a task's activations dominate: the regime block-level
-recomputation is for.
+size; the headline ratios; by default the ViT in 197 tokens, and in 50 beside it), where a task's activations
+dominate: the regime block-level recomputation is for.
 
 Reverse mode's best path is the lowest peak of its memory options (nothing recomputed; `checkpoint: all`: every
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
 query-pass option as that best (at 84x84 with its lowest-memory one, the query pass in chunks), keeping
 every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84, on models without
-batch statistics, also with its support products 5 examples at a time (`support_chunk`); its lowest peak is compared.
-Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call. Time: CPU seconds of the
-one thread (less sensitive than wall time to other jobs on the machine); at 32x32 the best of `repeats` calls, the
-two modes interleaved, whose meta-gradients are compared; at 84x84 the peak's own call (one per configuration).
+batch statistics, also with its support products 5 examples at a time (`support_chunk`). At 32x32 its lowest peak is
+compared; at 84x84 its fastest configuration within the memory target, else its lowest peak (every configuration's
+figures are in the row). Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call.
+Time: CPU seconds of the one thread (less sensitive than wall time to other jobs on the machine), the best of
+`repeats` calls, the configurations taking turns in the bench's own process, their meta-gradients compared.
 """
 
 from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,11 +46,19 @@ REVERSE = {"plain": ("none", None), "blocks": ("all", None), "chunked": ("all", 
 # the standard few-shot episode (miniImageNet's image size), where a task's activations outweigh the weight copies
 MINI_EPISODE = dict(ways=5, shots=5, queries=15, image_size=84, channels=3)
 MINI_MODELS: dict[str, dict[str, Any]] = {
-    "vit": ViTSpec(in_channels=3, image_size=84, patch_size=12, dim=96, depth=4, heads=3).model_dump(),  # 50 tokens
+    # 6-pixel patches: 14 x 14 + the class token = 197 tokens, ViT-B/16's count at 224x224
+    "vit": ViTSpec(in_channels=3, image_size=84, patch_size=6, dim=96, depth=4, heads=3).model_dump(),
+}
+# the same ViT in 12-pixel patches (50 tokens): its ops are so small that per-op cost, paid once per support chunk,
+# sets mixed mode's time (docs/benchmarks.md); reported beside the headline, not in it
+FEW_TOKEN_MODELS: dict[str, dict[str, Any]] = {
+    "vit_50_tokens": ViTSpec(in_channels=3, image_size=84, patch_size=12, dim=96, depth=4, heads=3).model_dump(),
 }
 # the 84x84 rows' mixed mode also computes its support products this many examples at a time (`inner.support_chunk`;
 # models without batch statistics): one chunk's activations instead of the 25 support examples'
 SUPPORT_CHUNK = 5
+# the issue's memory target: the 84x84 rows report mixed mode's fastest configuration within it (a user's choice)
+MEMORY_TARGET = 0.3
 # not in the default rows: a 2-step reverse meta-gradient of it had not finished after 180 CPU s (one thread), so its
 # four 10-step configurations would take the bench far past its time budget; `run(mini=(MINI_EPISODE, {...}))` adds it
 MINI_RESNET12 = ResNet12Spec(in_channels=3, channels=[32, 64, 128, 256], image_size=84).model_dump()
@@ -93,22 +100,17 @@ def task_peak_bytes(**setup: Any) -> int:
     return added_bytes(base)
 
 
-def task_profile(out: str, warmup_steps: int = 1, **setup: Any) -> dict[str, float]:
-    """Runs in a fresh process: one task's meta-gradient's added peak and CPU seconds (one thread), after a warm-up
-    on the same shapes with `warmup_steps` inner steps (the same kernels, a fraction of the time); the meta-gradient
-    is saved to `out` so that the caller can compare the modes."""
+def task_peak(warmup_steps: int = 1, **setup: Any) -> int:
+    """Runs in a fresh process: what one task's meta-gradient adds to the peak resident set, after a warm-up on the
+    same shapes with `warmup_steps` inner steps (the same kernels, a fraction of the time)."""
     torch.set_num_threads(1)
     alg, meta, batch = _setup(**{**setup, "steps": warmup_steps})
     meta_gradient(alg, meta, batch)
     del alg
     alg, meta, batch = _setup(**setup)
     base = settle()
-    t0 = time.process_time()
-    grads = meta_gradient(alg, meta, batch).grads
-    seconds = time.process_time() - t0
-    peak = added_bytes(base)
-    torch.save(grads, out)
-    return {"peak_bytes": peak, "cpu_s": seconds}
+    meta_gradient(alg, meta, batch)
+    return added_bytes(base)
 
 
 def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -116,16 +118,25 @@ def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     return sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) ** 0.5 / norm
 
 
-def _times(setups: dict[str, dict[str, Any]], repeats: int) -> tuple[dict[str, float], float]:
-    """Best time of each setup's meta-gradient; the largest relative difference of their meta-gradients."""
+def _times(
+    setups: dict[str, dict[str, Any]], repeats: int, warmup_steps: int | None = None
+) -> tuple[dict[str, float], float]:
+    """Best time of each setup's meta-gradient, in this process (the allocator users run: the peaks' fresh processes
+    map and unmap every allocation over 64 KiB, whose page faults would be timed too); the largest relative
+    difference of their meta-gradients from "reverse"'s. The setups take turns, so load on the machine falls on all
+    of them alike; a first round warms up, with `warmup_steps` inner steps if given (else the full call)."""
     torch.set_num_threads(1)
     runs = {name: _setup(**s) for name, s in setups.items()}
+    if warmup_steps is not None:
+        for s in setups.values():
+            meta_gradient(*_setup(**{**s, "steps": warmup_steps}))
     best, grads = {name: float("inf") for name in runs}, {}
-    for _ in range(repeats + 1):  # the first round warms up
+    for i in range(repeats + (warmup_steps is None)):
         for name, (alg, meta, batch) in runs.items():
             t0 = time.process_time()
             grads[name] = meta_gradient(alg, meta, batch).grads
-            best[name] = min(best[name], time.process_time() - t0)
+            if i or warmup_steps is not None:
+                best[name] = min(best[name], time.process_time() - t0)
     ref = grads.pop("reverse")
     return best, max(_relative_difference(g, ref) for g in grads.values())
 
@@ -164,65 +175,57 @@ def _rows(models: dict[str, dict], episode: dict, steps: int, repeats: int) -> d
 
 
 def _large_rows(
-    models: dict[str, dict], episode: dict, steps: int, workers: int = 1, support_chunk: int | None = SUPPORT_CHUNK
+    models: dict[str, dict],
+    episode: dict,
+    steps: int,
+    workers: int = 1,
+    support_chunk: int | None = SUPPORT_CHUNK,
+    repeats: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """`_rows` for an episode whose full calls take minutes: each configuration runs once, in its own fresh process
-    that measures both its peak and its CPU time (after a 1-step warm-up); plain reverse is left out (it keeps every
-    step's graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT). Mixed
-    mode runs with the query pass block by block in chunks, at each stride, whole and, on models without batch
-    statistics, with `support_chunk` too; the headline is its lowest-peak configuration. `workers` > 1 runs that many processes at once (peaks do not depend on it; CPU
-    times somewhat do)."""
+    """`_rows` for an episode whose calls take many seconds. Peaks: one fresh process per configuration (after a
+    1-step warm-up; `workers` at once: peaks do not depend on it); plain reverse is left out (it keeps every step's
+    graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT). Mixed mode runs
+    with the query pass block by block in chunks, at each stride, whole and, on models without batch statistics,
+    with `support_chunk`. Times: every configuration and the lowest-peak reverse path in turn in this process
+    (`_times`). The row's ratios are mixed mode's fastest configuration within MEMORY_TARGET, else its lowest peak."""
     strides = sorted({1, math.ceil(math.sqrt(steps))})
     options = {k: REVERSE[k] for k in ("blocks", "chunked")}
-    chunks = {m: [None] + ([support_chunk] if support_chunk and spec["name"] in PER_EXAMPLE_MODELS else [])
-              for m, spec in models.items()}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(workers) as pool:
-
-        def profile(model: str, name: str, **setup: Any) -> dict[str, float]:
-            base = dict(model=models[model], episode=episode, steps=steps)
-            out = str(Path(tmp, model + name))
-            return fresh_process_json(f"{__name__}:task_profile", out=out, **base, **setup)
-
-        reverse = {(m, k): pool.submit(profile, m, k, mode="reverse", checkpoint=o[0], chunk=o[1])
-                   for m in models for k, o in options.items()}  # fmt: skip
-        best = {m: min(options, key=lambda k: reverse[m, k].result()["peak_bytes"]) for m in models}
-        # mixed mode at its own lowest-memory query pass (block by block, in chunks): reverse's peak, its inner
-        # double backward, does not depend on that option (116.1 MB and 116.2 MB on the 84x84 ViT); mixed mode's does
-        mixed = {(m, s, c): pool.submit(profile, m, f"mixed{s}_{c}", mode="mixed", stride=s, support_chunk=c,
-                                        checkpoint=options["chunked"][0], chunk=options["chunked"][1])
-                 for m in models for s in strides for c in chunks[m]}  # fmt: skip
-        rows = {}
-        for m in models:
-            rev = {k: reverse[m, k].result() for k in options}
-            mix = {(s, c): mixed[m, s, c].result() for s in strides for c in chunks[m]}
-            stride, chunk = min(mix, key=lambda sc: mix[sc]["peak_bytes"])
-            ref = torch.load(Path(tmp, m + best[m]))
-            diff = max(_relative_difference(torch.load(Path(tmp, f"{m}mixed{s}_{c}")), ref) for s, c in mix)
-            chosen = mix[stride, chunk]
+    rows = {}
+    with ThreadPoolExecutor(workers) as pool:
+        for m, spec in models.items():
+            base = dict(model=spec, episode=episode, steps=steps)
+            chunks = [None] + ([support_chunk] if support_chunk and spec["name"] in PER_EXAMPLE_MODELS else [])
+            # mixed mode at its own lowest-memory query pass (block by block, in chunks): reverse's peak, its inner
+            # double backward, does not depend on that option (116.1 MB and 116.2 MB on the 50-token ViT)
+            mixed = {f"stride{s}" + (f"_chunk{c}" if c else ""): dict(base, mode="mixed", stride=s, support_chunk=c,
+                                                                      checkpoint=options["chunked"][0],
+                                                                      chunk=options["chunked"][1])
+                     for s in strides for c in chunks}  # fmt: skip
+            reverse = {k: dict(base, mode="reverse", checkpoint=o[0], chunk=o[1]) for k, o in options.items()}
+            jobs = {
+                k: pool.submit(fresh_process_json, f"{__name__}:task_peak", **v)
+                for k, v in {**reverse, **mixed}.items()
+            }
+            peaks = {k: int(j.result()) for k, j in jobs.items()}
+            best = min(options, key=peaks.__getitem__)
+            times, diff = _times({"reverse": reverse[best], **mixed}, repeats, warmup_steps=1)
+            table = {k: {"peak_bytes": peaks[k], "s": round(times[k], 3),
+                         "memory_ratio": round(peaks[k] / peaks[best], 3),
+                         "time_ratio": round(times[k] / times["reverse"], 3)} for k in mixed}  # fmt: skip
+            within = [k for k in mixed if table[k]["memory_ratio"] <= MEMORY_TARGET]
+            chosen = min(within, key=times.__getitem__) if within else min(mixed, key=peaks.__getitem__)
             rows[m] = {
-                "reverse_peak_bytes": {k: int(r["peak_bytes"]) for k, r in rev.items()},
-                "best_reverse": best[m],
-                "mixed_peak_bytes_by_stride": {str(s): int(mix[s, None]["peak_bytes"]) for s in strides},
-                "mixed_s_by_stride": {str(s): round(mix[s, None]["cpu_s"], 3) for s in strides},
-                **(
-                    {}
-                    if len(chunks[m]) == 1
-                    else {
-                        "support_chunk": support_chunk,
-                        "mixed_support_chunk_peak_bytes_by_stride": {
-                            str(s): int(mix[s, support_chunk]["peak_bytes"]) for s in strides
-                        },
-                        "mixed_support_chunk_s_by_stride": {
-                            str(s): round(mix[s, support_chunk]["cpu_s"], 3) for s in strides
-                        },
-                    }
-                ),
-                "mixed_stride": stride,
-                "mixed_support_chunk": chunk,
-                "memory_ratio": round(chosen["peak_bytes"] / rev[best[m]]["peak_bytes"], 3),
-                "reverse_s": round(rev[best[m]]["cpu_s"], 3),
-                "mixed_s": round(chosen["cpu_s"], 3),
-                "time_ratio": round(chosen["cpu_s"] / rev[best[m]]["cpu_s"], 3),
+                "reverse_peak_bytes": {k: peaks[k] for k in options},
+                "best_reverse": best,
+                "mixed": table,
+                "mixed_configuration": chosen,
+                "chosen_as": f"fastest within memory ratio {MEMORY_TARGET}" if within else "lowest peak",
+                "mixed_stride": mixed[chosen]["stride"],
+                "mixed_support_chunk": mixed[chosen]["support_chunk"],
+                "memory_ratio": table[chosen]["memory_ratio"],
+                "reverse_s": round(times["reverse"], 3),
+                "mixed_s": table[chosen]["s"],
+                "time_ratio": table[chosen]["time_ratio"],
                 "meta_gradient_relative_difference": diff,
             }
     return rows
@@ -244,22 +247,28 @@ def run(
 ) -> dict[str, Any]:
     """The rows on `episode` (5-way 1-shot 32x32), where weight copies dominate; on the `larger` (episode, models),
     a support set whose activations weigh more (the ViT only by default); and, unless `skip_mini`, on `mini`
-    (5-way 5-shot 84x84, the ViT by default; `workers` processes at once), the regime the targets are stated
-    for. The headline ratios are the worse model's on the largest episode measured (`mixed_mode_ratios_episode`)."""
+    (5-way 5-shot 84x84, the 197-token ViT by default; `workers` processes at once), the regime the targets are
+    stated for, and the 50-token ViT on the same episode beside it. The headline ratios are the worse model's on
+    `mini` (else on the 32x32 episode): `mixed_mode_ratios_episode` names it."""
     episode = episode or EPISODE
     rows = _rows(models or MODELS, episode, steps, repeats)
     what = (f"one task's exact MAML meta-gradient, {steps} inner steps, {{}}, float32, CPU, 1 thread (times: its "
-            "CPU seconds); ratios are mixed (its lower-peak stride) / the best reverse path")  # fmt: skip
-    out: dict[str, Any] = {"mixed_mode": {"what": what.format(_episode(episode)), **_worst(rows), **rows}}
+            "CPU seconds); ratios are mixed ({}) / the best reverse path")  # fmt: skip
+    lower = "its lower-peak stride"
+    out: dict[str, Any] = {"mixed_mode": {"what": what.format(_episode(episode), lower), **_worst(rows), **rows}}
     headline = (episode, out["mixed_mode"])
     larger_episode, larger_models = larger or (LARGER_EPISODE, {"vit": MODELS["vit"]})
     rows = _rows(larger_models, larger_episode, steps, repeats)
-    out["mixed_mode_larger_support"] = {"what": what.format(_episode(larger_episode)), **_worst(rows), **rows}
+    out["mixed_mode_larger_support"] = {"what": what.format(_episode(larger_episode), lower), **_worst(rows), **rows}
     if not skip_mini:
+        chosen = f"its fastest configuration within memory ratio {MEMORY_TARGET}, else its lowest peak"
         mini_episode, mini_models = mini or (MINI_EPISODE, MINI_MODELS)
         rows = _large_rows(mini_models, mini_episode, steps, workers)
-        out["mixed_mode_miniimagenet"] = {"what": what.format(_episode(mini_episode)), **_worst(rows), **rows}
+        out["mixed_mode_miniimagenet"] = {"what": what.format(_episode(mini_episode), chosen), **_worst(rows), **rows}
         headline = (mini_episode, out["mixed_mode_miniimagenet"])
+        if mini is None:
+            rows = _large_rows(FEW_TOKEN_MODELS, MINI_EPISODE, steps, workers)
+            out["mixed_mode_miniimagenet_few_tokens"] = {"what": what.format(_episode(MINI_EPISODE), chosen), **rows}
     return {
         "mixed_mode_memory_ratio": headline[1]["memory_ratio"],
         "mixed_mode_time_ratio": headline[1]["time_ratio"],
