@@ -118,24 +118,19 @@ def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     return sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) ** 0.5 / norm
 
 
-def _times(
-    setups: dict[str, dict[str, Any]], repeats: int, warmup_steps: int | None = None
-) -> tuple[dict[str, float], float]:
+def _times(setups: dict[str, dict[str, Any]], repeats: int) -> tuple[dict[str, float], float]:
     """Best time of each setup's meta-gradient, in this process (the allocator users run: the peaks' fresh processes
     map and unmap every allocation over 64 KiB, whose page faults would be timed too); the largest relative
     difference of their meta-gradients from "reverse"'s. The setups take turns, so load on the machine falls on all
-    of them alike; a first round warms up, with `warmup_steps` inner steps if given (else the full call)."""
+    of them alike; a first round warms up (kernels, and glibc's allocator, whose mmap threshold grows as it frees)."""
     torch.set_num_threads(1)
     runs = {name: _setup(**s) for name, s in setups.items()}
-    if warmup_steps is not None:
-        for s in setups.values():
-            meta_gradient(*_setup(**{**s, "steps": warmup_steps}))
     best, grads = {name: float("inf") for name in runs}, {}
-    for i in range(repeats + (warmup_steps is None)):
+    for i in range(repeats + 1):
         for name, (alg, meta, batch) in runs.items():
             t0 = time.process_time()
             grads[name] = meta_gradient(alg, meta, batch).grads
-            if i or warmup_steps is not None:
+            if i:
                 best[name] = min(best[name], time.process_time() - t0)
     ref = grads.pop("reverse")
     return best, max(_relative_difference(g, ref) for g in grads.values())
@@ -208,7 +203,7 @@ def _large_rows(
             }
             peaks = {k: int(j.result()) for k, j in jobs.items()}
             best = min(options, key=peaks.__getitem__)
-            times, diff = _times({"reverse": reverse[best], **mixed}, repeats, warmup_steps=1)
+            times, diff = _times({"reverse": reverse[best], **mixed}, repeats)
             table = {k: {"peak_bytes": peaks[k], "s": round(times[k], 3),
                          "memory_ratio": round(peaks[k] / peaks[best], 3),
                          "time_ratio": round(times[k] / times["reverse"], 3)} for k in mixed}  # fmt: skip
