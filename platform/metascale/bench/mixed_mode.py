@@ -2,8 +2,8 @@
 task's exact MAML meta-gradient, 10 inner steps, float32, on ResNet-12 and the ViT (part of `metascale bench memory`),
 for a 5-way 1-shot 32x32 episode (weight copies dominate both modes' peaks there), on the ViT a 5-shot 32x32 one (25
 support examples, whose activations weigh more), and the standard 5-way 5-shot 15-query 84x84 episode (miniImageNet's
-size; the headline ratios; the ViT only by default), where a task's activations dominate: the regime block-level
-recomputation is for.
+size; the headline ratios; the ViT and a half-width ResNet-12), where a task's activations dominate: the regime
+block-level recomputation is for.
 
 Reverse mode's best path is the lowest peak of its memory options (nothing recomputed; `checkpoint: all`: every
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
@@ -48,13 +48,16 @@ REVERSE = {"plain": ("none", None), "blocks": ("all", None), "chunked": ("all", 
 MINI_EPISODE = dict(ways=5, shots=5, queries=15, image_size=84, channels=3)
 MINI_MODELS: dict[str, dict[str, Any]] = {
     "vit": ViTSpec(in_channels=3, image_size=84, patch_size=12, dim=96, depth=4, heads=3).model_dump(),  # 50 tokens
+    # half the standard widths (32-64-128-256, as at 32x32): at those a reverse meta-gradient took 18.2 CPU s at 1
+    # inner step and 22.9 at 2 (~4.7 s a step after a first call's ~13 s), one 10-step configuration over 148 CPU s
+    # on a loaded machine, so the row's four would add ~15-20 CPU minutes to the bench; at these widths 8.7 and 11.1 s
+    # (~2.4 s a step), and the four take ~10 CPU minutes (docs/benchmarks.md). Its batch norm rules out support
+    # chunks: its mixed mode holds the whole support set's block boundaries and one stage part's forward-over-reverse
+    "resnet12": ResNet12Spec(in_channels=3, channels=[16, 32, 64, 128], image_size=84).model_dump(),
 }
 # the 84x84 rows' mixed mode also computes its support products this many examples at a time (`inner.support_chunk`;
 # models without batch statistics): one chunk's activations instead of the 25 support examples'
 SUPPORT_CHUNK = 5
-# not in the default rows: a 2-step reverse meta-gradient of it had not finished after 180 CPU s (one thread), so its
-# four 10-step configurations would take the bench far past its time budget; `run(mini=(MINI_EPISODE, {...}))` adds it
-MINI_RESNET12 = ResNet12Spec(in_channels=3, channels=[32, 64, 128, 256], image_size=84).model_dump()
 
 
 def _setup(
@@ -244,7 +247,7 @@ def run(
 ) -> dict[str, Any]:
     """The rows on `episode` (5-way 1-shot 32x32), where weight copies dominate; on the `larger` (episode, models),
     a support set whose activations weigh more (the ViT only by default); and, unless `skip_mini`, on `mini`
-    (5-way 5-shot 84x84, the ViT by default; `workers` processes at once), the regime the targets are stated
+    (5-way 5-shot 84x84, the ViT and ResNet-12 by default; `workers` processes at once), the regime the targets are stated
     for. The headline ratios are the worse model's on the largest episode measured (`mixed_mode_ratios_episode`)."""
     episode = episode or EPISODE
     rows = _rows(models or MODELS, episode, steps, repeats)
