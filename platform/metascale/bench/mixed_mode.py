@@ -247,8 +247,9 @@ def run(
 ) -> dict[str, Any]:
     """The rows on `episode` (5-way 1-shot 32x32), where weight copies dominate; on the `larger` (episode, models),
     a support set whose activations weigh more (the ViT only by default); and, unless `skip_mini`, on `mini`
-    (5-way 5-shot 84x84, the ViT and ResNet-12 by default; `workers` processes at once), the regime the targets are stated
-    for. The headline ratios are the worse model's on the largest episode measured (`mixed_mode_ratios_episode`)."""
+    (5-way 5-shot 84x84, the ViT and ResNet-12 by default; `workers` processes at once), the regime the targets are
+    stated for. The headline ratios are the worse model's on the largest episode measured
+    (`mixed_mode_ratios_episode`)."""
     episode = episode or EPISODE
     rows = _rows(models or MODELS, episode, steps, repeats)
     what = (f"one task's exact MAML meta-gradient, {steps} inner steps, {{}}, float32, CPU, 1 thread (times: its "

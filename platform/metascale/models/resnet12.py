@@ -12,8 +12,8 @@ from metascale.models.norm import TaskBatchNorm
 
 class ResidualStage(nn.Module):
     """conv-norm-ReLU twice, conv-norm, plus a 1x1 conv-norm shortcut, ReLU, pool; run as three `parts`, one conv
-    each: the units `run_blocks` checkpoints and mixed mode differentiates one at a time, so that what is held at once
-    is a third of a stage's activations (at 84x84 the first stage's full-resolution maps dominate a task's memory).
+    each: the units `run_blocks` checkpoints and mixed mode differentiates one at a time, so that a product holds one
+    part's forward-over-reverse, not the whole stage's (at 84x84 the first stage's full-resolution maps dominate).
     The first two parts hand on (stage input, maps) so that the last can add the shortcut. The parts hold the stage's
     own layers but are not registered under it, so the parameters keep one name each (stages.i.conv1.weight)."""
 
@@ -23,7 +23,11 @@ class ResidualStage(nn.Module):
         self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), TaskBatchNorm(cout)
         self.conv3, self.bn3 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), TaskBatchNorm(cout)
         self.shortcut, self.bn_sc = nn.Conv2d(cin, cout, 1, bias=False), TaskBatchNorm(cout)
-        parts = (_Enter(self.conv1, self.bn1), _Middle(self.conv2, self.bn2), _Exit(self.conv3, self.bn3, self.shortcut, self.bn_sc))  # fmt: skip
+        parts = (
+            _Enter(self.conv1, self.bn1),
+            _Middle(self.conv2, self.bn2),
+            _Exit(self.conv3, self.bn3, self.shortcut, self.bn_sc),
+        )
         object.__setattr__(self, "parts", parts)
 
     def forward(self, x: Tensor) -> Tensor:
