@@ -51,7 +51,7 @@ MINI_MODELS: dict[str, dict[str, Any]] = {
     # half the standard widths (32-64-128-256, as at 32x32): at those a reverse meta-gradient took 18.2 CPU s at 1
     # inner step and 22.9 at 2 (~4.7 s a step after a first call's ~13 s), one 10-step configuration over 148 CPU s
     # on a loaded machine, so the row's four would add ~15-20 CPU minutes to the bench; at these widths 8.7 and 11.1 s
-    # (~2.4 s a step), and the four take ~10 CPU minutes (docs/benchmarks.md). Its batch norm rules out support
+    # (~2.4 s a step), and the four take ~7-10 CPU minutes (docs/benchmarks.md). Its batch norm rules out support
     # chunks: its mixed mode holds the whole support set's block boundaries and one stage part's forward-over-reverse
     "resnet12": ResNet12Spec(in_channels=3, channels=[16, 32, 64, 128], image_size=84).model_dump(),
 }
