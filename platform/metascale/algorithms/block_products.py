@@ -3,7 +3,7 @@ recomputation). Written by hand: `torch.func.grad` refuses saved-tensor hooks, s
 inside it.
 
 The support loss L(phi, h) is split where the model hands its blocks to `run_blocks` (models/checkpointing.py, the
-one place that knows the blocks: ResNet-12's stages, the ViT's attention and MLP halves, Conv-4's conv-norm-ReLU(-pool) layers):
+one place that knows the blocks: ResNet-12's stages in three parts, the ViT's attention and MLP halves, Conv-4's conv-norm-ReLU(-pool) layers):
 
     x_0 = S(phi_out, h)            the stem: what the model runs before its blocks (the input itself for CNNs)
     x_{l+1} = f_l(theta_l, x_l)    block l, reading only its own weights theta_l
@@ -19,6 +19,8 @@ block's gradient g_l, its tangent (H u)_l, and the cotangent c_l with its tangen
 `vjp` (if the stem is not the input) likewise. The sums are exactly dL/dphi, dL/dh, H_phiphi u and H_hphi u, while a
 product holds the boundaries and one block's forward-over-reverse instead of the whole model's.
 Without a tangent the same pass is a plain gradient that holds the boundaries and one block's backward.
+A boundary may be a tuple of tensors (ResNet-12's first two parts of a stage hand on the stage's input for its
+shortcut): torch.func takes tuples as primals, tangents and cotangents alike.
 
 A model that never calls `run_blocks` (the MLP, a custom backbone), or whose blocks read weights that are not in phi
 or share them, has no split: `split_at_blocks` returns None and mixed mode takes the whole-model product.

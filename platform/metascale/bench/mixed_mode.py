@@ -2,8 +2,8 @@
 task's exact MAML meta-gradient, 10 inner steps, float32, on ResNet-12 and the ViT (part of `metascale bench memory`),
 for a 5-way 1-shot 32x32 episode (weight copies dominate both modes' peaks there), on the ViT a 5-shot 32x32 one (25
 support examples, whose activations weigh more), and the standard 5-way 5-shot 15-query 84x84 episode (miniImageNet's
-size; the headline ratios; by default the ViT in 197 tokens, and in 50 beside it), where a task's activations
-dominate: the regime block-level recomputation is for.
+size; the headline ratios; by default the ViT in 197 tokens and a half-width ResNet-12, and the ViT in 50 tokens
+beside them), where a task's activations dominate: the regime block-level recomputation is for.
 
 Reverse mode's best path is the lowest peak of its memory options (nothing recomputed; `checkpoint: all`: every
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
@@ -48,6 +48,12 @@ MINI_EPISODE = dict(ways=5, shots=5, queries=15, image_size=84, channels=3)
 MINI_MODELS: dict[str, dict[str, Any]] = {
     # 6-pixel patches: 14 x 14 + the class token = 197 tokens, ViT-B/16's count at 224x224
     "vit": ViTSpec(in_channels=3, image_size=84, patch_size=6, dim=96, depth=4, heads=3).model_dump(),
+    # half the standard widths (32-64-128-256, as at 32x32): at those a reverse meta-gradient took 18.2 CPU s at 1
+    # inner step and 22.9 at 2 (~4.7 s a step after a first call's ~13 s), one 10-step configuration over 148 CPU s
+    # on a loaded machine, so the row's four would add ~15-20 CPU minutes to the bench; at these widths 8.7 and 11.1 s
+    # (~2.4 s a step), and the four take ~7-10 CPU minutes (docs/benchmarks.md). Its batch norm rules out support
+    # chunks: its mixed mode holds the whole support set's block boundaries and one stage part's forward-over-reverse
+    "resnet12": ResNet12Spec(in_channels=3, channels=[16, 32, 64, 128], image_size=84).model_dump(),
 }
 # the same ViT in 12-pixel patches (50 tokens): its ops are so small that per-op cost, paid once per support chunk,
 # sets mixed mode's time (docs/benchmarks.md); reported beside the headline, not in it
@@ -59,9 +65,6 @@ FEW_TOKEN_MODELS: dict[str, dict[str, Any]] = {
 SUPPORT_CHUNK = 5
 # the issue's memory target: the 84x84 rows report mixed mode's fastest configuration within it (a user's choice)
 MEMORY_TARGET = 0.3
-# not in the default rows: a 2-step reverse meta-gradient of it had not finished after 180 CPU s (one thread), so its
-# four 10-step configurations would take the bench far past its time budget; `run(mini=(MINI_EPISODE, {...}))` adds it
-MINI_RESNET12 = ResNet12Spec(in_channels=3, channels=[32, 64, 128, 256], image_size=84).model_dump()
 
 
 def _setup(
@@ -242,9 +245,9 @@ def run(
 ) -> dict[str, Any]:
     """The rows on `episode` (5-way 1-shot 32x32), where weight copies dominate; on the `larger` (episode, models),
     a support set whose activations weigh more (the ViT only by default); and, unless `skip_mini`, on `mini`
-    (5-way 5-shot 84x84, the 197-token ViT by default; `workers` processes at once), the regime the targets are
-    stated for, and the 50-token ViT on the same episode beside it. The headline ratios are the worse model's on
-    `mini` (else on the 32x32 episode): `mixed_mode_ratios_episode` names it."""
+    (5-way 5-shot 84x84, the 197-token ViT and ResNet-12 by default; `workers` processes at once), the regime the
+    targets are stated for, and the 50-token ViT on the same episode beside them. The headline ratios are the worse
+    model's on `mini` (else on the 32x32 episode): `mixed_mode_ratios_episode` names it."""
     episode = episode or EPISODE
     rows = _rows(models or MODELS, episode, steps, repeats)
     what = (f"one task's exact MAML meta-gradient, {steps} inner steps, {{}}, float32, CPU, 1 thread (times: its "

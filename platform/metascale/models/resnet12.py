@@ -11,18 +11,52 @@ from metascale.models.norm import TaskBatchNorm
 
 
 class ResidualStage(nn.Module):
+    """conv-norm-ReLU twice, conv-norm, plus a 1x1 conv-norm shortcut, ReLU, pool; run as three `parts`, one conv
+    each: the units `run_blocks` checkpoints and mixed mode differentiates one at a time, so that a product holds one
+    part's forward-over-reverse, not the whole stage's (at 84x84 the first stage's full-resolution maps dominate).
+    The first two parts hand on (stage input, maps) so that the last can add the shortcut. The parts hold the stage's
+    own layers but are not registered under it, so the parameters keep one name each (stages.i.conv1.weight)."""
+
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), TaskBatchNorm(cout)
         self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), TaskBatchNorm(cout)
         self.conv3, self.bn3 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), TaskBatchNorm(cout)
         self.shortcut, self.bn_sc = nn.Conv2d(cin, cout, 1, bias=False), TaskBatchNorm(cout)
+        parts = (
+            _Enter(self.conv1, self.bn1),
+            _Middle(self.conv2, self.bn2),
+            _Exit(self.conv3, self.bn3, self.shortcut, self.bn_sc),
+        )
+        object.__setattr__(self, "parts", parts)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
-        h = F.leaky_relu(self.bn2(self.conv2(h)), 0.1)
-        h = self.bn3(self.conv3(h))
-        return F.max_pool2d(F.leaky_relu(h + self.bn_sc(self.shortcut(x)), 0.1), 2)
+        return self.parts[2](self.parts[1](self.parts[0](x)))
+
+
+class _Enter(nn.Module):
+    def __init__(self, conv: nn.Module, bn: nn.Module):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, F.leaky_relu(self.bn(self.conv(x)), 0.1)
+
+
+class _Middle(_Enter):
+    def forward(self, xh: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        x, h = xh
+        return x, F.leaky_relu(self.bn(self.conv(h)), 0.1)
+
+
+class _Exit(nn.Module):
+    def __init__(self, conv: nn.Module, bn: nn.Module, shortcut: nn.Module, bn_sc: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.shortcut, self.bn_sc = conv, bn, shortcut, bn_sc
+
+    def forward(self, xh: tuple[Tensor, Tensor]) -> Tensor:
+        x, h = xh
+        return F.max_pool2d(F.leaky_relu(self.bn(self.conv(h)) + self.bn_sc(self.shortcut(x)), 0.1), 2)
 
 
 class ResNet12(nn.Module):
@@ -32,8 +66,9 @@ class ResNet12(nn.Module):
         self.stages = nn.Sequential(*(ResidualStage(a, b) for a, b in zip(widths, widths[1:])))
         self.feature_dim = widths[-1]
         self.head = nn.Linear(self.feature_dim, out_features)
-        self.checkpoint_blocks = False  # activation checkpointing per residual stage (set by the sharded runtime)
+        self.checkpoint_blocks = False  # activation checkpointing per stage part (set by the sharded runtime)
 
     def forward(self, x: Tensor, embed: bool = False) -> Tensor:
-        h = run_blocks(self.stages, x, self.checkpoint_blocks).mean(dim=(2, 3))
+        parts = [part for stage in self.stages for part in stage.parts]
+        h = run_blocks(parts, x, self.checkpoint_blocks).mean(dim=(2, 3))
         return h if embed else self.head(h)
