@@ -13,10 +13,10 @@ the coordinator holds for a 1B-parameter model.
    Peak memory is linear in depth; a line fitted through the measured depths gives the largest depth under the
    per-process budget, with the fit's worst residual.
 4. mixed_mode_memory_ratio / mixed_mode_time_ratio: peak memory and time of one task's exact second-order MAML
-   meta-gradient (10 inner steps, the worse of the ViT and a half-width ResNet-12 on 5-way 5-shot 84x84:
-   mixed_mode_ratios_episode names the episode),
-   `inner.differentiation: mixed` (at its lowest-peak stride and support chunking) over the best reverse-mode
-   path; and the same on 5-way 1-shot 32x32 (ResNet-12 and ViT, mixed_mode) and 5-shot 32x32 ViT
+   meta-gradient (10 inner steps, the worse of the 197-token ViT and a half-width ResNet-12 on 5-way 5-shot 84x84:
+   mixed_mode_ratios_episode names the episode; the 50-token ViT beside them),
+   `inner.differentiation: mixed` (its fastest stride and support chunking within a 0.3 memory ratio, else its
+   lowest peak) over the best reverse-mode path; and the same on 5-way 1-shot 32x32 (ResNet-12 and ViT, mixed_mode) and 5-shot 32x32 ViT
    (mixed_mode_larger_support) episodes (bench/mixed_mode.py; without the 84x84 rows, `--no-mixed-mode-84`, the
    headline is the 1-shot 32x32 episode's).
 3. coordinator_bytes_per_param: the coordinator (cluster/coordinator.py) for an MLP of `coordinator_params`
