@@ -28,7 +28,7 @@ from pydantic import TypeAdapter
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
-from metascale.bench.peak import added_bytes, fresh_process_json, in_fresh_process, settle
+from metascale.bench.peak import added_bytes, in_fresh_process, settle
 from metascale.config import AlgorithmSpec, InnerLoopSpec, ModelSpec, ResNet12Spec, SyntheticImagesData, ViTSpec
 from metascale.config.sections import PER_EXAMPLE_MODELS
 from metascale.data import build_task_source
@@ -93,24 +93,16 @@ def _setup(
     return alg, alg.init(dict(net.named_parameters())), batch
 
 
-def task_peak_bytes(**setup: Any) -> int:
-    """Runs in a fresh process: what one task's meta-gradient adds to the peak resident set (after a warm-up)."""
+def task_peak(warmup_steps: int | None = None, **setup: Any) -> int:
+    """Runs in a fresh process: what one task's meta-gradient adds to the peak resident set, after a warm-up: the
+    same call, or with `warmup_steps` a call on the same shapes with that many inner steps (the same kernels, a
+    fraction of the time: for calls that take many seconds)."""
     torch.set_num_threads(1)
-    alg, meta, batch = _setup(**setup)
+    alg, meta, batch = _setup(**(setup if warmup_steps is None else {**setup, "steps": warmup_steps}))
     meta_gradient(alg, meta, batch)
-    base = settle()
-    meta_gradient(alg, meta, batch)
-    return added_bytes(base)
-
-
-def task_peak(warmup_steps: int = 1, **setup: Any) -> int:
-    """Runs in a fresh process: what one task's meta-gradient adds to the peak resident set, after a warm-up on the
-    same shapes with `warmup_steps` inner steps (the same kernels, a fraction of the time)."""
-    torch.set_num_threads(1)
-    alg, meta, batch = _setup(**{**setup, "steps": warmup_steps})
-    meta_gradient(alg, meta, batch)
-    del alg
-    alg, meta, batch = _setup(**setup)
+    if warmup_steps is not None:
+        del alg
+        alg, meta, batch = _setup(**setup)
     base = settle()
     meta_gradient(alg, meta, batch)
     return added_bytes(base)
@@ -144,11 +136,11 @@ def _rows(models: dict[str, dict], episode: dict, steps: int, repeats: int) -> d
     strides, rows = sorted({1, math.ceil(math.sqrt(steps))}), {}
     for model, spec in models.items():
         base = dict(model=spec, episode=episode, steps=steps)
-        reverse = {k: int(in_fresh_process(f"{__name__}:task_peak_bytes", **base, mode="reverse", checkpoint=o[0],
+        reverse = {k: int(in_fresh_process(f"{__name__}:task_peak", **base, mode="reverse", checkpoint=o[0],
                                            chunk=o[1])) for k, o in REVERSE.items()}  # fmt: skip
         best = min(reverse, key=reverse.__getitem__)
         query = dict(checkpoint=REVERSE[best][0], chunk=REVERSE[best][1])
-        mixed = {s: int(in_fresh_process(f"{__name__}:task_peak_bytes", **base, **query, mode="mixed", stride=s))
+        mixed = {s: int(in_fresh_process(f"{__name__}:task_peak", **base, **query, mode="mixed", stride=s))
                  for s in strides}  # fmt: skip
         stride = min(mixed, key=mixed.__getitem__)
         times, diff = _times(
@@ -201,7 +193,7 @@ def _large_rows(
                      for s in strides for c in chunks}  # fmt: skip
             reverse = {k: dict(base, mode="reverse", checkpoint=o[0], chunk=o[1]) for k, o in options.items()}
             jobs = {
-                k: pool.submit(fresh_process_json, f"{__name__}:task_peak", **v)
+                k: pool.submit(in_fresh_process, f"{__name__}:task_peak", warmup_steps=1, **v)
                 for k, v in {**reverse, **mixed}.items()
             }
             peaks = {k: int(j.result()) for k, j in jobs.items()}
