@@ -41,13 +41,14 @@ def test_mixed_mode_bench_small_episodes_report_every_field_and_equal_meta_gradi
 
 def test_mixed_mode_bench_large_episode_rows():
     """The 84x84 rows' code (a fresh process per peak, the times in turn in this one) on a tiny episode: mixed mode
-    whole and with its support set in chunks (4 examples, 2 at a time); the row's ratios are its fastest
-    configuration within the memory target, else its lowest peak."""
+    whole and with its support set in chunks (4 examples, 2 at a time block by block, 1 at a time over the whole
+    model); the row's ratios are its fastest configuration within the memory target, else its lowest peak."""
     vit = ViTSpec(in_channels=1, image_size=12, patch_size=4, dim=8, depth=2, heads=2).model_dump()
-    row = _large_rows({"vit": vit}, dict(EPISODE, shots=2, image_size=12), steps=4, workers=2, support_chunk=2)["vit"]
+    episode = dict(EPISODE, shots=2, image_size=12)
+    row = _large_rows({"vit": vit}, episode, steps=4, workers=2, support_chunk=2, whole_model_chunk=1)["vit"]
     assert set(row["reverse_peak_bytes"]) == {"blocks", "chunked"}  # plain reverse is left out there
     table = row["mixed"]
-    assert set(table) == {"stride1", "stride2", "stride1_chunk2", "stride2_chunk2"}
+    assert set(table) == {f"stride{s}{c}" for s in (1, 2) for c in ("", "_chunk2", "_chunk1_whole")}
     reverse = row["reverse_peak_bytes"][row["best_reverse"]]
     assert reverse == min(row["reverse_peak_bytes"].values()) and row["reverse_s"] > 0
     for r in table.values():
@@ -60,8 +61,9 @@ def test_mixed_mode_bench_large_episode_rows():
         assert chosen == min(within, key=lambda k: table[k]["s"])
     else:
         assert chosen == min(table, key=lambda k: table[k]["peak_bytes"])
-    stride, _, chunk = chosen.removeprefix("stride").partition("_chunk")
+    stride, _, chunk = chosen.removeprefix("stride").removesuffix("_whole").partition("_chunk")
     assert (row["mixed_stride"], row["mixed_support_chunk"]) == (int(stride), int(chunk) if chunk else None)
+    assert row["mixed_blocks"] == (not chosen.endswith("_whole"))
     assert (row["memory_ratio"], row["time_ratio"], row["mixed_s"]) == (
         table[chosen]["memory_ratio"],
         table[chosen]["time_ratio"],
@@ -73,5 +75,5 @@ def test_mixed_mode_bench_large_episode_rows():
 def test_mixed_mode_bench_chunks_only_models_without_batch_statistics():
     """ResNet-12's batch norm couples a task's examples: its 84x84 row has no support-chunk configurations."""
     net = ResNet12Spec(in_channels=1, channels=[2, 2], image_size=8).model_dump()
-    row = _large_rows({"resnet12": net}, EPISODE, steps=1, workers=2, support_chunk=1)["resnet12"]
+    row = _large_rows({"resnet12": net}, EPISODE, steps=1, workers=2, support_chunk=1, whole_model_chunk=1)["resnet12"]
     assert set(row["mixed"]) == {"stride1"} and row["mixed_support_chunk"] is None

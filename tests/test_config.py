@@ -105,6 +105,10 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
         ),
         ({"algorithm": {"inner": {"support_chunk": 2}}}, "inner.support_chunk splits mixed mode's support products"),
         (
+            {"algorithm": {"inner": {"mixed_blocks": False}}},
+            "inner.mixed_blocks false runs mixed mode's support products over the whole model",
+        ),
+        (
             {
                 "model": {"name": "conv4"},
                 "data": {"source": "synthetic"},

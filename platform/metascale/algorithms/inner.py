@@ -49,6 +49,7 @@ def adapt(
             lr=lr,
             stride=inner.mixed_stride,
             support_chunk=inner.support_chunk,
+            blocks=inner.mixed_blocks,
         )
     return gradient_descent(
         lambda p: loss_fn(p, hparams, x, y),

@@ -11,12 +11,13 @@ and all three come from one forward-over-reverse product: `torch.func.jvp` of `t
 (phi, h) along the tangent (u, 0) gives g_k as its primal and (H_phiphi u, H_hphi u) as its tangent. What is kept
 between the passes is phi_0, phi_s, phi_2s, ... (every `stride`-th step's weights; all K with stride 1) instead of
 every step's double-backward graph; the sweep recomputes the s-1 steps after a kept one with plain gradients (the
-same ops, so the same bits) and then goes back through them, so it holds at most s-1 more copies at a time. Where
-the model has blocks, gradients and products run block by block (block_products.py: the block boundaries and one
-block's forward-over-reverse at a time); otherwise over the whole model. With `inner.support_chunk` both run over
-that many support examples at a time and are summed (_Support says when that is exact). Per-task batch norm is
-differentiated through its batch statistics exactly as reverse mode does (the same ops; inside `vmap`,
-models/norm.py's basic-op form).
+same ops, so the same bits) and then goes back through them, so it holds at most s-1 more copies at a time. With
+`inner.mixed_blocks` (the default), where the model has blocks, gradients and products run block by block
+(block_products.py: the block boundaries and one block's forward-over-reverse at a time, for one more forward per
+block); otherwise over the whole model (one `jvp` of `grad`, holding the whole model's activations and their
+tangents). With `inner.support_chunk` both run over that many support examples at a time and are summed (_Support
+says when that is exact). Per-task batch norm is differentiated through its batch statistics exactly as reverse mode
+does (the same ops; inside `vmap`, models/norm.py's basic-op form).
 
 The sweep is the backward of an `autograd.Function`, so whatever consumes phi_K (the plain, block-checkpointed or
 chunked query pass) feeds it v as usual, and `generate_vmap_rule` lets the vmap executor batch it over tasks.
@@ -44,10 +45,12 @@ def mixed_descent(
     lr: float | Params,
     stride: int = 1,
     support_chunk: int | None = None,
+    blocks: bool = True,
 ) -> Params:
     """`steps` steps p <- p - lr * dL_s/dp from `params`, differentiable w.r.t. `params`, `hparams` and tensor
     rates `lr` (one per key of `params`) through the reverse sweep above, keeping every `stride`-th step's weights;
-    gradients and products over `support_chunk` support examples at a time (see _Support)."""
+    gradients and products over `support_chunk` support examples at a time, and one model block at a time if
+    `blocks` (see _Support)."""
     names, hnames = list(params), list(hparams)
     rates = [lr[k] for k in names] if isinstance(lr, dict) else []
     outputs = _MixedDescent.apply(
@@ -57,6 +60,7 @@ def mixed_descent(
         steps,
         stride,
         support_chunk,
+        blocks,
         None if rates else lr,
         x,
         y,
@@ -68,8 +72,9 @@ def mixed_descent(
 
 
 class _Support:
-    """The support loss's gradient and products: block by block where the model has blocks (block_products.py),
-    else over the whole model (one `jvp` of `grad`); with `chunk`, over that many support examples at a time.
+    """The support loss's gradient and products: with `blocks`, block by block where the model has blocks
+    (block_products.py), else over the whole model (one `jvp` of `grad`); with `chunk`, over that many support
+    examples at a time.
 
     Chunks are exact where the support loss is a mean over independent examples plus terms that do not read the data
     (learned_hparams' decay): L = sum_c (n_c / n) L_c, so the gradient and every product are the chunks' weighted
@@ -77,12 +82,14 @@ class _Support:
     forward-over-reverse instead of the whole support set's. The config admits it only for models without batch
     statistics (which couple a task's examples)."""
 
-    def __init__(self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params, chunk: int | None):
+    def __init__(
+        self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params, chunk: int | None, blocks: bool
+    ):
         n = x.shape[0]
         size = min(chunk or n, n)
         self.parts = [(x[i : i + size], y[i : i + size], _weighted(loss_fn, (min(i + size, n) - i) / n))
                       for i in range(0, n, size)] if size < n else [(x, y, loss_fn)]  # fmt: skip
-        self.split = split_at_blocks(loss_fn, phi, h, *self.parts[0][:2])
+        self.split = split_at_blocks(loss_fn, phi, h, *self.parts[0][:2]) if blocks else None
 
     def grad(self, phi: Params, h: Params) -> Params:
         total: Params = {}
@@ -144,12 +151,12 @@ class _MixedDescent(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(loss_fn, names, hnames, steps, stride, chunk, lr, x, y, *tensors):
+    def forward(loss_fn, names, hnames, steps, stride, chunk, blocks, lr, x, y, *tensors):
         n = len(names)
         phi = dict(zip(names, tensors[:n]))
         rates = dict(zip(names, tensors[n : 2 * n])) if lr is None else None
         h = dict(zip(hnames, tensors[len(tensors) - len(hnames) :]))
-        support = _Support(loss_fn, x, y, phi, h, chunk)
+        support = _Support(loss_fn, x, y, phi, h, chunk, blocks)
         kept: list[Tensor] = []  # phi_s, phi_2s, ... below K (phi_0 is an input)
         for step in range(steps):
             if step and step % stride == 0:
@@ -159,10 +166,10 @@ class _MixedDescent(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        loss_fn, names, hnames, steps, stride, chunk, lr, x, y, *tensors = inputs
+        loss_fn, names, hnames, steps, stride, chunk, blocks, lr, x, y, *tensors = inputs
         n = len(names)
         ctx.loss_fn, ctx.names, ctx.hnames, ctx.steps, ctx.stride, ctx.lr = loss_fn, names, hnames, steps, stride, lr
-        ctx.chunk = chunk
+        ctx.chunk, ctx.blocks = chunk, blocks
         ctx.n_rates = n if lr is None else 0
         ctx.mark_non_differentiable(*output[n:])
         # no zero-filled gradients for the kept outputs (that many weight copies more at the backward's start)
@@ -177,7 +184,7 @@ class _MixedDescent(torch.autograd.Function):
         rates = dict(zip(names, saved[: ctx.n_rates])) if ctx.n_rates else None
         h = dict(zip(hnames, saved[ctx.n_rates : ctx.n_rates + len(hnames)]))
         kept = saved[ctx.n_rates + len(hnames) :]
-        support = _Support(ctx.loss_fn, x, y, dict(zip(names, kept[:n])), h, ctx.chunk)
+        support = _Support(ctx.loss_fn, x, y, dict(zip(names, kept[:n])), h, ctx.chunk, ctx.blocks)
         v = {k: torch.zeros_like(kept[i]) if g is None else g for i, (k, g) in enumerate(zip(names, grad_outputs))}
         del grad_outputs
         # with a float rate the product runs along v itself and is scaled after (no W-sized u)
@@ -205,7 +212,7 @@ class _MixedDescent(torch.autograd.Function):
                 own_v = True
                 del hu, hhu
         return (
-            *(None,) * 9,
+            *(None,) * 10,
             *(v[k] for k in names),
             *((d_rates[k] for k in names) if rates is not None else ()),
             *(d_h[k] for k in hnames),

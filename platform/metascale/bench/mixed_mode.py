@@ -9,7 +9,8 @@ Reverse mode's best path is the lowest peak of its memory options (nothing recom
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
 query-pass option as that best (at 84x84 with its lowest-memory one, the query pass in chunks), keeping
 every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84, on models without
-batch statistics, also with its support products 5 examples at a time (`support_chunk`). At 32x32 its lowest peak is
+batch statistics, also with its support products 5 examples at a time (`support_chunk`) block by block, and 2 at a
+time over the whole model (`mixed_blocks: false`: no block recomputation). At 32x32 its lowest peak is
 compared; at 84x84 its fastest configuration within the memory target, else its lowest peak (every configuration's
 figures are in the row). Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call.
 Time: CPU seconds of the one thread (less sensitive than wall time to other jobs on the machine), the best of
@@ -63,6 +64,10 @@ FEW_TOKEN_MODELS: dict[str, dict[str, Any]] = {
 # the 84x84 rows' mixed mode also computes its support products this many examples at a time (`inner.support_chunk`;
 # models without batch statistics): one chunk's activations instead of the 25 support examples'
 SUPPORT_CHUNK = 5
+# ... and, on those models, over the whole model (`inner.mixed_blocks: false`: no block recomputation, the faster) this
+# many at a time: a whole-model product holds every block's activations and tangents, ~32 MB per example on the
+# 197-token ViT (839.8 MB for the 25 support examples at once, above reverse's 519.8; 194.6 in chunks of 5, 97.8 of 2)
+WHOLE_MODEL_CHUNK = 2
 # the issue's memory target: the 84x84 rows report mixed mode's fastest configuration within it (a user's choice)
 MEMORY_TARGET = 0.3
 
@@ -76,6 +81,7 @@ def _setup(
     chunk: int | None,
     stride: int = 1,
     support_chunk: int | None = None,
+    blocks: bool = True,
 ):
     torch.manual_seed(0)  # the same weights and episode in every process: the meta-gradients can be compared
     net = build_model(TypeAdapter(ModelSpec).validate_python(model), episode["ways"])
@@ -87,6 +93,7 @@ def _setup(
         differentiation=mode,
         mixed_stride=stride,
         support_chunk=support_chunk,
+        mixed_blocks=blocks,
     )
     alg = build_algorithm(AlgorithmSpec(name="maml", inner=inner), net)
     batch = build_task_source(SyntheticImagesData(**episode), "train", 0).batch(0, range(1))
@@ -170,27 +177,33 @@ def _large_rows(
     steps: int,
     workers: int = 1,
     support_chunk: int | None = SUPPORT_CHUNK,
+    whole_model_chunk: int | None = WHOLE_MODEL_CHUNK,
     repeats: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """`_rows` for an episode whose calls take many seconds. Peaks: one fresh process per configuration (after a
     1-step warm-up; `workers` at once: peaks do not depend on it); plain reverse is left out (it keeps every step's
     graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT). Mixed mode runs
-    with the query pass block by block in chunks, at each stride, whole and, on models without batch statistics,
-    with `support_chunk`. Times: every configuration and the lowest-peak reverse path in turn in this process
-    (`_times`). The row's ratios are mixed mode's fastest configuration within MEMORY_TARGET, else its lowest peak."""
+    with the query pass block by block in chunks, at each stride: block by block, whole and, on models without batch
+    statistics, with `support_chunk`, and over the whole model with `whole_model_chunk`. Times: every configuration
+    and the lowest-peak reverse path in turn in this process (`_times`). The row's ratios are mixed mode's fastest
+    configuration within MEMORY_TARGET, else its lowest peak."""
     strides = sorted({1, math.ceil(math.sqrt(steps))})
     options = {k: REVERSE[k] for k in ("blocks", "chunked")}
     rows = {}
     with ThreadPoolExecutor(workers) as pool:
         for m, spec in models.items():
             base = dict(model=spec, episode=episode, steps=steps)
-            chunks = [None] + ([support_chunk] if support_chunk and spec["name"] in PER_EXAMPLE_MODELS else [])
+            per_example = spec["name"] in PER_EXAMPLE_MODELS
+            # (support chunk, block by block): whole-model products only in chunks (all at once they hold the whole
+            # support set's activations and tangents, above reverse's peak)
+            ways = [(None, True)] + [(c, b) for c, b in ((support_chunk, True), (whole_model_chunk, False))
+                                     if c and per_example]  # fmt: skip
             # mixed mode at its own lowest-memory query pass (block by block, in chunks): reverse's peak, its inner
             # double backward, does not depend on that option (116.1 MB and 116.2 MB on the 50-token ViT)
-            mixed = {f"stride{s}" + (f"_chunk{c}" if c else ""): dict(base, mode="mixed", stride=s, support_chunk=c,
-                                                                      checkpoint=options["chunked"][0],
-                                                                      chunk=options["chunked"][1])
-                     for s in strides for c in chunks}  # fmt: skip
+            mixed = {f"stride{s}" + (f"_chunk{c}" if c else "") + ("" if b else "_whole"):
+                     dict(base, mode="mixed", stride=s, support_chunk=c, blocks=b, checkpoint=options["chunked"][0],
+                          chunk=options["chunked"][1])
+                     for s in strides for c, b in ways}  # fmt: skip
             reverse = {k: dict(base, mode="reverse", checkpoint=o[0], chunk=o[1]) for k, o in options.items()}
             jobs = {
                 k: pool.submit(in_fresh_process, f"{__name__}:task_peak", warmup_steps=1, **v)
@@ -212,6 +225,7 @@ def _large_rows(
                 "chosen_as": f"fastest within memory ratio {MEMORY_TARGET}" if within else "lowest peak",
                 "mixed_stride": mixed[chosen]["stride"],
                 "mixed_support_chunk": mixed[chosen]["support_chunk"],
+                "mixed_blocks": mixed[chosen]["blocks"],
                 "memory_ratio": table[chosen]["memory_ratio"],
                 "reverse_s": round(times["reverse"], 3),
                 "mixed_s": table[chosen]["s"],

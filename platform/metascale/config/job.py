@@ -229,6 +229,11 @@ class JobSpec(Spec):
             raise ValueError(
                 "inner.mixed_stride recomputes mixed mode's stored weights: it needs inner.differentiation 'mixed'"
             )
+        if not alg.inner.mixed_blocks and alg.inner.differentiation != "mixed":
+            raise ValueError(
+                "inner.mixed_blocks false runs mixed mode's support products over the whole model: it needs "
+                "inner.differentiation 'mixed'"
+            )
         if alg.inner.support_chunk is not None and alg.inner.differentiation != "mixed":
             raise ValueError(
                 "inner.support_chunk splits mixed mode's support products: it needs "

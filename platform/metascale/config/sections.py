@@ -159,6 +159,10 @@ class InnerLoopSpec(Spec):
     # stretch at a time: about K/s + s weight copies instead of K, for K - K/s more plain gradients (s ~ sqrt(K) is
     # the lowest peak). 1 keeps every step.
     mixed_stride: PositiveInt = 1
+    # 'mixed' runs its support gradients and products one model block at a time (algorithms/block_products.py): one
+    # block's activations and tangents alive instead of the whole model's, for one more forward per block per
+    # gradient and per product. false: over the whole model (one jvp of grad), the faster where memory allows.
+    mixed_blocks: bool = True
     # 'mixed' computes its support gradients and Hessian-vector products this many support examples at a time and
     # sums them (the same numbers): a product holds one chunk's activations instead of the support set's. Exact where
     # examples are independent, so models without batch statistics (mlp, vit). Reverse mode cannot gain this way: its

@@ -49,6 +49,10 @@ class TaskBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        # Under bf16 autocast, normalise in the weights' precision (float32), the usual mixed-precision recipe. It also
+        # keeps forward mode right: on a bf16 input the native kernel returns bf16 but its tangent in float32, and the
+        # next convolution then refuses the pair (torch 2.13; mixed mode's whole-model products under autocast).
+        x = x.to(self.weight.dtype)
         split = _SPLIT.get()
         if split is not None:
             return split.normalise(x, self.weight, self.bias, self.eps)
