@@ -185,6 +185,21 @@ def test_whole_model_products_run_under_bf16_autocast(sweeps, model):
     assert float((grads["mixed"] - grads["reverse"]).norm() / grads["reverse"].norm()) < 0.02
 
 
+def test_whole_model_products_run_blocks_plainly_under_activation_checkpointing(float64, sweeps):
+    """torch.func refuses checkpointing's saved-tensor hooks: under `checkpointed_blocks()` (the sharded runtime's
+    activation checkpointing for second order) whole-model products run the blocks as they are (the query pass
+    still recomputes them) and give reverse mode's meta-gradient."""
+    from metascale.models.checkpointing import checkpointed_blocks
+
+    reverse, mixed, meta = _setup("maml", MODELS["vit"], 5, steps=2, mixed_blocks=False)
+    batch = _images()
+    expected = meta_gradient(reverse, meta, batch).grads
+    with checkpointed_blocks():
+        got = meta_gradient(mixed, meta, batch).grads
+    assert sweeps["products"] == 2 * len(batch) and sweeps["block_products"] == 0
+    assert _relative(expected, got) < 1e-10
+
+
 def _summed_objective(alg, params, batch) -> float:
     with torch.no_grad():
         return sum(float(alg.task_objective(params, t).objective) for t in batch.tasks())

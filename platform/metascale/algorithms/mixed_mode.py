@@ -32,6 +32,7 @@ from torch import Tensor
 
 from metascale.algorithms.base import Params
 from metascale.algorithms.block_products import SupportLoss, grad_and_product, split_at_blocks
+from metascale.models.checkpointing import plain_blocks
 
 
 def mixed_descent(
@@ -73,7 +74,8 @@ def mixed_descent(
 
 class _Support:
     """The support loss's gradient and products: with `blocks`, block by block where the model has blocks
-    (block_products.py), else over the whole model (one `jvp` of `grad`); with `chunk`, over that many support
+    (block_products.py), else over the whole model (one `jvp` of `grad`, its blocks run plainly even where the model
+    or a runtime asks for activation checkpointing, which torch.func refuses); with `chunk`, over that many support
     examples at a time.
 
     Chunks are exact where the support loss is a mean over independent examples plus terms that do not read the data
@@ -95,7 +97,8 @@ class _Support:
         total: Params = {}
         for x, y, loss_fn in self.parts:
             if self.split is None:
-                g = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))(phi, h)[0]
+                with plain_blocks():
+                    g = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))(phi, h)[0]
             else:
                 g = grad_and_product(self.split, loss_fn, phi, h, x, y, None)[0]
                 assert g is not None
@@ -111,7 +114,8 @@ class _Support:
             if self.split is None:
                 zeros = {k: torch.zeros_like(t) for k, t in h.items()}
                 whole = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))
-                (g, _), (hu, hhu) = torch.func.jvp(whole, (phi, h), (u, zeros))
+                with plain_blocks():
+                    (g, _), (hu, hhu) = torch.func.jvp(whole, (phi, h), (u, zeros))
             else:
                 g, _, hu, hhu = grad_and_product(self.split, loss_fn, phi, h, x, y, u, with_grad)
                 assert hu is not None and hhu is not None

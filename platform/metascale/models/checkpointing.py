@@ -12,7 +12,8 @@ Two switches, because the recomputation must see the same weights as the forward
 MAML's `inner.checkpoint: all` uses the second for the query pass, which dominates a task's peak memory.
 
 `blocks_replaced(run)` hands the blocks to `run` instead: mixed mode's block-by-block products
-(algorithms/block_products.py) split a model's forward there, so this is the one place that knows a model's blocks.
+(algorithms/block_products.py) split a model's forward there, so this is the one place that knows a model's blocks;
+its whole-model products run them under `plain_blocks()`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def blocks_replaced(run: BlocksRun) -> Iterator[None]:
         _REPLACED.reset(token)
 
 
+@contextlib.contextmanager
+def plain_blocks() -> Iterator[None]:
+    """Inside, `run_blocks` runs every block as it is, recomputing nothing whatever asks for it: for code under
+    torch.func transforms, which refuse checkpointing's saved-tensor hooks (mixed mode's whole-model products)."""
+    with blocks_replaced(_in_order):
+        yield
+
+
+def _in_order(blocks: Iterable[nn.Module], h: Tensor) -> Tensor:
+    for block in blocks:
+        h = block(h)
+    return h
+
+
 def recomputes(model: nn.Module) -> bool:
     """Whether a pass through `model` here recomputes its blocks (by its own flag or an enclosing
     `checkpointed_blocks()`): the one rule `run_blocks` follows, for reports of what a runtime does."""
@@ -66,9 +81,7 @@ def run_blocks(blocks: Iterable[nn.Module], h: Tensor, own_params: bool = False)
     if replaced is not None:
         return replaced(list(blocks), h)
     if not torch.is_grad_enabled() or not _recomputing(own_params):
-        for block in blocks:
-            h = block(h)
-        return h
+        return _in_order(blocks, h)
     for block in blocks:
         h = checkpoint(block, h, use_reentrant=False) if own_params else _functional_checkpoint(block, h)
     return h
