@@ -168,6 +168,8 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
         # support chunks of 4 and 2 of the 6 examples, weighted 4/6 and 2/6 (algorithms/mixed_mode.py: _Support)
         ("metasgd", 3, "mixed", {"sharding": CKPT, "inner": {"support_chunk": 4}}),
         ("maml", 1, "mixed", {"sharding": BF16, "inner": {"support_chunk": 4}}),
+        # whole-model support products run the blocks plainly under activation checkpointing (torch.func refuses it)
+        ("maml", 2, "mixed", {"sharding": CKPT, "inner": {"mixed_blocks": False}}),
     ],
     ids=[
         "maml-2-reverse",
@@ -184,6 +186,7 @@ def test_activation_checkpointing_and_lite_over_the_whole_support_keep_the_gradi
         "maml-2-reverse-ckpt",
         "metasgd-3-mixed-ckpt-support4",
         "maml-1-mixed-bf16-support4",
+        "maml-2-mixed-ckpt-whole",
     ],
 )
 def test_second_order_equals_plain_torch(local_ray, algorithm, zero, mode, extra):
