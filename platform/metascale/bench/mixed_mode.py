@@ -9,7 +9,7 @@ Reverse mode's best path is the lowest peak of its memory options (nothing recom
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
 query-pass option as that best (at 84x84 with its lowest-memory one, the query pass in chunks), keeping
 every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84, on models without
-batch statistics, also with its support products 5 examples at a time (`support_chunk`) block by block, and 2 at a
+batch statistics, also with its support products 5 examples at a time (`support_chunk`) block by block, and 3 at a
 time over the whole model (`mixed_blocks: false`: no block recomputation). At 32x32 its lowest peak is
 compared; at 84x84 its fastest configuration within the memory target, else its lowest peak (every configuration's
 figures are in the row). Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call.
@@ -66,8 +66,9 @@ FEW_TOKEN_MODELS: dict[str, dict[str, Any]] = {
 SUPPORT_CHUNK = 5
 # ... and, on those models, over the whole model (`inner.mixed_blocks: false`: no block recomputation, the faster) this
 # many at a time: a whole-model product holds every block's activations and tangents, ~32 MB per example on the
-# 197-token ViT (839.8 MB for the 25 support examples at once, above reverse's 519.8; 194.6 in chunks of 5, 97.8 of 2)
-WHOLE_MODEL_CHUNK = 2
+# 197-token ViT (peaks 839.8 MB for the 25 support examples at once, above reverse's 519.8; in chunks of 5 / 3 / 2:
+# 194.6 / 130.2 / 97.8 MB), and smaller chunks cost time (best of 4: 1.08x reverse's in chunks of 3, 1.18x of 2)
+WHOLE_MODEL_CHUNK = 3
 # the memory target: the 84x84 rows report mixed mode's fastest configuration within it (a user's choice)
 MEMORY_TARGET = 0.3
 
