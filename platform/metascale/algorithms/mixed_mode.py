@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import Params
-from metascale.algorithms.block_products import SupportLoss, grad_and_product, split_at_blocks
+from metascale.algorithms.block_products import SupportLoss, grad_and_product, has_batch_norm, split_at_blocks
 
 
 def mixed_descent(
@@ -80,9 +80,11 @@ class _Support:
     def __init__(self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params, chunk: int | None):
         n = x.shape[0]
         size = min(chunk or n, n)
+        self.split = split_at_blocks(loss_fn, phi, h, x[:size], y[:size])
+        # with batch norm in the blocks, each block runs in chunks with its statistics explicit (norm_chunks.py)
+        self.block_chunk = size if size < n and self.split is not None and has_batch_norm(self.split) else None
         self.parts = [(x[i : i + size], y[i : i + size], _weighted(loss_fn, (min(i + size, n) - i) / n))
-                      for i in range(0, n, size)] if size < n else [(x, y, loss_fn)]  # fmt: skip
-        self.split = split_at_blocks(loss_fn, phi, h, *self.parts[0][:2])
+                      for i in range(0, n, size)] if size < n and not self.block_chunk else [(x, y, loss_fn)]  # fmt: skip
 
     def grad(self, phi: Params, h: Params) -> Params:
         total: Params = {}
@@ -90,7 +92,7 @@ class _Support:
             if self.split is None:
                 g = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))(phi, h)[0]
             else:
-                g = grad_and_product(self.split, loss_fn, phi, h, x, y, None)[0]
+                g = grad_and_product(self.split, loss_fn, phi, h, x, y, None, chunk=self.block_chunk)[0]
                 assert g is not None
             _accumulate(total, g)
         return total
@@ -106,7 +108,9 @@ class _Support:
                 whole = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))
                 (g, _), (hu, hhu) = torch.func.jvp(whole, (phi, h), (u, zeros))
             else:
-                g, _, hu, hhu = grad_and_product(self.split, loss_fn, phi, h, x, y, u, with_grad)
+                g, _, hu, hhu = grad_and_product(
+                    self.split, loss_fn, phi, h, x, y, u, with_grad, chunk=self.block_chunk
+                )
                 assert hu is not None and hhu is not None
             if with_grad:
                 assert g is not None
