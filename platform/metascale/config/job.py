@@ -237,7 +237,7 @@ class JobSpec(Spec):
             )
         if alg.inner.support_chunk is not None and self.model.name not in PER_EXAMPLE_MODELS + BLOCK_NORM_MODELS:
             why = (  # a custom module may hold batch norm: metascale cannot tell before building it
-                "its batch norm couples a task's examples outside blocks that mixed mode can split"
+                "its batch norm couples a task's examples and it has no blocks for mixed mode to split"
                 if self.model.name != "custom"
                 else "it may use batch norm, which couples a task's examples; metascale cannot tell before building it"
             )
