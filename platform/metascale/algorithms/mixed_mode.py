@@ -74,8 +74,8 @@ class _Support:
     Chunks are exact where the support loss is a mean over independent examples plus terms that do not read the data
     (learned_hparams' decay): L = sum_c (n_c / n) L_c, so the gradient and every product are the chunks' weighted
     sums (the same numbers up to summation order), while a product holds one chunk's block boundaries and
-    forward-over-reverse instead of the whole support set's. The config admits it only for models without batch
-    statistics (which couple a task's examples)."""
+    forward-over-reverse instead of the whole support set's. Where per-task batch norm in the blocks couples the
+    examples (Conv-4, ResNet-12), the loss stays whole and each block runs in chunks instead (norm_chunks.py)."""
 
     def __init__(self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params, chunk: int | None):
         n = x.shape[0]
