@@ -46,6 +46,22 @@ def _cat(parts: list) -> Boundary:
     return torch.cat(parts)
 
 
+def _joined(outs: list, chunks: list, x: Boundary) -> Boundary:
+    """The chunks' outputs as one; an output that is each chunk's own input (ResNet-12's stage input, handed on for
+    the shortcut) is the whole input, not a copy: boundaries are kept for the whole support set."""
+    if not isinstance(outs[0], tuple):
+        return torch.cat(outs)
+    inputs = list(x) if isinstance(x, tuple) else [x]
+
+    def one(j: int) -> Tensor:
+        for i, whole in enumerate(inputs):
+            if all(o[j] is (c[i] if isinstance(c, tuple) else c) for o, c in zip(outs, chunks)):
+                return whole
+        return torch.cat([o[j] for o in outs])
+
+    return tuple(one(j) for j in range(len(outs[0])))
+
+
 def _plus(a, b):
     """a + b for tensors and tuples, lists and dicts of them; None is zero."""
     if a is None:
@@ -97,7 +113,8 @@ class ChunkedBlock:
     def forward(self, theta: Params, x: Boundary) -> tuple[Boundary, Stats]:
         """(the block's output, its statistics)."""
         stats = self.statistics(theta, x)
-        return _cat([self._run(theta, xc, stats).out for xc in _chunks(x, self.size)]), stats
+        chunks = _chunks(x, self.size)
+        return _joined([self._run(theta, xc, stats).out for xc in chunks], chunks, x), stats
 
     def pullback(self, theta: Params, x: Boundary, stats: Stats, c: Boundary) -> tuple[Params, Boundary]:
         """(dL/dtheta, dL/dx) for the cotangent `c` of the block's output, statistics included."""
