@@ -40,12 +40,6 @@ def _chunks(x: Boundary, size: int) -> list:
     return list(x.split(size))
 
 
-def _cat(parts: list) -> Boundary:
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat(ts) for ts in zip(*parts))
-    return torch.cat(parts)
-
-
 def _joined(outs: list, chunks: list, x: Boundary) -> Boundary:
     """The chunks' outputs as one; an output that is each chunk's own input (ResNet-12's stage input, handed on for
     the shortcut) is the whole input, not a copy: boundaries are kept for the whole support set."""
@@ -119,12 +113,16 @@ class ChunkedBlock:
     def pullback(self, theta: Params, x: Boundary, stats: Stats, c: Boundary) -> tuple[Params, Boundary]:
         """(dL/dtheta, dL/dx) for the cotangent `c` of the block's output, statistics included."""
         xs = _chunks(x, self.size)
-        g, a_stats, cx = None, None, []
-        for xc, cc in zip(xs, _chunks(c, self.size)):
+        # the input's cotangent is summed into one whole-size tensor in place (not chunks and then a copy of them all:
+        # with its tangent, at ResNet-12's first stage that copy would be the product's largest tensors)
+        cx = tuple(torch.zeros_like(t) for t in x) if isinstance(x, tuple) else torch.zeros_like(x)
+        g, a_stats = None, None
+        for i, (xc, cc) in enumerate(zip(xs, _chunks(c, self.size))):
             _, vjp = torch.func.vjp(lambda th, xx, st: self._run(th, xx, st).out, theta, xc, stats)
             g_c, cx_c, a_c = vjp(cc)
             g, a_stats = _plus(g, g_c), _plus(a_stats, a_c)
-            cx.append(cx_c)
+            self._add_at(cx, i, cx_c)
+            del cx_c
         for layer in reversed(range(len(stats))):
 
             def share(th: Params, xx: Boundary, earlier: Stats, layer: int = layer) -> tuple[Tensor, Tensor]:
@@ -133,6 +131,12 @@ class ChunkedBlock:
             for i, xc in enumerate(xs):
                 _, vjp = torch.func.vjp(share, theta, xc, stats[:layer])
                 g_c, cx_c, a_c = vjp(tuple(a_stats[layer]))
-                g, cx[i] = _plus(g, g_c), _plus(cx[i], cx_c)
+                g = _plus(g, g_c)
+                self._add_at(cx, i, cx_c)
                 a_stats[:layer] = _plus(a_stats[:layer], a_c)
-        return g, _cat(cx)
+        return g, cx
+
+    def _add_at(self, total: Boundary, i: int, part: Boundary) -> None:
+        """Adds chunk i's `part` into `total`'s rows, in place."""
+        for t, p in zip(total, part) if isinstance(total, tuple) else [(total, part)]:
+            t.narrow(0, i * self.size, p.shape[0]).add_(p)
