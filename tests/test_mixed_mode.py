@@ -165,6 +165,17 @@ def test_support_chunks_under_batch_norm_equal_the_whole_support_set(float64, sw
         assert torch.allclose(expected[k], got.grads[k], rtol=1e-7, atol=1e-12), k
 
 
+def test_support_chunks_under_batch_norm_with_a_stride(float64, sweeps):
+    """The sweep's recomputed steps (stride 2 of 5) take the same chunked gradients as the forward loop's."""
+    reverse, _, meta = _setup("metasgd", MODELS["resnet12"], 5, steps=5)
+    _, chunked, _ = _setup("metasgd", MODELS["resnet12"], 5, steps=5, support_chunk=2, mixed_stride=2)
+    batch = _images()
+    expected = meta_gradient(reverse, meta, batch).grads
+    got = meta_gradient(chunked, meta, batch).grads
+    assert sweeps["chunked_blocks"] == (5 + 5 + 2) * len(batch)  # 5 gradients, 5 products, 2 recomputed gradients
+    assert _relative(expected, got) < 1e-8
+
+
 @pytest.mark.parametrize("strategy", ["per_task", "vmap"])
 def test_support_chunks_without_blocks_sum_the_whole_model_products(float64, sweeps, strategy):
     """The MLP has no blocks: each chunk takes one whole-model product (chunks of 3 of the sinusoid's support set)."""
