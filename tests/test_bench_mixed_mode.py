@@ -72,8 +72,10 @@ def test_mixed_mode_bench_large_episode_rows():
     assert row["meta_gradient_relative_difference"] < 1e-4  # float32, 4 steps, every mixed configuration
 
 
-def test_mixed_mode_bench_chunks_only_models_without_batch_statistics():
-    """ResNet-12's batch norm couples a task's examples: its 84x84 row has no support-chunk configurations."""
+def test_mixed_mode_bench_chunks_resnet12s_support_set():
+    """ResNet-12's batch norm sits inside its blocks: its 84x84 row has support-chunk configurations (each block one
+    of the 2 support examples at a time, its statistics explicit), with the meta-gradient of reverse mode."""
     net = ResNet12Spec(in_channels=1, channels=[2, 2], image_size=8).model_dump()
     row = _large_rows({"resnet12": net}, EPISODE, steps=1, workers=2, support_chunk=1, whole_model_chunk=1)["resnet12"]
-    assert set(row["mixed"]) == {"stride1"} and row["mixed_support_chunk"] is None
+    assert set(row["mixed"]) == {"stride1", "stride1_chunk1"}  # no whole-model chunks: they would split the statistics
+    assert row["meta_gradient_relative_difference"] < 1e-4  # float32: the chunked configuration's too

@@ -110,19 +110,19 @@ def test_empty_spec_is_a_valid_sinusoid_maml_job():
         ),
         (
             {
-                "model": {"name": "conv4"},
+                "model": {"name": "resnet12"},
                 "data": {"source": "synthetic"},
-                "algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 2}},
+                "algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 2, "mixed_blocks": False}},
             },
-            "exact only when examples are independent: models mlp, vit, not 'conv4'",
+            "inner.support_chunk on model 'resnet12' chunks each block with its batch statistics made explicit",
         ),
         (
             {
-                "model": {"name": "resnet12"},
+                "model": {"name": "darts"},
                 "data": {"source": "synthetic"},
-                "algorithm": {"name": "learned_loss", "inner": {"differentiation": "mixed", "support_chunk": 2}},
+                "algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 2}},
             },
-            "not 'resnet12'",
+            "inside the model's blocks: models mlp, vit, conv4, resnet12, not 'darts' (its batch norm couples",
         ),
         (
             {"algorithm": {"inner": {"differentiation": "mixed", "support_chunk": 0}}},
@@ -153,9 +153,9 @@ def test_mixed_mode_validates_sharded_at_every_zero_stage(zero_stage):
     assert spec.algorithm.inner.differentiation == "mixed" and spec.sharding.zero_stage == zero_stage
 
 
-@pytest.mark.parametrize("model", ["mlp", "vit"])
-def test_support_chunks_validate_on_models_without_batch_statistics(model):
-    data = {"source": "synthetic" if model == "vit" else "sinusoid"}
+@pytest.mark.parametrize("model", ["mlp", "vit", "conv4", "resnet12"])
+def test_support_chunks_validate_where_only_block_batch_norm_couples_examples(model):
+    data = {"source": "sinusoid" if model == "mlp" else "synthetic"}
     spec = parse_spec(
         {
             "model": {"name": model},

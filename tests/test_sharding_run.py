@@ -138,7 +138,7 @@ CUSTOM = "{name: custom, target: 'torch.nn:Flatten', feature_dim: 144}"
         (["algorithm.inner.checkpoint=steps"], "'mixed' keeps none"),
         (["sharding.support_backprop_subset=2"], "use algorithm fomaml or reptile"),  # LITE is first order
         (["algorithm.inner.differentiation=reverse", "algorithm.inner.support_chunk=2"], "needs inner.differentiation"),
-        (["model={name: resnet12}", "algorithm.inner.support_chunk=2"], "not 'resnet12' (its batch norm"),
+        (["model={name: darts}", "algorithm.inner.support_chunk=2"], "not 'darts' (its batch norm"),
         ([f"model={CUSTOM}", "algorithm.inner.support_chunk=2"], "metascale cannot tell before building it"),
     ],
     ids=["anil", "first-order", "checkpoint-steps", "lite", "support-chunk-reverse", "support-chunk-bn", "custom"],

@@ -35,7 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from metascale.algorithms.base import Params
+from metascale.algorithms.norm_chunks import ChunkedBlock
 from metascale.models.checkpointing import blocks_replaced
+from metascale.models.norm import TaskBatchNorm
 
 # L_s(phi, h, x, y): the support loss of weights phi and hyperparameters h on the support set (x, y). The data is an
 # argument, not captured, so that under vmap it arrives batched through mixed mode's Function's inputs.
@@ -99,6 +101,11 @@ def split_at_blocks(loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: 
     return Split(blocks, [k for k in phi if k not in taken], at.h is x, autocast)
 
 
+def has_batch_norm(split: Split) -> bool:
+    """Whether the blocks hold per-task batch norm, which couples a task's examples through its statistics."""
+    return any(isinstance(m, TaskBatchNorm) for b in split.blocks for m in b.module.modules())
+
+
 def _block_fn(split: Split, block: Block) -> Callable[[Params, Tensor], Tensor]:
     device, dtype, enabled = split.autocast
 
@@ -113,6 +120,19 @@ def _block_fn(split: Split, block: Block) -> Callable[[Params, Tensor], Tensor]:
 def _pullback(f: Callable) -> Callable:
     """(primals..., cotangent) -> the vjp of `f` at the primals: a block's backward, recomputing its forward."""
     return lambda *args: torch.func.vjp(f, *args[:-1])[1](args[-1])
+
+
+class _Whole:
+    """A block over the whole support set at once (norm_chunks.ChunkedBlock's interface; it keeps nothing)."""
+
+    def __init__(self, f: Callable):
+        self.f = f
+
+    def forward(self, theta: Params, x: Tensor) -> tuple[Tensor, tuple]:
+        return self.f(theta, x), ()
+
+    def pullback(self, theta: Params, x: Tensor, kept: tuple, c: Tensor) -> tuple[Params, Tensor]:
+        return _pullback(self.f)(theta, x, c)
 
 
 def _push(f: Callable, primals: tuple, tangents: tuple | None):
@@ -136,10 +156,13 @@ def grad_and_product(
     y: Tensor,
     u: Params | None,
     need_grad: bool = True,
+    chunk: int | None = None,
 ) -> tuple[Params | None, Params, Params | None, Params | None]:
     """(dL/dphi, dL/dh, H_phiphi u, H_hphi u) block by block; the last two None when `u` is None, the first None
     unless `need_grad` (a product computes the gradient anyway, but only tensor rates read it: not summing the
-    blocks' parts into it saves a sum per block)."""
+    blocks' parts into it saves a sum per block). With `chunk`, every block but the last runs that many examples at
+    a time with its batch statistics explicit (norm_chunks.py); the last, at the smallest maps, and the tail run
+    whole."""
     zh = {k: torch.zeros_like(t) for k, t in h.items()} if u is not None else None
     out = split.outside
 
@@ -161,11 +184,15 @@ def grad_and_product(
         xl, xd = _push(stem, (part(out, phi), h), None if u is None else (part(out, u), zh))
     # the last block runs inside the tail's gradient: its forward is not run a second time to find a boundary
     *blocks, last = split.blocks
-    bounds, fns, f_last = [], [_block_fn(split, b) for b in blocks], _block_fn(split, last)
-    for block, f in zip(blocks, fns):
-        bounds.append((xl, xd))
+    fns, f_last = [_block_fn(split, b) for b in blocks], _block_fn(split, last)
+    ops = [_Whole(f) if chunk is None or chunk >= len(x) else ChunkedBlock(f, len(x), chunk) for f in fns]
+    bounds = []  # each block's input and tangent, and what its forward kept for its backward (with tangents)
+    for block, op in zip(blocks, ops):
         theta_u = None if u is None else (part(block.keys.values(), u), xd)
-        xl, xd = _push(f, (part(block.keys.values(), phi), xl), theta_u)
+        (x_next, kept), dots = _push(op.forward, (part(block.keys.values(), phi), xl), theta_u)
+        bounds.append((xl, xd, kept, None if dots is None else dots[1]))
+        xl, xd = x_next, None if dots is None else dots[0]
+        del x_next, kept, dots
 
     def last_and_tail(p: Params, hh: Params, x_in: Tensor) -> Tensor:
         return tail(p, hh, f_last(part(last.keys.values(), p), x_in))
@@ -174,17 +201,17 @@ def grad_and_product(
     (g, gh, c), dots = _push(tail_grad, (phi, h, xl), None if u is None else (u, zh, xd))
     hu, hhu, cd = dots if dots is not None else (None, None, None)
     del xl, xd
-    for block, f in zip(reversed(blocks), reversed(fns)):
-        xl, xd = bounds.pop()
+    for block, op in zip(reversed(blocks), reversed(ops)):
+        xl, xd, kept, kd = bounds.pop()
         keys = list(block.keys.values())
-        tangents = None if u is None else (part(keys, u), xd, cd)
-        (g_l, c), dots = _push(_pullback(f), (part(keys, phi), xl, c), tangents)
+        tangents = None if u is None else (part(keys, u), xd, kd, cd)
+        (g_l, c), dots = _push(op.pullback, (part(keys, phi), xl, kept, c), tangents)
         if need_grad:
             _add(g, g_l)
         if dots is not None:
             _add(hu, dots[0])
             cd = dots[1]
-        del xl, xd, g_l, dots
+        del xl, xd, kept, kd, g_l, dots
     if not split.stem_is_input:
         tangents = None if u is None else (part(out, u), zh, cd)
         (g_s, gh_s), dots = _push(_pullback(stem), (part(out, phi), h, c), tangents)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import Params
-from metascale.algorithms.block_products import SupportLoss, grad_and_product, split_at_blocks
+from metascale.algorithms.block_products import SupportLoss, grad_and_product, has_batch_norm, split_at_blocks
 from metascale.models.checkpointing import plain_blocks
 
 
@@ -81,17 +81,21 @@ class _Support:
     Chunks are exact where the support loss is a mean over independent examples plus terms that do not read the data
     (learned_hparams' decay): L = sum_c (n_c / n) L_c, so the gradient and every product are the chunks' weighted
     sums (the same numbers up to summation order), while a product holds one chunk's block boundaries and
-    forward-over-reverse instead of the whole support set's. The config admits it only for models without batch
-    statistics (which couple a task's examples)."""
+    forward-over-reverse instead of the whole support set's. Where per-task batch norm in the blocks couples the
+    examples (Conv-4, ResNet-12), the loss stays whole and each block runs in chunks instead (norm_chunks.py)."""
 
     def __init__(
         self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params, chunk: int | None, blocks: bool
     ):
         n = x.shape[0]
         size = min(chunk or n, n)
+        split = split_at_blocks(loss_fn, phi, h, x[:size], y[:size]) if blocks or size < n else None
+        # with batch norm in the blocks, each block runs in chunks with its statistics explicit (norm_chunks.py): block
+        # by block whatever `blocks` says, since whole-model chunks would split the statistics (the config refuses it)
+        self.block_chunk = size if size < n and split is not None and has_batch_norm(split) else None
+        self.split = split if blocks or self.block_chunk else None
         self.parts = [(x[i : i + size], y[i : i + size], _weighted(loss_fn, (min(i + size, n) - i) / n))
-                      for i in range(0, n, size)] if size < n else [(x, y, loss_fn)]  # fmt: skip
-        self.split = split_at_blocks(loss_fn, phi, h, *self.parts[0][:2]) if blocks else None
+                      for i in range(0, n, size)] if size < n and not self.block_chunk else [(x, y, loss_fn)]  # fmt: skip
 
     def grad(self, phi: Params, h: Params) -> Params:
         total: Params = {}
@@ -100,7 +104,7 @@ class _Support:
                 with plain_blocks():
                     g = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))(phi, h)[0]
             else:
-                g = grad_and_product(self.split, loss_fn, phi, h, x, y, None)[0]
+                g = grad_and_product(self.split, loss_fn, phi, h, x, y, None, chunk=self.block_chunk)[0]
                 assert g is not None
             _accumulate(total, g)
         return total
@@ -117,7 +121,9 @@ class _Support:
                 with plain_blocks():
                     (g, _), (hu, hhu) = torch.func.jvp(whole, (phi, h), (u, zeros))
             else:
-                g, _, hu, hhu = grad_and_product(self.split, loss_fn, phi, h, x, y, u, with_grad)
+                g, _, hu, hhu = grad_and_product(
+                    self.split, loss_fn, phi, h, x, y, u, with_grad, chunk=self.block_chunk
+                )
                 assert hu is not None and hhu is not None
             if with_grad:
                 assert g is not None

@@ -8,9 +8,10 @@ beside them), where a task's activations dominate: the regime block-level recomp
 Reverse mode's best path is the lowest peak of its memory options (nothing recomputed; `checkpoint: all`: every
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
 query-pass option as that best (at 84x84 with its lowest-memory one, the query pass in chunks), keeping
-every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84, on models without
-batch statistics, also with its support products 5 examples at a time (`support_chunk`) block by block, and 3 at a
-time over the whole model (`mixed_blocks: false`: no block recomputation). At 32x32 its lowest peak is
+every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84 also with its
+support products 5 examples at a time (`support_chunk`; on ResNet-12 block by block with explicit batch statistics),
+and, on models without batch statistics, 3 at a time over the whole model (`mixed_blocks: false`: no block
+recomputation). At 32x32 its lowest peak is
 compared; at 84x84 its fastest configuration within the memory target, else its lowest peak (every configuration's
 figures are in the row). Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call.
 Time: CPU seconds of the one thread (less sensitive than wall time to other jobs on the machine), the best of
@@ -31,7 +32,7 @@ from metascale.algorithms import build_algorithm
 from metascale.algorithms.executor import meta_gradient
 from metascale.bench.peak import added_bytes, in_fresh_process, settle
 from metascale.config import AlgorithmSpec, InnerLoopSpec, ModelSpec, ResNet12Spec, SyntheticImagesData, ViTSpec
-from metascale.config.sections import PER_EXAMPLE_MODELS
+from metascale.config.sections import BLOCK_NORM_MODELS, PER_EXAMPLE_MODELS
 from metascale.data import build_task_source
 from metascale.models import build_model
 
@@ -52,8 +53,8 @@ MINI_MODELS: dict[str, dict[str, Any]] = {
     # half the standard widths (32-64-128-256, as at 32x32): at those a reverse meta-gradient took 18.2 CPU s at 1
     # inner step and 22.9 at 2 (~4.7 s a step after a first call's ~13 s), one 10-step configuration over 148 CPU s
     # on a loaded machine, so the row's four would add ~15-20 CPU minutes to the bench; at these widths 8.7 and 11.1 s
-    # (~2.4 s a step), and the four take ~7-10 CPU minutes (docs/benchmarks.md). Its batch norm rules out support
-    # chunks: its mixed mode holds the whole support set's block boundaries and one stage part's forward-over-reverse
+    # (~2.4 s a step), and the four take ~7-10 CPU minutes (docs/benchmarks.md). With support chunks its mixed mode
+    # holds the whole support set's block boundaries (batch norm needs every example) and one chunk's product
     "resnet12": ResNet12Spec(in_channels=3, channels=[16, 32, 64, 128], image_size=84).model_dump(),
 }
 # the same ViT in 12-pixel patches (50 tokens): its ops are so small that per-op cost, paid once per support chunk,
@@ -61,8 +62,8 @@ MINI_MODELS: dict[str, dict[str, Any]] = {
 FEW_TOKEN_MODELS: dict[str, dict[str, Any]] = {
     "vit_50_tokens": ViTSpec(in_channels=3, image_size=84, patch_size=12, dim=96, depth=4, heads=3).model_dump(),
 }
-# the 84x84 rows' mixed mode also computes its support products this many examples at a time (`inner.support_chunk`;
-# models without batch statistics): one chunk's activations instead of the 25 support examples'
+# the 84x84 rows' mixed mode also computes its support products this many examples at a time (`inner.support_chunk`):
+# one chunk's activations instead of the 25 support examples'
 SUPPORT_CHUNK = 5
 # ... and, on those models, over the whole model (`inner.mixed_blocks: false`: no block recomputation, the faster) this
 # many at a time: a whole-model product holds every block's activations and tangents, ~32 MB per example on the
@@ -184,10 +185,10 @@ def _large_rows(
     """`_rows` for an episode whose calls take many seconds. Peaks: one fresh process per configuration (after a
     1-step warm-up; `workers` at once: peaks do not depend on it); plain reverse is left out (it keeps every step's
     graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT). Mixed mode runs
-    with the query pass block by block in chunks, at each stride: block by block, whole and, on models without batch
-    statistics, with `support_chunk`, and over the whole model with `whole_model_chunk`. Times: every configuration
-    and the lowest-peak reverse path in turn in this process (`_times`). The row's ratios are mixed mode's fastest
-    configuration within MEMORY_TARGET, else its lowest peak."""
+    with the query pass block by block in chunks, at each stride: block by block, whole and with `support_chunk` (on
+    models that allow it), and on models without batch statistics over the whole model with `whole_model_chunk`.
+    Times: every configuration and the lowest-peak reverse path in turn in this process (`_times`). The row's ratios
+    are mixed mode's fastest configuration within MEMORY_TARGET, else its lowest peak."""
     strides = sorted({1, math.ceil(math.sqrt(steps))})
     options = {k: REVERSE[k] for k in ("blocks", "chunked")}
     rows = {}
@@ -195,10 +196,14 @@ def _large_rows(
         for m, spec in models.items():
             base = dict(model=spec, episode=episode, steps=steps)
             per_example = spec["name"] in PER_EXAMPLE_MODELS
-            # (support chunk, block by block): whole-model products only in chunks (all at once they hold the whole
-            # support set's activations and tangents, above reverse's peak)
-            ways = [(None, True)] + [(c, b) for c, b in ((support_chunk, True), (whole_model_chunk, False))
-                                     if c and per_example]  # fmt: skip
+            # (support chunk, block by block): block chunks where examples are independent or the batch statistics
+            # are made explicit per block; whole-model products only in chunks (all at once they hold the whole
+            # support set's activations and tangents, above reverse's peak) and only where examples are independent
+            ways = [(None, True)]
+            if support_chunk and (per_example or spec["name"] in BLOCK_NORM_MODELS):
+                ways.append((support_chunk, True))
+            if whole_model_chunk and per_example:
+                ways.append((whole_model_chunk, False))
             # mixed mode at its own lowest-memory query pass (block by block, in chunks): reverse's peak, its inner
             # double backward, does not depend on that option (116.1 MB and 116.2 MB on the 50-token ViT)
             mixed = {f"stride{s}" + (f"_chunk{c}" if c else "") + ("" if b else "_whole"):

@@ -16,6 +16,7 @@ from metascale.config.sections import (
     CHUNKED_QUERY,
     MIXED_MODE,
     PER_EXAMPLE_MODELS,
+    BLOCK_NORM_MODELS,
     AlgorithmSpec,
     CheckpointSpec,
     ClusterSpec,
@@ -239,15 +240,21 @@ class JobSpec(Spec):
                 "inner.support_chunk splits mixed mode's support products: it needs "
                 "inner.differentiation 'mixed' (reverse mode's double backward keeps every chunk's graph)"
             )
-        if alg.inner.support_chunk is not None and self.model.name not in PER_EXAMPLE_MODELS:
+        if alg.inner.support_chunk is not None and self.model.name not in PER_EXAMPLE_MODELS + BLOCK_NORM_MODELS:
             why = (  # a custom module may hold batch norm: metascale cannot tell before building it
-                "its batch norm couples a task's examples"
+                "its batch norm couples a task's examples and it has no blocks for mixed mode to split"
                 if self.model.name != "custom"
                 else "it may use batch norm, which couples a task's examples; metascale cannot tell before building it"
             )
             raise ValueError(
-                f"inner.support_chunk sums per-chunk support gradients, exact only when examples are "
-                f"independent: models {', '.join(PER_EXAMPLE_MODELS)}, not '{self.model.name}' ({why})"
+                f"inner.support_chunk is exact only where examples are independent or coupled by per-task batch "
+                f"norm inside the model's blocks: models {', '.join(PER_EXAMPLE_MODELS + BLOCK_NORM_MODELS)}, "
+                f"not '{self.model.name}' ({why})"
+            )
+        if alg.inner.support_chunk is not None and not alg.inner.mixed_blocks and self.model.name in BLOCK_NORM_MODELS:
+            raise ValueError(
+                f"inner.support_chunk on model '{self.model.name}' chunks each block with its batch statistics made "
+                "explicit, so it needs inner.mixed_blocks true (whole-model chunks would split the statistics)"
             )
         if alg.name == "imaml" and (alg.inner.steps == 0 or alg.inner.checkpoint != "none"):
             raise ValueError(

@@ -165,8 +165,9 @@ class InnerLoopSpec(Spec):
     mixed_blocks: bool = True
     # 'mixed' computes its support gradients and Hessian-vector products this many support examples at a time and
     # sums them (the same numbers): a product holds one chunk's activations instead of the support set's. Exact where
-    # examples are independent, so models without batch statistics (mlp, vit). Reverse mode cannot gain this way: its
-    # double backward needs every chunk's graph at once.
+    # examples are independent (mlp, vit) or coupled only by per-task batch norm inside the model's blocks (conv4,
+    # resnet12: each block's statistics are made explicit, algorithms/norm_chunks.py). Reverse mode cannot gain this
+    # way: its double backward needs every chunk's graph at once.
     support_chunk: PositiveInt | None = None
 
 
@@ -174,6 +175,9 @@ CHUNKED_QUERY = ("maml", "fomaml", "metasgd", "learned_loss", "learned_hparams")
 MIXED_MODE = ("maml", "metasgd", "learned_hparams", "learned_loss")  # second order through the whole model
 # models whose outputs for one example read no other example (no batch statistics): inner.support_chunk is exact
 PER_EXAMPLE_MODELS = ("mlp", "vit")
+# models whose only link between examples is per-task batch norm inside the blocks mixed mode splits them at: there
+# inner.support_chunk runs each block in chunks with its batch statistics explicit (algorithms/norm_chunks.py)
+BLOCK_NORM_MODELS = ("conv4", "resnet12")
 
 
 class IMAMLSpec(Spec):

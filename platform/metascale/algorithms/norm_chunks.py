@@ -1,0 +1,142 @@
+"""One block of mixed mode's block-by-block support product over a few support examples at a time, exact under
+per-task batch norm (`inner.support_chunk` on Conv-4 and ResNet-12).
+
+A block's norm layers read statistics of the block's own input (for the whole support set), so its examples are
+coupled only through them. With the statistics S = (mean, biased var) per norm layer given from outside
+(models/norm.py `SplitBatch`), y_c = f(theta, x_c, S) reads one chunk. So a block runs as:
+
+- forward: S as differentiable sums over chunks (layer by layer: a layer's statistics may need the earlier ones'),
+  then the output chunk by chunk with S fixed. S is a few per-channel vectors; it is kept beside the boundary, so the
+  backward does not collect it again.
+- backward with cotangent c: per chunk, the vjp of f at (theta, x_c, S) gives the weights' gradient, the chunk's input
+  cotangent and the statistics' adjoint a_S, all summed; then, from the last norm layer down, a_S is pushed through
+  the statistics' definition, a sum over examples: the vjp of each chunk's share (sum x / M, sum (x - mean)^2 / M)
+  adds to the weights, the chunk's input cotangent and the earlier layers' adjoints.
+
+Holding the layer's own mean fixed inside its variance's share is exact, for the product too: d var / d mean =
+-(2/M) sum (x - mean) is identically zero where mean is the batch mean, and so is its tangent. block_products.py takes
+`torch.func.jvp` of both procedures along (u, xdot[, Sdot], cdot), as of the unchunked ones: forward mode keeps no
+tape, so a product holds the whole support set's boundaries (the next block's statistics need every example) and
+one chunk's forward-over-reverse instead of the support set's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from metascale.algorithms.base import Params
+from metascale.models.norm import SplitBatch, StopPass, split_batch
+
+Boundary = Tensor | tuple[Tensor, ...]  # ResNet-12's stage parts hand on (stage input, maps)
+Stats = list[tuple[Tensor, Tensor]]
+
+
+def _chunks(x: Boundary, size: int) -> list:
+    if isinstance(x, tuple):
+        return list(zip(*(t.split(size) for t in x)))
+    return list(x.split(size))
+
+
+def _joined(outs: list, chunks: list, x: Boundary) -> Boundary:
+    """The chunks' outputs as one; an output that is each chunk's own input (ResNet-12's stage input, handed on for
+    the shortcut) is the whole input, not a copy: boundaries are kept for the whole support set."""
+    if not isinstance(outs[0], tuple):
+        return torch.cat(outs)
+    inputs = list(x) if isinstance(x, tuple) else [x]
+
+    def one(j: int) -> Tensor:
+        for i, whole in enumerate(inputs):
+            if all(o[j] is (c[i] if isinstance(c, tuple) else c) for o, c in zip(outs, chunks)):
+                return whole
+        return torch.cat([o[j] for o in outs])
+
+    return tuple(one(j) for j in range(len(outs[0])))
+
+
+def _plus(a, b):
+    """a + b for tensors and tuples, lists and dicts of them; None is zero."""
+    if a is None:
+        return b
+    if isinstance(a, dict):
+        return {k: _plus(t, b[k]) for k, t in a.items()}
+    if isinstance(a, (tuple, list)):
+        return type(a)(_plus(s, t) for s, t in zip(a, b))
+    return a + b
+
+
+class _Passed:
+    """What a chunk's pass gave when no norm layer stopped it (a block's output may itself be a tuple)."""
+
+    def __init__(self, out):
+        self.out = out
+
+
+class ChunkedBlock:
+    """A block's forward and backward over `size` of the support set's `total` examples at a time."""
+
+    def __init__(self, f: Callable[[Params, Boundary], Boundary], total: int, size: int):
+        self.f, self.total, self.size = f, total, size
+
+    def _run(self, theta: Params, x: Boundary, stats: Stats, stop_at: int | None = None):
+        with split_batch(SplitBatch(stats, self.total, stop_at)):
+            try:
+                return _Passed(self.f(theta, x))
+            except StopPass as stop:
+                return stop.record
+
+    def statistics(self, theta: Params, x: Boundary) -> Stats:
+        """Every norm layer's (mean, biased var), in call order, as differentiable sums over the chunks: first the
+        means (the shares' first halves, with any placeholder mean), then the squared deviations from them."""
+        stats: Stats = []
+        zero = (x[0] if isinstance(x, tuple) else x).new_zeros(())
+        while True:
+            mean = None
+            for xc in _chunks(x, self.size):
+                record = self._run(theta, xc, [*stats, (zero, zero)], stop_at=len(stats))
+                if isinstance(record, _Passed):
+                    return stats  # no norm layer left
+                mean = _plus(mean, record[0])
+            var = None
+            for xc in _chunks(x, self.size):
+                var = _plus(var, self._run(theta, xc, [*stats, (mean, zero)], stop_at=len(stats))[1])
+            stats.append((mean, var))
+
+    def forward(self, theta: Params, x: Boundary) -> tuple[Boundary, Stats]:
+        """(the block's output, its statistics)."""
+        stats = self.statistics(theta, x)
+        chunks = _chunks(x, self.size)
+        return _joined([self._run(theta, xc, stats).out for xc in chunks], chunks, x), stats
+
+    def pullback(self, theta: Params, x: Boundary, stats: Stats, c: Boundary) -> tuple[Params, Boundary]:
+        """(dL/dtheta, dL/dx) for the cotangent `c` of the block's output, statistics included."""
+        xs = _chunks(x, self.size)
+        # the input's cotangent is summed into one whole-size tensor in place (not chunks and then a copy of them all:
+        # with its tangent, at ResNet-12's first stage that copy would be the product's largest tensors)
+        cx = tuple(torch.zeros_like(t) for t in x) if isinstance(x, tuple) else torch.zeros_like(x)
+        g, a_stats = None, None
+        for i, (xc, cc) in enumerate(zip(xs, _chunks(c, self.size))):
+            _, vjp = torch.func.vjp(lambda th, xx, st: self._run(th, xx, st).out, theta, xc, stats)
+            g_c, cx_c, a_c = vjp(cc)
+            g, a_stats = _plus(g, g_c), _plus(a_stats, a_c)
+            self._add_at(cx, i, cx_c)
+            del cx_c
+        for layer in reversed(range(len(stats))):
+
+            def share(th: Params, xx: Boundary, earlier: Stats, layer: int = layer) -> tuple[Tensor, Tensor]:
+                return self._run(th, xx, [*earlier, *stats[layer:]], stop_at=layer)
+
+            for i, xc in enumerate(xs):
+                _, vjp = torch.func.vjp(share, theta, xc, stats[:layer])
+                g_c, cx_c, a_c = vjp(tuple(a_stats[layer]))
+                g = _plus(g, g_c)
+                self._add_at(cx, i, cx_c)
+                a_stats[:layer] = _plus(a_stats[:layer], a_c)
+        return g, cx
+
+    def _add_at(self, total: Boundary, i: int, part: Boundary) -> None:
+        """Adds chunk i's `part` into `total`'s rows, in place."""
+        for t, p in zip(total, part) if isinstance(total, tuple) else [(total, part)]:
+            t.narrow(0, i * self.size, p.shape[0]).add_(p)
