@@ -73,9 +73,10 @@ WHOLE_MODEL_CHUNK = 3
 # the issue's memory target: the 84x84 rows report mixed mode's fastest configuration within it (a user's choice)
 MEMORY_TARGET = 0.3
 # The inner learning rate. At 0.1 the 84x84 ResNet-12's 10-step inner loop is chaotic (support loss 1.72, 2.11, 3.55,
-# 3.02, 1.72, 1.11, 5.41, ...), so its float32 meta-gradient is set by rounding: 0.41 (relative) from float64's, and
-# any change of summation order (support chunks) moves it by O(1). At 0.01 the loss falls smoothly (1.72 to 0.55) and
-# float32 follows float64 (losses equal to 3 decimals); the rows' memory and time do not depend on it (the same ops).
+# 3.02, 1.72, 1.11, 5.41, ...); at 0.01 it falls smoothly (1.72 to 0.55, float32's losses equal to float64's to 3
+# decimals). Its float32 second-order meta-gradient stays rounding-bound even so (0.41 from float64's at 0.1, 0.21 at
+# 0.01, reverse mode), so any change of summation order (support chunks) moves it by as much; in float64 chunks equal
+# reverse (5.8e-15). The rows' memory and time do not depend on the rate (the same ops).
 INNER_LR = 0.01
 
 
