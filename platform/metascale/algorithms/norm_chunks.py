@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import Params
-from metascale.models.norm import SplitBatch, StopPass, split_batch
+from metascale.models.norm import SplitBatch, batch_statistics, run_split
 
 Boundary = Tensor | tuple[Tensor, ...]  # ResNet-12's stage parts hand on (stage input, maps)
 Stats = list[tuple[Tensor, Tensor]]
@@ -67,13 +67,6 @@ def _plus(a, b):
     return a + b
 
 
-class _Passed:
-    """What a chunk's pass gave when no norm layer stopped it (a block's output may itself be a tuple)."""
-
-    def __init__(self, out):
-        self.out = out
-
-
 class ChunkedBlock:
     """A block's forward and backward over `size` of the support set's `total` examples at a time."""
 
@@ -81,34 +74,19 @@ class ChunkedBlock:
         self.f, self.total, self.size = f, total, size
 
     def _run(self, theta: Params, x: Boundary, stats: Stats, stop_at: int | None = None):
-        with split_batch(SplitBatch(stats, self.total, stop_at)):
-            try:
-                return _Passed(self.f(theta, x))
-            except StopPass as stop:
-                return stop.record
+        return run_split(self.f, SplitBatch(stats, self.total, stop_at), theta, x)
 
     def statistics(self, theta: Params, x: Boundary) -> Stats:
-        """Every norm layer's (mean, biased var), in call order, as differentiable sums over the chunks: first the
-        means (the shares' first halves, with any placeholder mean), then the squared deviations from them."""
-        stats: Stats = []
-        zero = (x[0] if isinstance(x, tuple) else x).new_zeros(())
-        while True:
-            mean = None
-            for xc in _chunks(x, self.size):
-                record = self._run(theta, xc, [*stats, (zero, zero)], stop_at=len(stats))
-                if isinstance(record, _Passed):
-                    return stats  # no norm layer left
-                mean = _plus(mean, record[0])
-            var = None
-            for xc in _chunks(x, self.size):
-                var = _plus(var, self._run(theta, xc, [*stats, (mean, zero)], stop_at=len(stats))[1])
-            stats.append((mean, var))
+        """Every norm layer's (mean, biased var), in call order, as differentiable sums over the chunks."""
+        return batch_statistics(
+            lambda xc, split: run_split(self.f, split, theta, xc), _chunks(x, self.size), self.total
+        )
 
     def forward(self, theta: Params, x: Boundary) -> tuple[Boundary, Stats]:
         """(the block's output, its statistics)."""
         stats = self.statistics(theta, x)
         chunks = _chunks(x, self.size)
-        return _joined([self._run(theta, xc, stats).out for xc in chunks], chunks, x), stats
+        return _joined([self._run(theta, xc, stats) for xc in chunks], chunks, x), stats
 
     def pullback(self, theta: Params, x: Boundary, stats: Stats, c: Boundary) -> tuple[Params, Boundary]:
         """(dL/dtheta, dL/dx) for the cotangent `c` of the block's output, statistics included."""
@@ -118,7 +96,7 @@ class ChunkedBlock:
         cx = tuple(torch.zeros_like(t) for t in x) if isinstance(x, tuple) else torch.zeros_like(x)
         g, a_stats = None, None
         for i, (xc, cc) in enumerate(zip(xs, _chunks(c, self.size))):
-            _, vjp = torch.func.vjp(lambda th, xx, st: self._run(th, xx, st).out, theta, xc, stats)
+            _, vjp = torch.func.vjp(self._run, theta, xc, stats)
             g_c, cx_c, a_c = vjp(cc)
             g, a_stats = _plus(g, g_c), _plus(a_stats, a_c)
             self._add_at(cx, i, cx_c)

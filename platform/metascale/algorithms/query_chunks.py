@@ -27,7 +27,7 @@ from metascale.algorithms.base import Params, task_loss
 from metascale.config import InnerLoopSpec
 from metascale.data.tasks import Task
 from metascale.models.checkpointing import checkpointed_blocks
-from metascale.models.norm import SplitBatch, StopPass, split_batch
+from metascale.models.norm import SplitBatch, batch_statistics, run_split
 
 Model = Callable[[Params, Tensor], Tensor]
 
@@ -51,33 +51,14 @@ def chunked_query(f: Model, params: Params, x: Tensor, y: Tensor, chunk: int) ->
 
 def _run(f: Model, params: Params, x: Tensor, split: SplitBatch) -> Tensor | tuple:
     """The model on a chunk; what the stopping norm layer recorded if it stops the pass."""
-    with split_batch(split):
-        try:
-            return f(params, x)
-        except StopPass as stop:
-            return stop.record
-
-
-def _statistics(f: Model, params: Params, x: Tensor, chunk: int) -> list[tuple[Tensor, Tensor]]:
-    """Every norm layer's batch (mean, biased var), in call order, from float64 sums over the chunks."""
-    stats: list[tuple[Tensor, Tensor]] = []
-    dtype = next(iter(params.values())).dtype
-    while True:
-        sums = [0.0, 0.0, 0]
-        for xc in x.split(chunk):
-            record = _run(f, params, xc, SplitBatch(stats, len(x), stop_at=len(stats)))
-            if isinstance(record, Tensor):
-                return stats  # no norm layer left: the pass went through
-            sums = [s + r for s, r in zip(sums, record)]
-        mean, mean_sq = sums[0] / sums[2], sums[1] / sums[2]
-        stats.append((mean.to(dtype), (mean_sq - mean * mean).clamp_min(0).to(dtype)))
+    return run_split(f, split, params, x)
 
 
 class _ChunkedQuery(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f: Model, names: list[str], x: Tensor, y: Tensor, chunk: int, *tensors: Tensor):
         params = dict(zip(names, tensors))
-        stats = _statistics(f, params, x, chunk)
+        stats = batch_statistics(lambda xc, split: _run(f, params, xc, split), list(x.split(chunk)), len(x))
         out = torch.cat([_run(f, params, xc, SplitBatch(stats, len(x))) for xc in x.split(chunk)])
         ctx.f, ctx.names, ctx.chunk, ctx.layers = f, names, chunk, len(stats)
         ctx.save_for_backward(x, y, *tensors, *(t for pair in stats for t in pair))

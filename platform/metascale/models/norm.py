@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,19 +110,39 @@ def _normalise(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tenso
 class StopPass(Exception):
     """Ends a chunk's forward pass at the norm layer `SplitBatch.stop_at`, carrying what that layer recorded."""
 
-    def __init__(self, record: tuple):
+    def __init__(self, record: "Sums | tuple[Tensor, Tensor]"):
         super().__init__()
         self.record = record
+
+
+@dataclass(frozen=True)
+class Sums:
+    """A chunk's part of a norm layer's batch statistics: per-channel sums of x and x^2 in float64, differentiable
+    (forward mode too: mixed mode's products carry tangents through the statistics), and their count."""
+
+    s1: Tensor
+    s2: Tensor
+    count: int
+    dtype: torch.dtype
+
+    def __add__(self, other: "Sums") -> "Sums":
+        return Sums(self.s1 + other.s1, self.s2 + other.s2, self.count + other.count, self.dtype)
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """(mean, biased var) in the layer's dtype: E[x^2] - mean^2 is taken in float64, where its cancellation costs
+        nothing at float32 precision, so one pass over the chunks gives both."""
+        mean = self.s1 / self.count
+        return mean.to(self.dtype), (self.s2 / self.count - mean * mean).clamp_min(0).to(self.dtype)
 
 
 class SplitBatch:
     """Per-task batch norm for one chunk of a batch of `total` examples.
 
     Layers whose (mean, var) are in `stats` normalise with them and need nothing from other chunks. The layer at
-    index `stop_at` ends the pass (`StopPass`) with its chunk's record: (sum x, sum x^2, count) per channel, in float64,
-    when its statistics are not known yet (they are being collected), else its differentiable share of them,
-    (sum x / M, sum (x - mean)^2 / M) with M the batch's count per channel (how the statistics' adjoints reach the
-    weights and the earlier layers' statistics)."""
+    index `stop_at` ends the pass (`StopPass`) with its chunk's record: its `Sums` when its statistics are not known
+    yet (they are being collected), else its differentiable share of them, (sum x / M, sum (x - mean)^2 / M) with M
+    the batch's count per channel (how the statistics' adjoints reach the weights and the earlier layers'
+    statistics)."""
 
     def __init__(self, stats: list[tuple[Tensor, Tensor]], total: int, stop_at: int | None = None):
         self.stats, self.total, self.stop_at, self.layer = stats, total, stop_at, 0
@@ -131,12 +152,37 @@ class SplitBatch:
         dims = [0, *range(2, x.dim())]
         if i == self.stop_at:
             if i >= len(self.stats):
-                x64 = x.detach().double()
-                raise StopPass((x64.sum(dims), (x64 * x64).sum(dims), x64.numel() // x64.shape[1]))
+                x64 = x.double()
+                raise StopPass(Sums(x64.sum(dims), (x64 * x64).sum(dims), x.shape[0] * x[0, 0].numel(), x.dtype))
             count = self.total * x[0, 0].numel()
             mean = self.stats[i][0]
             raise StopPass((x.sum(dims) / count, ((x - mean.view(_channels(x))) ** 2).sum(dims) / count))
         return _normalise(x, *self.stats[i], weight, bias, eps)
+
+
+def run_split(f: Callable[..., Any], split: SplitBatch, *args: Any) -> Any:
+    """f(*args) for one chunk, its norm layers as `split` says: f's output, or the stopping layer's record."""
+    with split_batch(split):
+        try:
+            return f(*args)
+        except StopPass as stop:
+            return stop.record
+
+
+def batch_statistics(run: Callable[[Any, SplitBatch], Any], chunks: list, total: int) -> list[tuple[Tensor, Tensor]]:
+    """Every norm layer's batch (mean, biased var), in call order, for a batch of `total` examples passed as `chunks`
+    by `run(chunk, split)` (`run_split` of a model or block): one pass over the chunks per layer, since a layer's
+    statistics need the earlier layers' (the chunks normalise with them on the way); differentiable."""
+    stats: list[tuple[Tensor, Tensor]] = []
+    while True:
+        sums = None
+        for chunk in chunks:
+            record = run(chunk, SplitBatch(stats, total, stop_at=len(stats)))
+            if not isinstance(record, Sums):
+                return stats  # no norm layer left: the pass went through
+            sums = record if sums is None else sums + record
+        assert sums is not None
+        stats.append(sums.statistics())
 
 
 @contextlib.contextmanager
