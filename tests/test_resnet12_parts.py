@@ -10,8 +10,10 @@ from metascale.algorithms.block_products import split_at_blocks
 from metascale.config import ResNet12Spec
 from metascale.models.resnet12 import ResNet12
 
-PARTS = (["conv1.weight", "bn1.weight", "bn1.bias"], ["conv2.weight", "bn2.weight", "bn2.bias"],
-         ["conv3.weight", "bn3.weight", "bn3.bias", "shortcut.weight", "bn_sc.weight", "bn_sc.bias"])  # fmt: skip
+# cut before each norm: a part's first norm reads the part's input (models/resnet12.py)
+PARTS = (["conv1.weight"], ["bn1.weight", "bn1.bias", "conv2.weight"],
+         ["bn2.weight", "bn2.bias", "conv3.weight", "bn3.weight", "bn3.bias", "shortcut.weight", "bn_sc.weight",
+          "bn_sc.bias"])  # fmt: skip
 
 
 def test_resnet12_blocks_are_three_parts_a_stage_under_the_stages_names():

@@ -9,7 +9,8 @@ Reverse mode's best path is the lowest peak of its memory options (nothing recom
 inner step and the query pass block by block; and the query pass in chunks on top). Mixed mode runs with the same
 query-pass option as that best (at 84x84 with its lowest-memory one, the query pass in chunks), keeping
 every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84 also with its
-support products 5 examples at a time (`support_chunk`; on ResNet-12 block by block with explicit batch statistics),
+support products 5 examples at a time (`support_chunk`; on ResNet-12 3, block by block with explicit batch
+statistics),
 and, on models without batch statistics, 3 at a time over the whole model (`mixed_blocks: false`: no block
 recomputation). At 32x32 its lowest peak is
 compared; at 84x84 its fastest configuration within the memory target, else its lowest peak (every configuration's
@@ -62,9 +63,11 @@ MINI_MODELS: dict[str, dict[str, Any]] = {
 FEW_TOKEN_MODELS: dict[str, dict[str, Any]] = {
     "vit_50_tokens": ViTSpec(in_channels=3, image_size=84, patch_size=12, dim=96, depth=4, heads=3).model_dump(),
 }
-# the 84x84 rows' mixed mode also computes its support products this many examples at a time (`inner.support_chunk`):
-# one chunk's activations instead of the 25 support examples'
-SUPPORT_CHUNK = 5
+# the 84x84 rows' mixed mode also computes its support products block by block this many examples at a time
+# (`inner.support_chunk`): one chunk's activations instead of the 25 support examples'. ResNet-12 takes 3: since its
+# parts are cut before their norms (models/resnet12.py), its last part holds two more maps than before, and in chunks
+# of 5 / 4 / 3 its peak is 176.4 / 161.9 / 157.2 MB at 10 steps against reverse's 537.6 (docs/benchmarks.md)
+SUPPORT_CHUNK = {"vit": 5, "resnet12": 3}
 # ... and, on those models, over the whole model (`inner.mixed_blocks: false`: no block recomputation, the faster) this
 # many at a time: a whole-model product holds every block's activations and tangents, ~32 MB per example on the
 # 197-token ViT (peaks 839.8 MB for the 25 support examples at once, above reverse's 519.8; in chunks of 5 / 3 / 2:
@@ -184,15 +187,15 @@ def _large_rows(
     episode: dict,
     steps: int,
     workers: int = 1,
-    support_chunk: int | None = SUPPORT_CHUNK,
+    support_chunk: int | None = None,
     whole_model_chunk: int | None = WHOLE_MODEL_CHUNK,
     repeats: int = 2,
 ) -> dict[str, dict[str, Any]]:
     """`_rows` for an episode whose calls take many seconds. Peaks: one fresh process per configuration (after a
     1-step warm-up; `workers` at once: peaks do not depend on it); plain reverse is left out (it keeps every step's
     graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT). Mixed mode runs
-    with the query pass block by block in chunks, at each stride: block by block, whole and with `support_chunk` (on
-    models that allow it), and on models without batch statistics over the whole model with `whole_model_chunk`.
+    with the query pass block by block in chunks, at each stride: block by block, whole and with `support_chunk` (else
+    the model's SUPPORT_CHUNK; on models that allow it), and on models without batch statistics over the whole model with `whole_model_chunk`.
     Times: every configuration and the lowest-peak reverse path in turn in this process (`_times`), the best of
     `repeats` rounds (one round's times moved by up to 40% between runs on a loaded 2-core machine). The row's ratios
     are mixed mode's fastest configuration within MEMORY_TARGET, else its lowest peak."""
@@ -207,8 +210,9 @@ def _large_rows(
             # are made explicit per block; whole-model products only in chunks (all at once they hold the whole
             # support set's activations and tangents, above reverse's peak) and only where examples are independent
             ways = [(None, True)]
-            if support_chunk and (per_example or spec["name"] in BLOCK_NORM_MODELS):
-                ways.append((support_chunk, True))
+            chunk = support_chunk or SUPPORT_CHUNK.get(spec["name"])
+            if chunk and (per_example or spec["name"] in BLOCK_NORM_MODELS):
+                ways.append((chunk, True))
             if whole_model_chunk and per_example:
                 ways.append((whole_model_chunk, False))
             # mixed mode at its own lowest-memory query pass (block by block, in chunks): reverse's peak, its inner
