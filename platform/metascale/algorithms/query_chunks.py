@@ -49,17 +49,12 @@ def chunked_query(f: Model, params: Params, x: Tensor, y: Tensor, chunk: int) ->
     return _ChunkedQuery.apply(f, names, x, y, chunk, *(params[k] for k in names))
 
 
-def _run(f: Model, params: Params, x: Tensor, split: SplitBatch) -> Tensor | tuple:
-    """The model on a chunk; what the stopping norm layer recorded if it stops the pass."""
-    return run_split(f, split, params, x)
-
-
 class _ChunkedQuery(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f: Model, names: list[str], x: Tensor, y: Tensor, chunk: int, *tensors: Tensor):
         params = dict(zip(names, tensors))
-        stats = batch_statistics(lambda xc, split: _run(f, params, xc, split), list(x.split(chunk)), len(x))
-        out = torch.cat([_run(f, params, xc, SplitBatch(stats, len(x))) for xc in x.split(chunk)])
+        stats = batch_statistics(lambda xc, split: run_split(f, split, params, xc), list(x.split(chunk)), len(x))
+        out = torch.cat([run_split(f, SplitBatch(stats, len(x)), params, xc) for xc in x.split(chunk)])
         ctx.f, ctx.names, ctx.chunk, ctx.layers = f, names, chunk, len(stats)
         ctx.save_for_backward(x, y, *tensors, *(t for pair in stats for t in pair))
         ctx.mark_non_differentiable(out)
@@ -84,11 +79,11 @@ class _ChunkedQuery(torch.autograd.Function):
                         (grads[ctx.names[i]] if i < n else adjoint[i - n]).add_(g)
 
             for xc, yc in zip(x.split(ctx.chunk), y.split(ctx.chunk)):  # the loss, statistics held fixed
-                out = _run(ctx.f, params, xc, SplitBatch(stats, len(x)))
+                out = run_split(ctx.f, SplitBatch(stats, len(x)), params, xc)
                 accumulate(task_loss(out, yc) * (len(xc) / len(x)), ctx.layers)
             for layer in reversed(range(ctx.layers)):  # each layer's statistics, through their definition
                 a_mean, a_var = adjoint[2 * layer], adjoint[2 * layer + 1]
                 for xc in x.split(ctx.chunk):
-                    share_mean, share_var = _run(ctx.f, params, xc, SplitBatch(stats, len(x), stop_at=layer))
+                    share_mean, share_var = run_split(ctx.f, SplitBatch(stats, len(x), stop_at=layer), params, xc)
                     accumulate((a_mean * share_mean).sum() + (a_var * share_var).sum(), layer)
         return (None, None, None, None, None, *(grad_loss * grads[k] for k in ctx.names))

@@ -10,11 +10,9 @@ inner step and the query pass block by block; and the query pass in chunks on to
 query-pass option as that best (at 84x84 with its lowest-memory one, the query pass in chunks), keeping
 every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84 also with its
 support products 5 examples at a time (`support_chunk`; on ResNet-12 3, block by block with explicit batch
-statistics),
-and, on models without batch statistics, 3 at a time over the whole model (`mixed_blocks: false`: no block
-recomputation). At 32x32 its lowest peak is
-compared; at 84x84 its fastest configuration within the memory target, else its lowest peak (every configuration's
-figures are in the row). Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call.
+statistics), and, on models without batch statistics, 3 at a time over the whole model (`mixed_blocks: false`: no
+block recomputation). At 32x32 its lowest peak is compared; at 84x84 its fastest configuration within the memory
+target, else its lowest peak (every configuration's figures are in the row). Peak: the rise of the resident set in a fresh process (bench/peak.py), after a warm-up call.
 Time: CPU seconds of the one thread (less sensitive than wall time to other jobs on the machine), the best of
 `repeats` calls, the configurations taking turns in the bench's own process, their meta-gradients compared.
 """
@@ -195,7 +193,8 @@ def _large_rows(
     1-step warm-up; `workers` at once: peaks do not depend on it); plain reverse is left out (it keeps every step's
     graph besides what `checkpoint: all` keeps: 1149 MB against 140 already on the 5-shot 32x32 ViT). Mixed mode runs
     with the query pass block by block in chunks, at each stride: block by block, whole and with `support_chunk` (else
-    the model's SUPPORT_CHUNK; on models that allow it), and on models without batch statistics over the whole model with `whole_model_chunk`.
+    the model's SUPPORT_CHUNK; on models that allow it), and on models without batch statistics over the whole model
+    with `whole_model_chunk`.
     Times: every configuration and the lowest-peak reverse path in turn in this process (`_times`), the best of
     `repeats` rounds (one round's times moved by up to 40% between runs on a loaded 2-core machine). The row's ratios
     are mixed mode's fastest configuration within MEMORY_TARGET, else its lowest peak."""

@@ -110,7 +110,7 @@ def _normalise(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tenso
 class StopPass(Exception):
     """Ends a chunk's forward pass at the norm layer `SplitBatch.stop_at`, carrying what that layer recorded."""
 
-    def __init__(self, record: "Sums | tuple[Tensor, Tensor]"):
+    def __init__(self, record: Sums | tuple[Tensor, Tensor]):
         super().__init__()
         self.record = record
 
@@ -125,7 +125,7 @@ class Sums:
     count: int
     dtype: torch.dtype
 
-    def __add__(self, other: "Sums") -> "Sums":
+    def __add__(self, other: Sums) -> Sums:
         return Sums(self.s1 + other.s1, self.s2 + other.s2, self.count + other.count, self.dtype)
 
     def statistics(self) -> tuple[Tensor, Tensor]:
