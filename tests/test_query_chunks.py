@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.base import Functional, task_loss
 from metascale.algorithms.executor import meta_gradient
-from metascale.algorithms.query_chunks import chunked_query
+from metascale.algorithms.query_chunks import _Segments, chunked_query
 from metascale.config import (
     AlgorithmSpec,
     Conv4Spec,
@@ -24,6 +25,8 @@ from metascale.config import (
 from metascale.data import build_task_source
 from metascale.errors import SpecError
 from metascale.models import build_model
+from metascale.models.checkpointing import run_blocks
+from metascale.models.norm import TaskBatchNorm
 
 MODELS = {
     "conv4-omniglot": Conv4Spec(hidden=8),
@@ -65,6 +68,51 @@ def test_chunked_query_pass_equals_the_whole_pass(float64, name, chunk):
     assert abs(float((loss - c_loss).detach())) < 1e-12 and float((out - c_out).detach().abs().max()) < 1e-12
     assert _rel(grads, c_grads) < 1e-10
     assert not c_out.requires_grad  # outputs are for metrics; only the loss carries the gradient
+
+
+class _StemAndBlocks(nn.Module):
+    """A backbone with a stem before its blocks and batch norm both inside them and in none of them: the query pass's
+    stem runs in chunks of its own, the tail on the last boundary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, stride=2)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), TaskBatchNorm(4), nn.ReLU()) for _ in "ab"
+        )
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        return self.head(run_blocks(self.blocks, self.stem(x)).mean(dim=(2, 3)))
+
+
+def _no_blocks() -> nn.Module:
+    """Batch norm without `run_blocks`: the whole model is one segment."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), TaskBatchNorm(4), nn.ReLU(), nn.Conv2d(4, 4, 3), TaskBatchNorm(4))
+    return nn.Sequential(net, nn.Flatten(), nn.LazyLinear(5))
+
+
+@pytest.mark.parametrize("name", ["stem_and_blocks", "no_blocks"])
+def test_chunked_query_pass_on_other_backbones(float64, name):
+    torch.manual_seed(0)
+    model = (_StemAndBlocks() if name == "stem_and_blocks" else _no_blocks()).double()
+    task = _images(1).tasks()[0]
+    with torch.no_grad():
+        model(task.query_x[:1])  # the lazy layer's shape
+    if name == "no_blocks":
+        model.forward = lambda x, embed=False, m=model: nn.Sequential.forward(m, x)
+    (loss, out, grads), (c_loss, c_out, c_grads) = _whole_and_chunked(model, task.query_x, task.query_y, 4)
+    assert abs(float((loss - c_loss).detach())) < 1e-12 and float((out - c_out).detach().abs().max()) < 1e-12
+    assert _rel(grads, c_grads) < 1e-10
+
+
+@pytest.mark.parametrize("name, segments", [("conv4-omniglot", 4), ("resnet12", 2), ("vit", 1)])
+def test_boundaries_are_kept_at_stages_only(name, segments):
+    """ResNet-12's parts hand on tuples within a stage: its boundaries are kept per stage (2 here), Conv-4's per
+    layer; the ViT has no batch norm, so nothing links its chunks and it runs as one segment, keeping nothing."""
+    model = build_model(MODELS[name], 5)
+    x = _images(1).tasks()[0].query_x.float()
+    assert len(_Segments(Functional(model), dict(model.named_parameters()), x, 4).segments) == segments
 
 
 def test_chunks_with_their_own_batch_statistics_would_differ(float64):

@@ -26,7 +26,10 @@ from metascale.data.tasks import TaskBatch
 from metascale.models import build_model
 
 pytest.importorskip("deepspeed")
-TOL = {"rtol": 1e-4, "atol": 1e-6}
+# float32 against plain torch, summed in another order (support chunks, rank groups): on an AMD EPYC the ViT's support
+# chunks of 4 and 2 put one of 32 class-token entries 5.0e-6 (1.7e-4 relative) off; exactness is float64's, in
+# test_mixed_mode.py
+TOL = {"rtol": 1e-4, "atol": 1e-5}
 CKPT, BF16 = {"activation_checkpointing": True}, {"precision": "bf16"}
 # a spec, not a dict: it replaces job()'s ViT whole. 3 channels: with 1 its first 1x1 shortcut conv, followed by batch
 # norm, is scale-invariant, its gradient ~0 and float32 rounding noise, which no relative bound can hold

@@ -101,12 +101,19 @@ def split_at_blocks(loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: 
     return Split(blocks, [k for k in phi if k not in taken], at.h is x, autocast)
 
 
+def stem_output(loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: Tensor) -> Tensor:
+    """What the loss's stem hands its blocks, for a loss `split_at_blocks` split."""
+    at = _stem(loss_fn, phi, h, x, y)
+    assert at is not None  # split_at_blocks found the blocks on this very loss
+    return at.h
+
+
 def has_batch_norm(split: Split) -> bool:
     """Whether the blocks hold per-task batch norm, which couples a task's examples through its statistics."""
     return any(isinstance(m, TaskBatchNorm) for b in split.blocks for m in b.module.modules())
 
 
-def _block_fn(split: Split, block: Block) -> Callable[[Params, Tensor], Tensor]:
+def block_fn(split: Split, block: Block) -> Callable[[Params, Tensor], Tensor]:
     device, dtype, enabled = split.autocast
 
     def f(theta: Params, x: Tensor) -> Tensor:
@@ -170,9 +177,7 @@ def grad_and_product(
         return None if d is None else {k: d[k] for k in keys}
 
     def stem(rest: Params, hh: Params) -> Tensor:
-        at = _stem(loss_fn, {**phi, **rest}, hh, x, y)
-        assert at is not None  # split_at_blocks found the blocks on this very loss
-        return at.h
+        return stem_output(loss_fn, {**phi, **rest}, hh, x, y)
 
     def tail(p: Params, hh: Params, x_last: Tensor) -> Tensor:
         with blocks_replaced(lambda blocks, h0: x_last):
@@ -184,7 +189,7 @@ def grad_and_product(
         xl, xd = _push(stem, (part(out, phi), h), None if u is None else (part(out, u), zh))
     # the last block runs inside the tail's gradient: its forward is not run a second time to find a boundary
     *blocks, last = split.blocks
-    fns, f_last = [_block_fn(split, b) for b in blocks], _block_fn(split, last)
+    fns, f_last = [block_fn(split, b) for b in blocks], block_fn(split, last)
     ops = [_Whole(f) if chunk is None or chunk >= len(x) else ChunkedBlock(f, len(x), chunk) for f in fns]
     bounds = []  # each block's input and tangent, and what its forward kept for its backward (with tangents)
     for block, op in zip(blocks, ops):

@@ -1,7 +1,8 @@
-"""One block of mixed mode's block-by-block support product over a few support examples at a time, exact under
-per-task batch norm (`inner.support_chunk` on Conv-4 and ResNet-12).
+"""A model block (or several in a row) over a few examples at a time, exact under per-task batch norm: each block of
+mixed mode's block-by-block support products (`inner.support_chunk` on Conv-4 and ResNet-12), and each segment of the
+query pass in chunks (`inner.query_chunk`, query_chunks.py).
 
-A block's norm layers read statistics of the block's own input (for the whole support set), so its examples are
+A block's norm layers read statistics of the block's own input (over the whole set), so its examples are
 coupled only through them. With the statistics S = (mean, biased var) per norm layer given from outside
 (models/norm.py `SplitBatch`), y_c = f(theta, x_c, S) reads one chunk. So a block runs as:
 
@@ -42,7 +43,7 @@ def _chunks(x: Boundary, size: int) -> list:
 
 def _joined(outs: list, chunks: list, x: Boundary) -> Boundary:
     """The chunks' outputs as one; an output that is each chunk's own input (ResNet-12's stage input, handed on for
-    the shortcut) is the whole input, not a copy: boundaries are kept for the whole support set."""
+    the shortcut) is the whole input, not a copy: boundaries are kept for the whole set."""
     if not isinstance(outs[0], tuple):
         return torch.cat(outs)
     inputs = list(x) if isinstance(x, tuple) else [x]
@@ -68,7 +69,7 @@ def _plus(a, b):
 
 
 class ChunkedBlock:
-    """A block's forward and backward over `size` of the support set's `total` examples at a time."""
+    """A block's forward and backward over `size` of a set's `total` examples at a time."""
 
     def __init__(self, f: Callable[[Params, Boundary], Boundary], total: int, size: int):
         self.f, self.total, self.size = f, total, size

@@ -1,19 +1,29 @@
-"""The query pass in chunks: memory independent of the query-set size, with the numbers of one whole pass.
+"""The query pass in chunks: memory independent of the query-set size but for a few small maps, with the numbers of one
+whole pass.
 
 Block checkpointing still holds one block's activations for the whole query set at a time, and with per-task batch
 norm the query set cannot simply be cut into pieces: every example's output depends on the batch statistics. Here
-the statistics become explicit (models/norm.py `SplitBatch`): with them fixed, examples are independent, so
+the statistics become explicit (models/norm.py `SplitBatch`): with them fixed, examples are independent. The model
+runs segment by segment, each segment a `norm_chunks.ChunkedBlock` over the query set `chunk` examples at a time:
 
-- forward: each norm layer's (mean, var) is collected chunk by chunk (layer l's needs layers < l's), then the loss;
-- backward: one pass gives the loss's gradient w.r.t. the weights and, directly, w.r.t. every layer's statistics;
-  then, from the last norm layer down, each layer's statistics' adjoint is pushed through the statistics' own
-  definition (a sum over examples, so chunk by chunk too) into the weights and the earlier layers' statistics.
+- forward: each of the segment's norm layers' (mean, var) is collected over the chunks (layer l's needs layers < l's,
+  so one pass per layer, each restarting at the segment's input), then the segment's output chunk by chunk;
+- backward: per chunk, the vjp with the statistics held fixed gives the weights' gradient, the input's cotangent and
+  every statistic's adjoint; then, from the segment's last norm layer down, each adjoint is pushed through the
+  statistics' own definition (a sum over examples, so chunk by chunk too).
 
-That is 1 + (number of norm layers) chunked backward passes of growing depth instead of one pass, and nothing but a
-chunk's activations is alive at a time. Exact for models whose only link between examples is `TaskBatchNorm` (every
-model in the registry); the query loss must be a mean over examples (cross-entropy, mean squared error). The backward
-is first order (what MAML's meta-gradient needs of the query pass); it does not run under `vmap`, so the executor
-runs such tasks one by one. `query_pass` is where the MAML family picks this, block checkpointing, or neither.
+A segment is what the model hands `run_blocks` from one plain-tensor boundary to the next: Conv-4's layers, a
+ResNet-12 stage (its parts hand on tuples: the stage input rides along for the shortcut). The whole query set's map
+is kept at each segment boundary (after a stage's pooling: ~15 MB for ResNet-12's 75 queries at 84x84, 16-32-64-128),
+so a layer's statistics restart at its stage, not at the input: O(L x L_segment) chunk passes instead of the O(L^2)
+of one segment for the whole model (16 norm layers in ResNet-12; docs/benchmarks.md has the times). A model without
+batch norm in its blocks, or without blocks, is one segment: nothing links its examples but what the segment's own
+statistics make explicit, and no boundary is kept.
+
+The loss and its gradient are computed together in the forward (the gradient is saved, weight-sized), so the backward
+only scales it: first order, which is what MAML's meta-gradient needs of the query pass. It does not run under
+`vmap`, so the executor runs such tasks one by one. The query loss must be a mean over examples (cross-entropy, mean
+squared error). `query_pass` is where the MAML family picks this, block checkpointing, or neither.
 """
 
 from __future__ import annotations
@@ -24,10 +34,11 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import Params, task_loss
+from metascale.algorithms.block_products import block_fn, has_batch_norm, split_at_blocks, stem_output
+from metascale.algorithms.norm_chunks import ChunkedBlock
 from metascale.config import InnerLoopSpec
 from metascale.data.tasks import Task
-from metascale.models.checkpointing import checkpointed_blocks
-from metascale.models.norm import SplitBatch, batch_statistics, run_split
+from metascale.models.checkpointing import blocks_replaced, checkpointed_blocks, plain_blocks
 
 Model = Callable[[Params, Tensor], Tensor]
 
@@ -46,44 +57,105 @@ def chunked_query(f: Model, params: Params, x: Tensor, y: Tensor, chunk: int) ->
     """(mean query loss, outputs) of `f(params, x)` computed `chunk` examples at a time; the loss is differentiable
     w.r.t. `params`, the outputs are not."""
     names = list(params)
-    return _ChunkedQuery.apply(f, names, x, y, chunk, *(params[k] for k in names))
+    # inside the Function grad mode is off and `needs_input_grad` ignores an enclosing no_grad: decide here
+    need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
+    return _ChunkedQuery.apply(f, names, x, y, chunk, need_grad, *(params[k] for k in names))
 
 
 class _ChunkedQuery(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f: Model, names: list[str], x: Tensor, y: Tensor, chunk: int, *tensors: Tensor):
+    def forward(ctx, f: Model, names: list[str], x: Tensor, y: Tensor, chunk: int, need_grad: bool, *tensors: Tensor):
         params = dict(zip(names, tensors))
-        stats = batch_statistics(lambda xc, split: run_split(f, split, params, xc), list(x.split(chunk)), len(x))
-        out = torch.cat([run_split(f, SplitBatch(stats, len(x)), params, xc) for xc in x.split(chunk)])
-        ctx.f, ctx.names, ctx.chunk, ctx.layers = f, names, chunk, len(stats)
-        ctx.save_for_backward(x, y, *tensors, *(t for pair in stats for t in pair))
+        loss, out, grads = _Segments(f, params, x, chunk).run(params, y, need_grad)
+        ctx.save_for_backward(*(grads[k] for k in names) if need_grad else ())
         ctx.mark_non_differentiable(out)
-        return task_loss(out, y), out
+        return loss, out
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_out: Tensor):
-        x, y, *saved = ctx.saved_tensors
-        n = len(ctx.names)
-        with torch.enable_grad():
-            params = {k: t.detach().requires_grad_() for k, t in zip(ctx.names, saved[:n])}
-            flat = [t.detach().requires_grad_() for t in saved[n:]]
-            stats = [(flat[2 * i], flat[2 * i + 1]) for i in range(ctx.layers)]
-            grads = {k: torch.zeros_like(p) for k, p in params.items()}
-            adjoint = [torch.zeros_like(t) for t in flat]
+        return (None, None, None, None, None, None, *(grad_loss * g for g in ctx.saved_tensors))
 
-            def accumulate(value: Tensor, upto: int) -> None:
-                """Adds d value / d (weights, statistics of the first `upto` layers)."""
-                inputs = [*params.values(), *flat[: 2 * upto]]
-                for i, g in enumerate(torch.autograd.grad(value, inputs, allow_unused=True)):
-                    if g is not None:
-                        (grads[ctx.names[i]] if i < n else adjoint[i - n]).add_(g)
 
-            for xc, yc in zip(x.split(ctx.chunk), y.split(ctx.chunk)):  # the loss, statistics held fixed
-                out = run_split(ctx.f, SplitBatch(stats, len(x)), params, xc)
-                accumulate(task_loss(out, yc) * (len(xc) / len(x)), ctx.layers)
-            for layer in reversed(range(ctx.layers)):  # each layer's statistics, through their definition
-                a_mean, a_var = adjoint[2 * layer], adjoint[2 * layer + 1]
-                for xc in x.split(ctx.chunk):
-                    share_mean, share_var = run_split(ctx.f, SplitBatch(stats, len(x), stop_at=layer), params, xc)
-                    accumulate((a_mean * share_mean).sum() + (a_var * share_var).sum(), layer)
-        return (None, None, None, None, None, *(grad_loss * grads[k] for k in ctx.names))
+class _Segments:
+    """The model as stem, segments and tail (see the module's docstring), each segment a `ChunkedBlock` over the query
+    set `chunk` examples at a time, with the parameter keys it reads."""
+
+    def __init__(self, f: Model, params: Params, x: Tensor, chunk: int):
+        self.f, self.x = f, x
+        size = min(chunk, len(x))
+        # the model's own split where its blocks hold batch norm; else the whole model is one segment
+        split = split_at_blocks(lambda p, h, xx, yy: f(p, xx), params, {}, x[:1], x[:1])
+        self.split = split if split is not None and has_batch_norm(split) else None
+        if self.split is None:
+            self.segments = [(list(params), ChunkedBlock(self._whole, len(x), size))]
+            return
+        self.segments = (
+            [] if self.split.stem_is_input else [(self.split.outside, ChunkedBlock(self._stem, len(x), size))]
+        )
+        with torch.no_grad():  # which blocks hand on plain tensors: one example's pass
+            h = x[:1] if self.split.stem_is_input else self._stem(params, x[:1])
+            group: list[tuple[list[str], Callable]] = []
+            for block in self.split.blocks:
+                keys, fn = list(block.keys.values()), block_fn(self.split, block)
+                h = fn({k: params[k] for k in keys}, h)
+                group.append((keys, fn))
+                if isinstance(h, Tensor):
+                    keys = [k for ks, _ in group for k in ks]
+                    self.segments.append((keys, ChunkedBlock(_chain(group), len(x), size)))
+                    group = []
+        assert not group, "the model's blocks end in a tuple"
+
+    def _whole(self, theta: Params, x: Tensor) -> Tensor:
+        with plain_blocks():  # torch.func refuses checkpointing's saved-tensor hooks
+            return self.f(theta, x)
+
+    def _stem(self, theta: Params, x: Tensor) -> Tensor:
+        return stem_output(lambda p, h, xx, yy: self.f(p, xx), theta, {}, x, x)
+
+    def _tail(self, theta: Params, h: Tensor) -> Tensor:
+        """The model's outputs from its last boundary: what follows its blocks (the stem runs again on the whole query
+        set and the blocks' replacement drops its result: free where the stem is the input, as on every model with
+        batch norm in the registry); without a split, the boundary is the output."""
+        if self.split is None:
+            return h
+        with blocks_replaced(lambda blocks, h0: h):
+            return self.f(theta, self.x)
+
+    def run(self, params: Params, y: Tensor, need_grad: bool) -> tuple[Tensor, Tensor, Params]:
+        """(loss, outputs, dloss/dparams); the last empty unless `need_grad`."""
+        h, bounds = self.x, []
+        for keys, op in self.segments:
+            theta = {k: params[k] for k in keys}
+            with torch.no_grad():
+                h_next, stats = op.forward(theta, h)
+            bounds.append((theta, h, stats))
+            h = h_next
+        outside = {k: params[k] for k in self.split.outside} if self.split is not None else {}
+        if not need_grad:
+            with torch.no_grad():
+                out = self._tail(outside, h)
+            return task_loss(out, y), out, {}
+        (out, loss), vjp = torch.func.vjp(lambda th, hh: _with_loss(self._tail(th, hh), y), outside, h)
+        grads, c = vjp((torch.zeros_like(out), torch.ones_like(loss)))
+        grads = {k: grads.get(k, torch.zeros_like(p)) for k, p in params.items()}
+        del h
+        for (theta, h_in, stats), (_, op) in zip(reversed(bounds), reversed(self.segments)):
+            g, c = op.pullback(theta, h_in, stats, c)
+            for k, t in g.items():
+                grads[k] += t
+        return loss, out, grads
+
+
+def _with_loss(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return out, task_loss(out, y)
+
+
+def _chain(group: list) -> Callable[[Params, Tensor], Tensor]:
+    """Blocks run one after another as one segment."""
+
+    def run(theta: Params, h):
+        for keys, fn in group:
+            h = fn({k: theta[k] for k in keys}, h)
+        return h
+
+    return run
