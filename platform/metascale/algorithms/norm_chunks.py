@@ -77,17 +77,12 @@ class ChunkedBlock:
     def _run(self, theta: Params, x: Boundary, stats: Stats, stop_at: int | None = None):
         return run_split(self.f, SplitBatch(stats, self.total, stop_at), theta, x)
 
-    def statistics(self, theta: Params, x: Boundary) -> Stats:
-        """Every norm layer's (mean, biased var), in call order, as differentiable sums over the chunks."""
-        return batch_statistics(
-            lambda xc, split: run_split(self.f, split, theta, xc), _chunks(x, self.size), self.total
-        )
-
     def forward(self, theta: Params, x: Boundary) -> tuple[Boundary, Stats]:
-        """(the block's output, its statistics)."""
-        stats = self.statistics(theta, x)
+        """(the block's output, its statistics: every norm layer's (mean, biased var), in call order, as differentiable
+        sums over the chunks). The pass that finds the statistics complete gives the first chunk's output."""
         chunks = _chunks(x, self.size)
-        return _joined([self._run(theta, xc, stats) for xc in chunks], chunks, x), stats
+        stats, first = batch_statistics(lambda xc, split: run_split(self.f, split, theta, xc), chunks, self.total)
+        return _joined([first, *(self._run(theta, xc, stats) for xc in chunks[1:])], chunks, x), stats
 
     def pullback(self, theta: Params, x: Boundary, stats: Stats, c: Boundary) -> tuple[Params, Boundary]:
         """(dL/dtheta, dL/dx) for the cotangent `c` of the block's output, statistics included."""

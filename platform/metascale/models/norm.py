@@ -169,17 +169,20 @@ def run_split(f: Callable[..., Any], split: SplitBatch, *args: Any) -> Any:
             return stop.record
 
 
-def batch_statistics(run: Callable[[Any, SplitBatch], Any], chunks: list, total: int) -> list[tuple[Tensor, Tensor]]:
+def batch_statistics(
+    run: Callable[[Any, SplitBatch], Any], chunks: list, total: int
+) -> tuple[list[tuple[Tensor, Tensor]], Any]:
     """Every norm layer's batch (mean, biased var), in call order, for a batch of `total` examples passed as `chunks`
     by `run(chunk, split)` (`run_split` of a model or block): one pass over the chunks per layer, since a layer's
-    statistics need the earlier layers' (the chunks normalise with them on the way); differentiable."""
+    statistics need the earlier layers' (the chunks normalise with them on the way); differentiable. Also the first
+    chunk's output: the pass that finds no norm layer left has gone through."""
     stats: list[tuple[Tensor, Tensor]] = []
     while True:
         sums = None
         for chunk in chunks:
             record = run(chunk, SplitBatch(stats, total, stop_at=len(stats)))
             if not isinstance(record, Sums):
-                return stats  # no norm layer left: the pass went through
+                return stats, record
             sums = record if sums is None else sums + record
         assert sums is not None
         stats.append(sums.statistics())
