@@ -64,7 +64,7 @@ FEW_TOKEN_MODELS: dict[str, dict[str, Any]] = {
 # the 84x84 rows' mixed mode also computes its support products block by block this many examples at a time
 # (`inner.support_chunk`): one chunk's activations instead of the 25 support examples'. ResNet-12 takes 3: since its
 # parts are cut before their norms (models/resnet12.py), its last part holds two more maps than before, and in chunks
-# of 5 / 4 / 3 its peak is 176.4 / 161.9 / 157.2 MB at 10 steps against reverse's 537.6 (docs/benchmarks.md)
+# of 5 / 4 / 3 its peak is 168.3 / 154.4 / 149.7 MB at 10 steps against reverse's 512.5 (docs/benchmarks.md)
 SUPPORT_CHUNK = {"vit": 5, "resnet12": 3}
 # ... and, on those models, over the whole model (`inner.mixed_blocks: false`: no block recomputation, the faster) this
 # many at a time: a whole-model product holds every block's activations and tangents, ~32 MB per example on the
