@@ -18,7 +18,9 @@ is kept at each segment boundary (after a stage's pooling: ~15 MB for ResNet-12'
 so a layer's statistics restart at its stage, not at the input: O(L x L_segment) chunk passes instead of the O(L^2)
 of one segment for the whole model (16 norm layers in ResNet-12; docs/benchmarks.md has the times). A model without
 batch norm in its blocks, or without blocks, is one segment: nothing links its examples but what the segment's own
-statistics make explicit, and no boundary is kept.
+statistics make explicit, and no boundary is kept. Otherwise what runs before the blocks (the stem; the input itself
+on Conv-4 and ResNet-12) is a segment of its own, and what follows them (pooling, the head) runs on the whole query
+set's last boundary, with the loss.
 
 The loss and its gradient are computed together in the forward (the gradient is saved, weight-sized), so the backward
 only scales it: first order, which is what MAML's meta-gradient needs of the query pass. It does not run under
