@@ -86,7 +86,7 @@ class _Segments:
         self.f, self.x = f, x
         size = min(chunk, len(x))
         # the model's own split where its blocks hold batch norm; else the whole model is one segment
-        split = split_at_blocks(lambda p, h, xx, yy: f(p, xx), params, {}, x[:1], x[:1])
+        split = split_at_blocks(self._as_loss, params, {}, x[:1], x[:1])
         self.split = split if split is not None and has_batch_norm(split) else None
         if self.split is None:
             self.segments = [(list(params), ChunkedBlock(self._whole, len(x), size))]
@@ -102,17 +102,21 @@ class _Segments:
                 h = fn({k: params[k] for k in keys}, h)
                 group.append((keys, fn))
                 if isinstance(h, Tensor):
-                    keys = [k for ks, _ in group for k in ks]
-                    self.segments.append((keys, ChunkedBlock(_chain(group), len(x), size)))
+                    read = [k for ks, _ in group for k in ks]
+                    self.segments.append((read, ChunkedBlock(_chain(group), len(x), size)))
                     group = []
         assert not group, "the model's blocks end in a tuple"
+
+    def _as_loss(self, p: Params, h: Params, x: Tensor, y: Tensor) -> Tensor:
+        """The model in the support loss's signature, which block_products splits (its value is never a loss here)."""
+        return self.f(p, x)
 
     def _whole(self, theta: Params, x: Tensor) -> Tensor:
         with plain_blocks():  # torch.func refuses checkpointing's saved-tensor hooks
             return self.f(theta, x)
 
     def _stem(self, theta: Params, x: Tensor) -> Tensor:
-        return stem_output(lambda p, h, xx, yy: self.f(p, xx), theta, {}, x, x)
+        return stem_output(self._as_loss, theta, {}, x, x)
 
     def _tail(self, theta: Params, h: Tensor) -> Tensor:
         """The model's outputs from its last boundary: what follows its blocks (the stem runs again on the whole query
@@ -140,7 +144,6 @@ class _Segments:
         (out, loss), vjp = torch.func.vjp(lambda th, hh: _with_loss(self._tail(th, hh), y), outside, h)
         grads, c = vjp((torch.zeros_like(out), torch.ones_like(loss)))
         grads = {k: grads.get(k, torch.zeros_like(p)) for k, p in params.items()}
-        del h
         for (theta, h_in, stats), (_, op) in zip(reversed(bounds), reversed(self.segments)):
             g, c = op.pullback(theta, h_in, stats, c)
             for k, t in g.items():

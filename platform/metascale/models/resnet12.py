@@ -20,8 +20,9 @@ class ResidualStage(nn.Module):
     batch statistics explicit (algorithms/norm_chunks.py) those statistics need no conv run again, and the shortcut's
     norm comes before bn3, after only the 1x1 shortcut conv. The boundaries are the same size either way, but the last
     part now also holds bn2's and its ReLU's maps: a whole-support-set product peaks higher (docs/benchmarks.md, the
-    84x84 ResNet-12 row: unchunked mixed mode 0.521 -> 0.640 of reverse's peak). The first two parts hand on (stage input, maps) so that the last can add the shortcut. The parts hold the stage's own layers
-    but are not registered under it, so the parameters keep one name each (stages.i.conv1.weight)."""
+    84x84 ResNet-12 row: unchunked mixed mode 0.521 -> 0.640 of reverse's peak). The first two parts hand on (stage
+    input, maps) so that the last can add the shortcut. The parts hold the stage's own layers but are not registered
+    under it, so the parameters keep one name each (stages.i.conv1.weight)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
