@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves, tree_map
 
 from metascale.algorithms.block_products import split_at_blocks
+from metascale.algorithms.norm_chunks import ChunkedBlock
 from metascale.config import ResNet12Spec
 from metascale.models.resnet12 import ResNet12
 
@@ -29,3 +31,38 @@ def test_resnet12_blocks_are_three_parts_a_stage_under_the_stages_names():
     assert split is not None and split.stem_is_input and split.outside == ["head.weight", "head.bias"]
     expected = [[f"stages.{i}.{name}" for name in part] for i in range(2) for part in PARTS]
     assert [list(block.keys.values()) for block in split.blocks] == expected
+
+
+def test_a_norm_that_reads_its_parts_input_takes_its_share_in_one_map(float64):
+    """bn1 and bn2 normalise their part's input (the cut is before them): in support chunks the pullback finds them
+    and pushes their statistics' adjoint through one map of the whole input (models/norm.py `share_pullback`) instead
+    of a vjp per chunk. Gradient and product (forward mode through the pullback) equal the whole set's, native batch
+    norm's."""
+    torch.manual_seed(0)
+    stage = ResNet12(ResNet12Spec(in_channels=2, channels=[4], image_size=6), 3).stages[0]
+    x = torch.randn(5, 2, 6, 6)
+    inputs = {1: (x, stage.parts[0](x)[1]), 2: stage.parts[1](stage.parts[0](x))}
+    for index, reads in ((1, [1]), (2, [1, None, None])):
+        part = stage.parts[index]
+        theta = {k: v.detach() for k, v in part.named_parameters()}
+
+        def f(th, h, part=part):
+            return torch.func.functional_call(part, th, (h,))
+
+        h = tuple(t.detach() for t in inputs[index])
+        c, cdot = (tree_map(torch.randn_like, f(theta, h)) for _ in range(2))
+        dots = (tree_map(torch.randn_like, theta), tree_map(torch.randn_like, h))
+
+        def whole(th, hh, cc):
+            return torch.func.vjp(f, th, hh)[1](cc)
+
+        def chunked(th, hh, cc):
+            op = ChunkedBlock(f, len(x), 2)
+            out, stats = op.forward(th, hh)
+            assert op.reads == reads
+            return op.pullback(th, hh, stats, cc)
+
+        expected = torch.func.jvp(whole, (theta, h, c), (*dots, cdot))
+        got = torch.func.jvp(chunked, (theta, h, c), (*dots, cdot))
+        for a, b in zip(tree_leaves(got), tree_leaves(expected), strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -3,7 +3,8 @@ recomputation). Written by hand: `torch.func.grad` refuses saved-tensor hooks, s
 inside it.
 
 The support loss L(phi, h) is split where the model hands its blocks to `run_blocks` (models/checkpointing.py, the
-one place that knows the blocks: ResNet-12's stages in three parts, the ViT's attention and MLP halves, Conv-4's conv-norm-ReLU(-pool) layers):
+one place that knows the blocks: ResNet-12's stages in three parts, the ViT's attention and MLP halves, Conv-4's
+conv-norm-ReLU(-pool) layers):
 
     x_0 = S(phi_out, h)            the stem: what the model runs before its blocks (the input itself for CNNs)
     x_{l+1} = f_l(theta_l, x_l)    block l, reading only its own weights theta_l

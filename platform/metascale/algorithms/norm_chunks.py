@@ -12,7 +12,9 @@ coupled only through them. With the statistics S = (mean, biased var) per norm l
 - backward with cotangent c: per chunk, the vjp of f at (theta, x_c, S) gives the weights' gradient, the chunk's input
   cotangent and the statistics' adjoint a_S, all summed; then, from the last norm layer down, a_S is pushed through
   the statistics' definition, a sum over examples: the vjp of each chunk's share (sum x / M, sum (x - mean)^2 / M)
-  adds to the weights, the chunk's input cotangent and the earlier layers' adjoints.
+  adds to the weights, the chunk's input cotangent and the earlier layers' adjoints. A layer that normalises the
+  block's input itself (ResNet-12's bn1 and bn2: its parts are cut before them) has no weights or layers before it,
+  so its share's vjp is a per-channel affine map of each chunk (models/norm.py `share_pullback`), with no vjp run.
 
 Holding the layer's own mean fixed inside its variance's share is exact, for the product too: d var / d mean =
 -(2/M) sum (x - mean) is identically zero where mean is the batch mean, and so is its tangent. block_products.py takes
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import Params
-from metascale.models.norm import SplitBatch, batch_statistics, run_split
+from metascale.models.norm import SplitBatch, batch_statistics, run_split, share_pullback
 
 Boundary = Tensor | tuple[Tensor, ...]  # ResNet-12's stage parts hand on (stage input, maps)
 Stats = list[tuple[Tensor, Tensor]]
@@ -73,6 +75,7 @@ class ChunkedBlock:
 
     def __init__(self, f: Callable[[Params, Boundary], Boundary], total: int, size: int):
         self.f, self.total, self.size = f, total, size
+        self.reads: list[int | None] = []  # per norm layer, the input element it normalises unchanged (forward's)
 
     def _run(self, theta: Params, x: Boundary, stats: Stats, stop_at: int | None = None):
         return run_split(self.f, SplitBatch(stats, self.total, stop_at), theta, x)
@@ -81,7 +84,9 @@ class ChunkedBlock:
         """(the block's output, its statistics: every norm layer's (mean, biased var), in call order, as differentiable
         sums over the chunks). The pass that finds the statistics complete gives the first chunk's output."""
         chunks = _chunks(x, self.size)
-        stats, first = batch_statistics(lambda xc, split: run_split(self.f, split, theta, xc), chunks, self.total)
+        stats, first, self.reads = batch_statistics(
+            lambda xc, split: run_split(self.f, split, theta, xc), chunks, self.total
+        )
         return _joined([first, *(self._run(theta, xc, stats) for xc in chunks[1:])], chunks, x), stats
 
     def pullback(self, theta: Params, x: Boundary, stats: Stats, c: Boundary) -> tuple[Params, Boundary]:
@@ -98,6 +103,13 @@ class ChunkedBlock:
             self._add_at(cx, i, cx_c)
             del cx_c
         for layer in reversed(range(len(stats))):
+            j = self.reads[layer]
+            if j is not None:  # the layer normalises the block's input: its share's vjp is a map of that input
+                whole, into = (x[j], cx[j]) if isinstance(x, tuple) else (x, cx)
+                # chunk by chunk into the cotangent's rows: a whole-size result (and tangent) would raise the peak
+                for xc, rows in zip(whole.split(self.size), into.split(self.size)):
+                    rows.add_(share_pullback(xc, stats[layer][0], a_stats[layer], self.total))
+                continue
 
             def share(th: Params, xx: Boundary, earlier: Stats, layer: int = layer) -> tuple[Tensor, Tensor]:
                 return self._run(th, xx, [*earlier, *stats[layer:]], stop_at=layer)

@@ -2,9 +2,10 @@
 and a layer norm that is exact under vmap (TaskLayerNorm).
 
 `nn.BatchNorm2d`'s native kernel gives wrong second-order gradients under `vmap(grad(...))` (measured with torch
-2.13: relative error 0.8% at 1 inner step, 18% at 5, float64; pytorch/functorch#534), so inside vmap the norm is written out in basic ops, which agree to ~1e-13. Outside vmap
-the native kernel is correct and faster. The executor marks vmapped code with `batched_tasks()`, which also tells the
-inner loop to take its gradients with `torch.func.grad`.
+2.13: relative error 0.8% at 1 inner step, 18% at 5, float64; pytorch/functorch#534), so inside vmap the norm is
+written out in basic ops, which agree to ~1e-13. Outside vmap the native kernel is correct and faster. The executor
+marks vmapped code with `batched_tasks()`, which also tells the inner loop to take its gradients with
+`torch.func.grad`.
 
 Under `split_batch(...)` a batch can also pass through a model in chunks with the numbers of one whole pass
 (algorithms/query_chunks.py): each norm layer, in call order, normalises with statistics given from outside and
@@ -118,15 +119,18 @@ class StopPass(Exception):
 @dataclass(frozen=True)
 class Sums:
     """A chunk's part of a norm layer's batch statistics: per-channel sums of x and x^2 in float64, differentiable
-    (forward mode too: mixed mode's products carry tangents through the statistics), and their count."""
+    (forward mode too: mixed mode's products carry tangents through the statistics), and their count; `reads`: which
+    of the pass's inputs the layer normalises itself (its index in `SplitBatch.inputs`), if any."""
 
     s1: Tensor
     s2: Tensor
     count: int
     dtype: torch.dtype
+    reads: int | None = None
 
     def __add__(self, other: Sums) -> Sums:
-        return Sums(self.s1 + other.s1, self.s2 + other.s2, self.count + other.count, self.dtype)
+        reads = self.reads if self.reads == other.reads else None
+        return Sums(self.s1 + other.s1, self.s2 + other.s2, self.count + other.count, self.dtype, reads)
 
     def statistics(self) -> tuple[Tensor, Tensor]:
         """(mean, biased var) in the layer's dtype: E[x^2] - mean^2 is taken in float64, where its cancellation costs
@@ -142,22 +146,35 @@ class SplitBatch:
     index `stop_at` ends the pass (`StopPass`) with its chunk's record: its `Sums` when its statistics are not known
     yet (they are being collected), else its differentiable share of them, (sum x / M, sum (x - mean)^2 / M) with M
     the batch's count per channel (how the statistics' adjoints reach the weights and the earlier layers'
-    statistics)."""
+    statistics; `share_pullback` is its vjp). `inputs`: the tensors the pass starts from, to tell which layer reads one
+    of them unchanged."""
 
-    def __init__(self, stats: list[tuple[Tensor, Tensor]], total: int, stop_at: int | None = None):
-        self.stats, self.total, self.stop_at, self.layer = stats, total, stop_at, 0
+    def __init__(self, stats: list[tuple[Tensor, Tensor]], total: int, stop_at: int | None = None, inputs: tuple = ()):
+        self.stats, self.total, self.stop_at, self.inputs, self.layer = stats, total, stop_at, inputs, 0
 
     def normalise(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         i, self.layer = self.layer, self.layer + 1
         dims = [0, *range(2, x.dim())]
         if i == self.stop_at:
             if i >= len(self.stats):
-                x64 = x.double()
-                raise StopPass(Sums(x64.sum(dims), (x64 * x64).sum(dims), x.shape[0] * x[0, 0].numel(), x.dtype))
+                x64, reads = x.double(), next((j for j, t in enumerate(self.inputs) if t is x), None)
+                count = x.shape[0] * x[0, 0].numel()
+                raise StopPass(Sums(x64.sum(dims), (x64 * x64).sum(dims), count, x.dtype, reads))
             count = self.total * x[0, 0].numel()
             mean = self.stats[i][0]
             raise StopPass((x.sum(dims) / count, ((x - mean.view(_channels(x))) ** 2).sum(dims) / count))
         return _normalise(x, *self.stats[i], weight, bias, eps)
+
+
+def share_pullback(x: Tensor, mean: Tensor, adjoint: tuple[Tensor, Tensor], total: int) -> Tensor:
+    """The vjp of a chunk's share of a layer's statistics (see SplitBatch) w.r.t. the chunk `x`, of a batch of `total`
+    examples: a1 / M + 2 a2 (x - mean) / M, a per-channel affine map of x. For a layer that normalises a block's
+    input itself, one op instead of a vjp through the share's four ops (ResNet-12's support products in chunks of 3
+    took 10% less time, docs/benchmarks.md)."""
+    a1, a2 = adjoint
+    count = total * x[0, 0].numel()
+    scale = (2 / count) * a2
+    return torch.addcmul((a1 / count - scale * mean).view(_channels(x)), x, scale.view(_channels(x)))
 
 
 def run_split(f: Callable[..., Any], split: SplitBatch, *args: Any) -> Any:
@@ -171,21 +188,25 @@ def run_split(f: Callable[..., Any], split: SplitBatch, *args: Any) -> Any:
 
 def batch_statistics(
     run: Callable[[Any, SplitBatch], Any], chunks: list, total: int
-) -> tuple[list[tuple[Tensor, Tensor]], Any]:
+) -> tuple[list[tuple[Tensor, Tensor]], Any, list[int | None]]:
     """Every norm layer's batch (mean, biased var), in call order, for a batch of `total` examples passed as `chunks`
     by `run(chunk, split)` (`run_split` of a model or block): one pass over the chunks per layer, since a layer's
     statistics need the earlier layers' (the chunks normalise with them on the way); differentiable. Also the first
-    chunk's output: the pass that finds no norm layer left has gone through."""
+    chunk's output (the pass that finds no norm layer left has gone through), and per layer which element of a chunk
+    (a tensor or tuple) it normalises unchanged, if any (`Sums.reads`)."""
     stats: list[tuple[Tensor, Tensor]] = []
+    reads: list[int | None] = []
     while True:
         sums = None
         for chunk in chunks:
-            record = run(chunk, SplitBatch(stats, total, stop_at=len(stats)))
+            inputs = chunk if isinstance(chunk, tuple) else (chunk,)
+            record = run(chunk, SplitBatch(stats, total, stop_at=len(stats), inputs=inputs))
             if not isinstance(record, Sums):
-                return stats, record
+                return stats, record, reads
             sums = record if sums is None else sums + record
         assert sums is not None
         stats.append(sums.statistics())
+        reads.append(sums.reads)
 
 
 @contextlib.contextmanager
