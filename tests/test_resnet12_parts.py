@@ -35,9 +35,9 @@ def test_resnet12_blocks_are_three_parts_a_stage_under_the_stages_names():
 
 def test_a_norm_that_reads_its_parts_input_takes_its_share_in_one_map(float64):
     """bn1 and bn2 normalise their part's input (the cut is before them): in support chunks the pullback finds them
-    and pushes their statistics' adjoint through one map of the whole input (models/norm.py `share_pullback`) instead
-    of a vjp per chunk. Gradient and product (forward mode through the pullback) equal the whole set's, native batch
-    norm's."""
+    and pushes their statistics' adjoint through one per-channel map of each input chunk (models/norm.py
+    `share_pullback`) instead of a vjp per chunk. Gradient and product (forward mode through the pullback) equal the
+    whole set's, native batch norm's."""
     torch.manual_seed(0)
     stage = ResNet12(ResNet12Spec(in_channels=2, channels=[4], image_size=6), 3).stages[0]
     x = torch.randn(5, 2, 6, 6)
