@@ -147,23 +147,36 @@ class SplitBatch:
     yet (they are being collected), else its differentiable share of them, (sum x / M, sum (x - mean)^2 / M) with M
     the batch's count per channel (how the statistics' adjoints reach the weights and the earlier layers'
     statistics; `share_pullback` is its vjp). `inputs`: the tensors the pass starts from, to tell which layer reads one
-    of them unchanged."""
+    of them unchanged. `share_of`: a layer whose share is recorded (`share`) while the pass goes on, so that one vjp
+    takes the block output's adjoint and that share's together (algorithms/norm_chunks.py)."""
 
-    def __init__(self, stats: list[tuple[Tensor, Tensor]], total: int, stop_at: int | None = None, inputs: tuple = ()):
+    def __init__(
+        self,
+        stats: list[tuple[Tensor, Tensor]],
+        total: int,
+        stop_at: int | None = None,
+        inputs: tuple = (),
+        share_of: int | None = None,
+    ):
         self.stats, self.total, self.stop_at, self.inputs, self.layer = stats, total, stop_at, inputs, 0
+        self.share_of, self.share = share_of, None
 
     def normalise(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         i, self.layer = self.layer, self.layer + 1
-        dims = [0, *range(2, x.dim())]
         if i == self.stop_at:
             if i >= len(self.stats):
                 x64, reads = x.double(), next((j for j, t in enumerate(self.inputs) if t is x), None)
-                count = x.shape[0] * x[0, 0].numel()
+                dims, count = [0, *range(2, x.dim())], x.shape[0] * x[0, 0].numel()
                 raise StopPass(Sums(x64.sum(dims), (x64 * x64).sum(dims), count, x.dtype, reads))
-            count = self.total * x[0, 0].numel()
-            mean = self.stats[i][0]
-            raise StopPass((x.sum(dims) / count, ((x - mean.view(_channels(x))) ** 2).sum(dims) / count))
+            raise StopPass(self._share(x, i))
+        if i == self.share_of:
+            self.share = self._share(x, i)
         return _normalise(x, *self.stats[i], weight, bias, eps)
+
+    def _share(self, x: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        dims, count = [0, *range(2, x.dim())], self.total * x[0, 0].numel()
+        mean = self.stats[i][0]
+        return x.sum(dims) / count, ((x - mean.view(_channels(x))) ** 2).sum(dims) / count
 
 
 def share_pullback(x: Tensor, mean: Tensor, adjoint: tuple[Tensor, Tensor], total: int) -> Tensor:
