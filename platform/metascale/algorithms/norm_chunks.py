@@ -15,6 +15,10 @@ coupled only through them. With the statistics S = (mean, biased var) per norm l
   adds to the weights, the chunk's input cotangent and the earlier layers' adjoints. A layer that normalises the
   block's input itself (ResNet-12's bn1 and bn2: its parts are cut before them) has no weights or layers before it,
   so its share's vjp is a per-channel affine map of each chunk (models/norm.py `share_pullback`), with no vjp run.
+  The last layer that normalises something the block computed (ResNet-12's bn3) feeds no later layer's statistics,
+  so its adjoint is taken first, by a vjp in its statistics alone (the block's forward, no convolution backward), and
+  the main vjps take its share along with that adjoint as the cotangent: no vjp of its own, which would run its conv
+  forward and backward again.
 
 Holding the layer's own mean fixed inside its variance's share is exact, for the product too: d var / d mean =
 -(2/M) sum (x - mean) is identically zero where mean is the batch mean, and so is its tangent. block_products.py takes
