@@ -48,11 +48,11 @@ def sweeps(monkeypatch):
         count["kept_copies"] += len(out) // len(args[1]) - 1  # outputs: phi_K, then the kept weights
         return out
 
-    def counting_products(*args, chunk=None):
+    def counting_products(*args, chunks=None):
         # with the tangent u a product; without, a plain gradient (the forward loop's, or a recomputed step's)
         count["block_products" if args[-1] is not None else "block_grads"] += 1
-        count["chunked_blocks"] += chunk is not None  # blocks in chunks, their batch statistics explicit
-        return real_product(*args, chunk=chunk)
+        count["chunked_blocks"] += any(chunks or [])  # blocks in chunks, their batch statistics explicit
+        return real_product(*args, chunks=chunks)
 
     def counting_support_products(*args):
         count["products"] += 1
@@ -297,8 +297,8 @@ def test_mixed_keeps_no_graph_when_there_is_nothing_to_differentiate(float64, sw
 def test_block_products_equal_the_whole_model_product(float64, model, strategy, chunk):
     """grad_and_product, block by block, gives the whole model's dL/dphi, dL/dh, H u and H_hphi u (one jvp of grad)
     for a support loss that reads a hyperparameter after the model (a temperature) and every weight outside it (a
-    decay): the stem (the ViT's patches), the blocks and the tail all contribute. Also with its blocks in chunks of
-    2 of the 5 examples, their batch statistics explicit (norm_chunks.py; the ViT has none)."""
+    decay): the stem (the ViT's patches), the blocks and the tail all contribute. Also with every block but the last
+    in chunks of 2 of the 5 examples, their batch statistics explicit (norm_chunks.py; the ViT has none)."""
     import torch.nn.functional as F
 
     from metascale.algorithms.block_products import grad_and_product, split_at_blocks
@@ -320,7 +320,8 @@ def test_block_products_equal_the_whole_model_product(float64, model, strategy, 
             (phi, h),
             (u, {k: torch.zeros_like(v) for k, v in h.items()}),
         )
-        return (g, gh, hu, hhu), grad_and_product(split, loss, phi, h, x, y, u, chunk=chunk)
+        chunks = None if chunk is None else [chunk] * (len(split.blocks) - 1)  # every block but the last
+        return (g, gh, hu, hhu), grad_and_product(split, loss, phi, h, x, y, u, chunks=chunks)
 
     us = {k: torch.randn(len(batch), *v.shape) for k, v in phi.items()}
     if strategy == "vmap":
@@ -333,3 +334,27 @@ def test_block_products_equal_the_whole_model_product(float64, model, strategy, 
         for a, b in zip(whole, blocks):
             assert set(a) == set(b) and _relative(a, b) < 1e-10
         assert float(sum((t**2).sum() for t in whole[3].values())) > 0  # H_hphi u is not trivially zero
+
+
+def test_chunk_sizes_grow_where_the_maps_shrink():
+    """ResNet-12 at 84x84 (16-32-64-128): a block's larger boundary, input or output, holds per example 3x84x84 +
+    16x84x84 = 134064 numbers in the first stage (its parts hand on the stage's input beside their maps), 16x42x42 +
+    32x42x42 = 84672 in the second, 32x21x21 + 64x21x21 = 42336 in the third and 64x10x10 + 128x10x10 = 19200 in the
+    fourth. In chunks of 3 where they are largest, the stages take 3, 3*134064//84672 = 4, 9 and 20 examples at a
+    time; a size that reaches the 25 examples runs whole. The last block is not chunked."""
+    import torch.nn.functional as F
+
+    from metascale.algorithms.block_products import chunk_sizes, split_at_blocks
+
+    spec = ResNet12Spec(in_channels=3, channels=[16, 32, 64, 128], image_size=84)
+    _, alg, meta = _setup("maml", spec, 5, steps=1)
+    phi = {k: v.detach() for k, v in meta.items()}
+    x, y = torch.randn(25, 3, 84, 84, dtype=torch.float64), torch.arange(25) % 5
+
+    def loss(p, hh, xx, yy):
+        return F.cross_entropy(alg.f(p, xx), yy)
+
+    split = split_at_blocks(loss, phi, {}, x, y)
+    assert split is not None and len(split.blocks) == 12
+    assert chunk_sizes(split, loss, phi, {}, x, y, 3) == [3] * 3 + [4] * 3 + [9] * 3 + [20] * 2
+    assert chunk_sizes(split, loss, phi, {}, x, y, 12) == [12] * 3 + [19] * 3 + [None] * 5

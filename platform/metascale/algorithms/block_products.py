@@ -114,6 +114,30 @@ def has_batch_norm(split: Split) -> bool:
     return any(isinstance(m, TaskBatchNorm) for b in split.blocks for m in b.module.modules())
 
 
+def chunk_sizes(
+    split: Split, loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: Tensor, chunk: int
+) -> list[int | None]:
+    """How many examples each block but the last runs at a time under batch norm (None: all of them): `chunk` where a
+    block's boundaries (its input or its output, per example) are largest, and proportionally more where they are
+    smaller, so that no block's chunk holds more than the largest block's. A chunked block runs its statistics passes
+    and its statistics' adjoints (norm_chunks.py) whatever its chunk, so small chunks where the maps are small cost
+    time and save no peak. Sizes come from the blocks run on two examples (batch norm needs more than one value per
+    channel)."""
+    with torch.no_grad():
+        b = x[:2] if split.stem_is_input else stem_output(loss_fn, phi, h, x[:2], y[:2])
+        sizes = []
+        for block in split.blocks[:-1]:
+            out = block_fn(split, block)({k: phi[k] for k in block.keys.values()}, b)
+            sizes.append(max(_per_example(b), _per_example(out)))
+            b = out
+    largest, n = max(sizes), len(x)
+    return [c if c < n else None for c in (chunk * largest // size for size in sizes)]
+
+
+def _per_example(b: Tensor | tuple[Tensor, ...]) -> int:
+    return sum(t[0].numel() for t in (b if isinstance(b, tuple) else (b,)))
+
+
 def block_fn(split: Split, block: Block) -> Callable[[Params, Tensor], Tensor]:
     device, dtype, enabled = split.autocast
 
@@ -164,13 +188,13 @@ def grad_and_product(
     y: Tensor,
     u: Params | None,
     need_grad: bool = True,
-    chunk: int | None = None,
+    chunks: list[int | None] | None = None,
 ) -> tuple[Params | None, Params, Params | None, Params | None]:
     """(dL/dphi, dL/dh, H_phiphi u, H_hphi u) block by block; the last two None when `u` is None, the first None
     unless `need_grad` (a product computes the gradient anyway, but only tensor rates read it: not summing the
-    blocks' parts into it saves a sum per block). With `chunk`, every block but the last runs that many examples at
-    a time with its batch statistics explicit (norm_chunks.py); the last, at the smallest maps, and the tail run
-    whole."""
+    blocks' parts into it saves a sum per block). With `chunks` (one per block but the last, `chunk_sizes`), each
+    block with a size runs that many examples at a time with its batch statistics explicit (norm_chunks.py); the
+    last, at the smallest maps, and the tail run whole."""
     zh = {k: torch.zeros_like(t) for k, t in h.items()} if u is not None else None
     out = split.outside
 
@@ -191,7 +215,8 @@ def grad_and_product(
     # the last block runs inside the tail's gradient: its forward is not run a second time to find a boundary
     *blocks, last = split.blocks
     fns, f_last = [block_fn(split, b) for b in blocks], block_fn(split, last)
-    ops = [_Whole(f) if chunk is None or chunk >= len(x) else ChunkedBlock(f, len(x), chunk) for f in fns]
+    sizes = chunks or [None] * len(fns)
+    ops = [_Whole(f) if c is None or c >= len(x) else ChunkedBlock(f, len(x), c) for f, c in zip(fns, sizes)]
     bounds = []  # each block's input and tangent, and what its forward kept for its backward (with tangents)
     for block, op in zip(blocks, ops):
         theta_u = None if u is None else (part(block.keys.values(), u), xd)

@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from metascale.algorithms.base import Params
-from metascale.algorithms.block_products import SupportLoss, grad_and_product, has_batch_norm, split_at_blocks
+from metascale.algorithms.block_products import (
+    SupportLoss,
+    chunk_sizes,
+    grad_and_product,
+    has_batch_norm,
+    split_at_blocks,
+)
 from metascale.models.checkpointing import plain_blocks
 
 
@@ -82,7 +88,8 @@ class _Support:
     (learned_hparams' decay): L = sum_c (n_c / n) L_c, so the gradient and every product are the chunks' weighted
     sums (the same numbers up to summation order), while a product holds one chunk's block boundaries and
     forward-over-reverse instead of the whole support set's. Where per-task batch norm in the blocks couples the
-    examples (Conv-4, ResNet-12), the loss stays whole and each block runs in chunks instead (norm_chunks.py)."""
+    examples (Conv-4, ResNet-12), the loss stays whole and each block runs in chunks instead (norm_chunks.py), of
+    `chunk` examples where the maps are largest and more where they are smaller (block_products.chunk_sizes)."""
 
     def __init__(
         self, loss_fn: SupportLoss, x: Tensor, y: Tensor, phi: Params, h: Params, chunk: int | None, blocks: bool
@@ -91,11 +98,13 @@ class _Support:
         size = min(chunk or n, n)
         split = split_at_blocks(loss_fn, phi, h, x[:size], y[:size]) if blocks or size < n else None
         # with batch norm in the blocks, each block runs in chunks with its statistics explicit (norm_chunks.py): block
-        # by block whatever `blocks` says, since whole-model chunks would split the statistics (the config refuses it)
-        self.block_chunk = size if size < n and split is not None and has_batch_norm(split) else None
-        self.split = split if blocks or self.block_chunk else None
+        # by block whatever `blocks` says, since whole-model chunks would split the statistics (the config refuses it);
+        # `size` where the maps are largest, more where they are smaller (chunk_sizes)
+        coupled = size < n and split is not None and has_batch_norm(split)
+        self.block_chunks = chunk_sizes(split, loss_fn, phi, h, x, y, size) if coupled else None
+        self.split = split if blocks or coupled else None
         self.parts = [(x[i : i + size], y[i : i + size], _weighted(loss_fn, (min(i + size, n) - i) / n))
-                      for i in range(0, n, size)] if size < n and not self.block_chunk else [(x, y, loss_fn)]  # fmt: skip
+                      for i in range(0, n, size)] if size < n and not coupled else [(x, y, loss_fn)]  # fmt: skip
 
     def grad(self, phi: Params, h: Params) -> Params:
         total: Params = {}
@@ -104,7 +113,7 @@ class _Support:
                 with plain_blocks():
                     g = torch.func.grad(lambda p, hh: loss_fn(p, hh, x, y), argnums=(0, 1))(phi, h)[0]
             else:
-                g = grad_and_product(self.split, loss_fn, phi, h, x, y, None, chunk=self.block_chunk)[0]
+                g = grad_and_product(self.split, loss_fn, phi, h, x, y, None, chunks=self.block_chunks)[0]
                 assert g is not None
             _accumulate(total, g)
         return total
@@ -122,7 +131,7 @@ class _Support:
                     (g, _), (hu, hhu) = torch.func.jvp(whole, (phi, h), (u, zeros))
             else:
                 g, _, hu, hhu = grad_and_product(
-                    self.split, loss_fn, phi, h, x, y, u, with_grad, chunk=self.block_chunk
+                    self.split, loss_fn, phi, h, x, y, u, with_grad, chunks=self.block_chunks
                 )
                 assert hu is not None and hhu is not None
             if with_grad:

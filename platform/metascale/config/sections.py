@@ -167,8 +167,9 @@ class InnerLoopSpec(Spec):
     # 'mixed' computes its support gradients and Hessian-vector products this many support examples at a time and
     # sums them (the same numbers): a product holds one chunk's activations instead of the support set's. Exact where
     # examples are independent (mlp, vit) or coupled only by per-task batch norm inside the model's blocks (conv4,
-    # resnet12: each block's statistics are made explicit, algorithms/norm_chunks.py). Reverse mode cannot gain this
-    # way: its double backward needs every chunk's graph at once.
+    # resnet12: each block's statistics are made explicit, algorithms/norm_chunks.py; there this many where the maps
+    # are largest, and proportionally more where they are smaller). Reverse mode cannot gain this way: its double
+    # backward needs every chunk's graph at once.
     support_chunk: PositiveInt | None = None
 
 
