@@ -10,6 +10,7 @@ from torch import nn
 from metascale.algorithms import build_algorithm
 from metascale.algorithms.base import Functional, task_loss
 from metascale.algorithms.executor import meta_gradient
+from metascale.algorithms.norm_chunks import ChunkedBlock
 from metascale.algorithms.query_chunks import _Segments, chunked_query
 from metascale.config import (
     AlgorithmSpec,
@@ -58,7 +59,7 @@ def _whole_and_chunked(model, x, y, chunk):
     return (loss, out, grads), (c_loss, c_out, c_grads)
 
 
-@pytest.mark.parametrize("chunk", [4, 15])
+@pytest.mark.parametrize("chunk", [2, 4, 15])  # 15: the whole query set, so every segment runs whole
 @pytest.mark.parametrize("name", list(MODELS))
 def test_chunked_query_pass_equals_the_whole_pass(float64, name, chunk):
     torch.manual_seed(0)
@@ -113,6 +114,19 @@ def test_boundaries_are_kept_at_stages_only(name, segments):
     model = build_model(MODELS[name], 5)
     x = _images(1).tasks()[0].query_x.float()
     assert len(_Segments(Functional(model), dict(model.named_parameters()), x, 4).segments) == segments
+
+
+def test_segment_chunks_grow_where_the_maps_shrink():
+    """ResNet-12 at 84x84 (16-32-64-128): a stage's largest boundary (its parts hand on the stage's input beside their
+    maps) holds per example 3x84x84 + 16x84x84 = 134064 numbers in the first stage, 84672 in the second, 42336 in
+    the third and 19200 in the fourth. In chunks of 5 where they are largest, the stages take 5, 5*134064//84672 = 7,
+    15 and 34 of the 75 queries at a time; in chunks of 20 the last stage's 139 reach the query set and it runs
+    whole."""
+    model = build_model(ResNet12Spec(in_channels=3, channels=[16, 32, 64, 128], image_size=84), 5)
+    params, x = dict(model.named_parameters()), torch.randn(75, 3, 84, 84)
+    for chunk, sizes in ((5, [5, 7, 15, 34]), (20, [20, 31, 63, None])):
+        segments = _Segments(Functional(model), params, x, chunk).segments
+        assert [op.size if isinstance(op, ChunkedBlock) else None for _, op in segments] == sizes
 
 
 def test_chunks_with_their_own_batch_statistics_would_differ(float64):

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from metascale.algorithms.base import Params
-from metascale.algorithms.norm_chunks import ChunkedBlock
+from metascale.algorithms.norm_chunks import block_op, per_example, scaled_chunks
 from metascale.models.checkpointing import blocks_replaced
 from metascale.models.norm import TaskBatchNorm
 
@@ -118,24 +118,17 @@ def chunk_sizes(
     split: Split, loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: Tensor, chunk: int
 ) -> list[int | None]:
     """How many examples each block but the last runs at a time under batch norm (None: all of them): `chunk` where a
-    block's boundaries (its input or its output, per example) are largest, and proportionally more where they are
-    smaller, so that no block's chunk holds more than the largest block's. A chunked block runs its statistics passes
-    and its statistics' adjoints (norm_chunks.py) whatever its chunk, so small chunks where the maps are small cost
-    time and save no peak. Sizes come from the blocks run on two examples (batch norm needs more than one value per
-    channel)."""
+    block's boundaries (its input or its output, per example) are largest, proportionally more where they are smaller
+    (norm_chunks.scaled_chunks). Sizes come from the blocks run on two examples (batch norm needs more than one value
+    per channel)."""
     with torch.no_grad():
         b = x[:2] if split.stem_is_input else stem_output(loss_fn, phi, h, x[:2], y[:2])
         sizes = []
         for block in split.blocks[:-1]:
             out = block_fn(split, block)({k: phi[k] for k in block.keys.values()}, b)
-            sizes.append(max(_per_example(b), _per_example(out)))
+            sizes.append(max(per_example(b), per_example(out)))
             b = out
-    largest, n = max(sizes), len(x)
-    return [c if c < n else None for c in (chunk * largest // size for size in sizes)]
-
-
-def _per_example(b: Tensor | tuple[Tensor, ...]) -> int:
-    return sum(t[0].numel() for t in (b if isinstance(b, tuple) else (b,)))
+    return scaled_chunks(sizes, chunk, len(x))
 
 
 def block_fn(split: Split, block: Block) -> Callable[[Params, Tensor], Tensor]:
@@ -152,19 +145,6 @@ def block_fn(split: Split, block: Block) -> Callable[[Params, Tensor], Tensor]:
 def _pullback(f: Callable) -> Callable:
     """(primals..., cotangent) -> the vjp of `f` at the primals: a block's backward, recomputing its forward."""
     return lambda *args: torch.func.vjp(f, *args[:-1])[1](args[-1])
-
-
-class _Whole:
-    """A block over the whole support set at once (norm_chunks.ChunkedBlock's interface; it keeps nothing)."""
-
-    def __init__(self, f: Callable):
-        self.f = f
-
-    def forward(self, theta: Params, x: Tensor) -> tuple[Tensor, tuple]:
-        return self.f(theta, x), ()
-
-    def pullback(self, theta: Params, x: Tensor, kept: tuple, c: Tensor) -> tuple[Params, Tensor]:
-        return _pullback(self.f)(theta, x, c)
 
 
 def _push(f: Callable, primals: tuple, tangents: tuple | None):
@@ -216,7 +196,7 @@ def grad_and_product(
     *blocks, last = split.blocks
     fns, f_last = [block_fn(split, b) for b in blocks], block_fn(split, last)
     sizes = chunks or [None] * len(fns)
-    ops = [_Whole(f) if c is None or c >= len(x) else ChunkedBlock(f, len(x), c) for f, c in zip(fns, sizes)]
+    ops = [block_op(f, len(x), c) for f, c in zip(fns, sizes)]
     bounds = []  # each block's input and tangent, and what its forward kept for its backward (with tangents)
     for block, op in zip(blocks, ops):
         theta_u = None if u is None else (part(block.keys.values(), u), xd)

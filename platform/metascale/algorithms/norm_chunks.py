@@ -162,3 +162,35 @@ class ChunkedBlock:
         """Adds chunk i's `part` into `total`'s rows, in place."""
         for t, p in zip(total, part) if isinstance(total, tuple) else [(total, part)]:
             t.narrow(0, i * self.size, p.shape[0]).add_(p)
+
+
+def per_example(b: Boundary) -> int:
+    """How many numbers a boundary holds per example."""
+    return sum(t[0].numel() for t in (b if isinstance(b, tuple) else (b,)))
+
+
+def scaled_chunks(largest: list[int], chunk: int, total: int) -> list[int | None]:
+    """How many of `total` examples each block runs at a time (None: all at once), given per block the numbers per
+    example of its largest boundary: `chunk` where that is largest, and proportionally more where it is smaller, so
+    that no block's chunk holds more than the largest block's. A chunked block runs its statistics passes and their
+    adjoints whatever its chunk, so small chunks where the maps are small cost time and lower no peak."""
+    top = max(largest)
+    return [c if c < total else None for c in (chunk * top // size for size in largest)]
+
+
+def block_op(f: Callable[[Params, Boundary], Boundary], total: int, size: int | None) -> ChunkedBlock | WholeBlock:
+    """Block `f` over `total` examples, `size` at a time (None: all at once, its norms the native ones)."""
+    return WholeBlock(f) if size is None else ChunkedBlock(f, total, size)
+
+
+class WholeBlock:
+    """A block over the whole set at once: ChunkedBlock's interface, keeping nothing from forward to backward."""
+
+    def __init__(self, f: Callable[[Params, Boundary], Boundary]):
+        self.f = f
+
+    def forward(self, theta: Params, x: Boundary) -> tuple[Boundary, tuple]:
+        return self.f(theta, x), ()
+
+    def pullback(self, theta: Params, x: Boundary, kept: tuple, c: Boundary) -> tuple[Params, Boundary]:
+        return _vjp(self.f, c, theta, x)

@@ -4,7 +4,9 @@ whole pass.
 Block checkpointing still holds one block's activations for the whole query set at a time, and with per-task batch
 norm the query set cannot simply be cut into pieces: every example's output depends on the batch statistics. Here
 the statistics become explicit (models/norm.py `SplitBatch`): with them fixed, examples are independent. The model
-runs segment by segment, each segment a `norm_chunks.ChunkedBlock` over the query set `chunk` examples at a time:
+runs segment by segment, each segment a `norm_chunks.ChunkedBlock` over the query set a chunk at a time (`chunk`
+examples where the segments' boundaries are largest, proportionally more where they are smaller, all at once where
+that reaches the query set: `norm_chunks.scaled_chunks`, as for mixed mode's support chunks):
 
 - forward: each of the segment's norm layers' (mean, var) is collected over the chunks (layer l's needs layers < l's,
   so one pass per layer, each restarting at the segment's input), then the segment's output chunk by chunk;
@@ -37,7 +39,7 @@ from torch import Tensor
 
 from metascale.algorithms.base import Params, task_loss
 from metascale.algorithms.block_products import block_fn, has_batch_norm, split_at_blocks, stem_output
-from metascale.algorithms.norm_chunks import ChunkedBlock
+from metascale.algorithms.norm_chunks import ChunkedBlock, block_op, per_example, scaled_chunks
 from metascale.config import InnerLoopSpec
 from metascale.data.tasks import Task
 from metascale.models.checkpointing import blocks_replaced, checkpointed_blocks, plain_blocks
@@ -91,21 +93,27 @@ class _Segments:
         if self.split is None:
             self.segments = [(list(params), ChunkedBlock(self._whole, len(x), size))]
             return
-        self.segments = (
-            [] if self.split.stem_is_input else [(self.split.outside, ChunkedBlock(self._stem, len(x), size))]
-        )
-        with torch.no_grad():  # which blocks hand on plain tensors: one example's pass
-            h = x[:1] if self.split.stem_is_input else self._stem(params, x[:1])
+        # from one example's pass: which blocks hand on plain tensors (where segments end), and per segment the
+        # numbers per example of its largest boundary, which sets how many examples it runs at a time
+        found: list[tuple[list[str], Callable, int]] = []  # (keys read, function, largest boundary)
+        with torch.no_grad():
+            h = x[:1]
+            if not self.split.stem_is_input:
+                h = self._stem(params, x[:1])
+                found.append((self.split.outside, self._stem, max(per_example(x), per_example(h))))
             group: list[tuple[list[str], Callable]] = []
+            largest = 0
             for block in self.split.blocks:
                 keys, fn = list(block.keys.values()), block_fn(self.split, block)
-                h = fn({k: params[k] for k in keys}, h)
+                out = fn({k: params[k] for k in keys}, h)
+                largest, h = max(largest, per_example(h), per_example(out)), out
                 group.append((keys, fn))
                 if isinstance(h, Tensor):
-                    read = [k for ks, _ in group for k in ks]
-                    self.segments.append((read, ChunkedBlock(_chain(group), len(x), size)))
-                    group = []
+                    found.append(([k for ks, _ in group for k in ks], _chain(group), largest))
+                    group, largest = [], 0
         assert not group, "the model's blocks end in a tuple"
+        sizes = scaled_chunks([n for _, _, n in found], size, len(x))
+        self.segments = [(keys, block_op(fn, len(x), c)) for (keys, fn, _), c in zip(found, sizes)]
 
     def _as_loss(self, p: Params, h: Params, x: Tensor, y: Tensor) -> Tensor:
         """The model in the support loss's signature, which block_products splits (its value is never a loss here)."""

@@ -148,8 +148,9 @@ class InnerLoopSpec(Spec):
     # (models/checkpointing.py: the query forward dominates a task's peak memory).
     checkpoint: Literal["none", "steps", "all"] = "none"
     # The query pass this many examples at a time (algorithms/query_chunks.py): exact with per-task batch norm; holds a
-    # chunk's activations and the query set's maps at stage boundaries, for a few more passes over each stage. MAML
-    # family and learned_hparams; per task.
+    # chunk's activations and the query set's maps at stage boundaries, for a few more passes over each stage. This
+    # many where the maps are largest, proportionally more where they are smaller. MAML family and learned_hparams;
+    # per task.
     query_chunk: PositiveInt | None = None
     autocast: Literal["none", "bf16"] = "none"
     # How second-order algorithms differentiate through the inner loop (same numbers): 'reverse' keeps every step's
