@@ -71,6 +71,26 @@ def test_chunked_query_pass_equals_the_whole_pass(float64, name, chunk):
     assert not c_out.requires_grad  # outputs are for metrics; only the loss carries the gradient
 
 
+@pytest.mark.parametrize("name", ["conv4-omniglot", "resnet12"])
+def test_chunked_query_pass_runs_its_blocks_under_the_models_bf16_autocast(name):
+    """Under bf16 autocast the chunked pass's blocks run in bf16, as the whole pass's do: its gradients are the whole
+    bf16 pass's to bf16's precision (measured 0.37% and 1.4% apart), while bf16 is 6.2% and 9.1% from float32 here.
+    Once the blocks ran in float32: the chunked pass was 0.2% from float32 and 6-9% from the whole bf16 pass."""
+    torch.manual_seed(0)
+    model = build_model(MODELS[name], 5)
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    task = _images(1).tasks()[0].to("cpu", torch.float32)
+
+    def flat(loss: torch.Tensor) -> torch.Tensor:
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(params.values()))])
+
+    fp32 = flat(task_loss(Functional(model)(params, task.query_x), task.query_y))
+    whole = flat(task_loss(Functional(model, bf16=True)(params, task.query_x), task.query_y))
+    chunked = flat(chunked_query(Functional(model, bf16=True), params, task.query_x, task.query_y, 4)[0])
+    assert float((whole - fp32).norm() / fp32.norm()) > 0.05  # bf16 is far enough from float32 to tell them apart
+    assert float((chunked - whole).norm() / whole.norm()) < 0.03
+
+
 class _StemAndBlocks(nn.Module):
     """A backbone with a stem before its blocks and batch norm both inside them and in none of them: the query pass's
     stem runs in chunks of its own, the tail on the last boundary."""

@@ -51,9 +51,12 @@ class _AtBlocks(Exception):
     def __init__(self, blocks: list[nn.Module], h: Tensor):
         super().__init__()
         self.blocks, self.h = blocks, h
-        # read here, while functional_call has the blocks' parameters substituted (phi's tensors)
+        # read here, while functional_call has the blocks' parameters substituted (phi's tensors) and the model's
+        # autocast (algorithms/base.py `Functional`) is still on: both end with the model's forward
         self.params = [dict(b.named_parameters()) for b in blocks]
         self.buffers = [dict(b.named_buffers()) for b in blocks]
+        device = h.device.type
+        self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,7 @@ def split_at_blocks(loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: 
             return None
         taken |= set(keys.values())
         blocks.append(Block(module, keys, buffers))  # type: ignore[arg-type]
-    device = at.h.device.type
-    autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-    return Split(blocks, [k for k in phi if k not in taken], at.h is x, autocast)
+    return Split(blocks, [k for k in phi if k not in taken], at.h is x, at.autocast)
 
 
 def stem_output(loss_fn: SupportLoss, phi: Params, h: Params, x: Tensor, y: Tensor) -> Tensor:
