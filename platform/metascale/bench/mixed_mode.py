@@ -7,13 +7,13 @@ beside them), where a task's activations dominate: the regime block-level recomp
 
 Reverse mode's best path is the lowest peak of its memory options (nothing recomputed; `checkpoint: all`: every
 inner step and the query pass block by block; and the query pass in chunks on top); where two options' peaks tie
-(within PEAK_TIE), times are against the faster. Mixed mode runs with the same
-query-pass option as that best (at 84x84 with its lowest-memory one, the query pass in chunks), keeping
-every step's weights (`mixed_stride: 1`) or every ~sqrt(K)-th (the rest recomputed), and at 84x84 also with its
-support products 5 examples at a time (`support_chunk`; on ResNet-12 3 where its maps are largest, block by
-block with explicit batch statistics), and, on models without batch statistics, 3 at a time over the whole model
-(`mixed_blocks: false`: no block recomputation). At 32x32 its lowest peak is compared; at 84x84 its fastest configuration within the memory
-target, else its lowest peak (every configuration's figures are in the row). Peak: the rise of the resident set in a
+(within PEAK_TIE), times are against the faster. Mixed mode runs with the same query-pass option as that best (at
+84x84 with its lowest-memory one, the query pass in chunks), keeping every step's weights (`mixed_stride: 1`) or every
+~sqrt(K)-th (the rest recomputed), and at 84x84 also with its support products 5 examples at a time
+(`support_chunk`; on ResNet-12 3 where its maps are largest, block by block with explicit batch statistics), and, on
+models without batch statistics, 3 at a time over the whole model (`mixed_blocks: false`: no block recomputation).
+At 32x32 its lowest peak is compared; at 84x84 its fastest configuration within the memory target, else its lowest
+peak (every configuration's figures are in the row). Peak: the rise of the resident set in a
 fresh process (bench/peak.py), after a warm-up call. Time: CPU seconds of the one thread (less sensitive than wall
 time to other jobs on the machine), the best of `repeats` calls, the configurations taking turns in the bench's own
 process, their meta-gradients compared.
