@@ -39,7 +39,7 @@ from torch import Tensor
 
 from metascale.algorithms.base import Params, task_loss
 from metascale.algorithms.block_products import block_fn, has_batch_norm, split_at_blocks, stem_output
-from metascale.algorithms.norm_chunks import ChunkedBlock, block_op, per_example, scaled_chunks
+from metascale.algorithms.norm_chunks import block_op, per_example, scaled_chunks
 from metascale.config import InnerLoopSpec
 from metascale.data.tasks import Task
 from metascale.models.checkpointing import blocks_replaced, checkpointed_blocks, plain_blocks
@@ -82,25 +82,28 @@ class _ChunkedQuery(torch.autograd.Function):
 
 class _Segments:
     """The model as stem, segments and tail (see the module's docstring), each segment a `ChunkedBlock` over the query
-    set `chunk` examples at a time, with the parameter keys it reads."""
+    set a chunk at a time (or a `WholeBlock` where that chunk reaches the set), with the parameter keys it reads."""
 
     def __init__(self, f: Model, params: Params, x: Tensor, chunk: int):
         self.f, self.x = f, x
-        size = min(chunk, len(x))
         # the model's own split where its blocks hold batch norm; else the whole model is one segment
         split = split_at_blocks(self._as_loss, params, {}, x[:1], x[:1])
         self.split = split if split is not None and has_batch_norm(split) else None
-        if self.split is None:
-            self.segments = [(list(params), ChunkedBlock(self._whole, len(x), size))]
-            return
-        # from one example's pass: which blocks hand on plain tensors (where segments end), and per segment the
-        # numbers per example of its largest boundary, which sets how many examples it runs at a time
-        found: list[tuple[list[str], Callable, int]] = []  # (keys read, function, largest boundary)
+        found = [(list(params), self._whole, 1)] if self.split is None else self._split_segments(params, x[:1])
+        sizes = scaled_chunks([n for _, _, n in found], chunk, len(x))
+        self.segments = [(keys, block_op(fn, len(x), c)) for (keys, fn, _), c in zip(found, sizes)]
+
+    def _split_segments(self, params: Params, one: Tensor) -> list[tuple[list[str], Callable, int]]:
+        """Per segment of the split model: the keys it reads, its function, and the numbers per example of its largest
+        boundary (which sets how many examples it runs at a time), from one example's pass, which also shows where
+        segments end: at the blocks that hand on plain tensors."""
+        assert self.split is not None
+        found: list[tuple[list[str], Callable, int]] = []
         with torch.no_grad():
-            h = x[:1]
+            h = one
             if not self.split.stem_is_input:
-                h = self._stem(params, x[:1])
-                found.append((self.split.outside, self._stem, max(per_example(x), per_example(h))))
+                h = self._stem(params, one)
+                found.append((self.split.outside, self._stem, max(per_example(one), per_example(h))))
             group: list[tuple[list[str], Callable]] = []
             largest = 0
             for block in self.split.blocks:
@@ -112,8 +115,7 @@ class _Segments:
                     found.append(([k for ks, _ in group for k in ks], _chain(group), largest))
                     group, largest = [], 0
         assert not group, "the model's blocks end in a tuple"
-        sizes = scaled_chunks([n for _, _, n in found], size, len(x))
-        self.segments = [(keys, block_op(fn, len(x), c)) for (keys, fn, _), c in zip(found, sizes)]
+        return found
 
     def _as_loss(self, p: Params, h: Params, x: Tensor, y: Tensor) -> Tensor:
         """The model in the support loss's signature, which block_products splits (its value is never a loss here)."""
